@@ -1,0 +1,535 @@
+package stages
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"math"
+	"sort"
+)
+
+// BetaSchedule names how the training betas were laid out (diffusers'
+// beta_schedule).
+type BetaSchedule string
+
+// Beta schedules understood by Betas.
+const (
+	BetaLinear       BetaSchedule = "linear"            // linspace(beta_start, beta_end, T)
+	BetaScaledLinear BetaSchedule = "scaled_linear"     // linspace(√beta_start, √beta_end, T)²
+	BetaCosine       BetaSchedule = "squaredcos_cap_v2" // betas_for_alpha_bar with the cosine ᾱ, max_beta 0.999
+)
+
+// Spacing names how inference timesteps are picked from the training range
+// (diffusers' timestep_spacing).
+type Spacing string
+
+// Timestep spacings.
+const (
+	SpacingLeading  Spacing = "leading"
+	SpacingLinspace Spacing = "linspace"
+	SpacingTrailing Spacing = "trailing"
+)
+
+// PredictionType names what the model outputs (diffusers' prediction_type).
+type PredictionType string
+
+// Prediction types.
+const (
+	PredEpsilon PredictionType = "epsilon"      // the noise ε
+	PredV       PredictionType = "v_prediction" // v = α·ε − σ·x0
+	PredSample  PredictionType = "sample"       // x0 itself
+)
+
+func (p PredictionType) valid() bool {
+	return p == PredEpsilon || p == PredV || p == PredSample
+}
+
+// Betas returns the T training betas of the named schedule, computed in
+// float64. beta_start and beta_end are ignored by the cosine schedule.
+func Betas(kind BetaSchedule, T int, betaStart, betaEnd float64) ([]float64, error) {
+	if T < 2 {
+		return nil, fmt.Errorf("betas: num_train_timesteps %d, want at least 2", T)
+	}
+	b := make([]float64, T)
+	switch kind {
+	case BetaLinear:
+		copy(b, linspace(betaStart, betaEnd, T))
+	case BetaScaledLinear:
+		for i, v := range linspace(math.Sqrt(betaStart), math.Sqrt(betaEnd), T) {
+			b[i] = v * v
+		}
+	case BetaCosine:
+		// diffusers betas_for_alpha_bar(T, max_beta=0.999, alpha_transform_type="cosine").
+		abar := func(t float64) float64 {
+			c := math.Cos((t + 0.008) / 1.008 * math.Pi / 2)
+			return c * c
+		}
+		for i := range b {
+			t1, t2 := float64(i)/float64(T), float64(i+1)/float64(T)
+			b[i] = math.Min(1-abar(t2)/abar(t1), 0.999)
+		}
+	default:
+		return nil, fmt.Errorf("betas: unknown beta_schedule %q (want linear, scaled_linear or squaredcos_cap_v2)", kind)
+	}
+	for i, v := range b {
+		if !(v > 0 && v < 1) {
+			return nil, fmt.Errorf("betas: beta[%d] = %g is outside (0, 1)", i, v)
+		}
+	}
+	return b, nil
+}
+
+// AlphasCumprod returns ᾱ_t = ∏_{s≤t} (1 − β_s) in float64.
+func AlphasCumprod(betas []float64) []float64 {
+	out := make([]float64, len(betas))
+	p := 1.0
+	for i, b := range betas {
+		p *= 1 - b
+		out[i] = p
+	}
+	return out
+}
+
+// linspace is numpy.linspace(start, stop, num) with endpoint=True, computed
+// as numpy does (i·step + start, the last value set to stop) so that rounding
+// the result matches numpy bit for bit.
+func linspace(start, stop float64, num int) []float64 {
+	out := make([]float64, num)
+	if num == 1 {
+		out[0] = start
+		return out
+	}
+	step := (stop - start) / float64(num-1)
+	for i := range out {
+		out[i] = float64(i)*step + start
+	}
+	out[num-1] = stop
+	return out
+}
+
+// arange is numpy.arange(start, stop, step) for floats: ceil((stop−start)/step)
+// values start + i·delta, with delta = (start+step) − start as numpy's fill
+// computes it.
+func arange(start, stop, step float64) []float64 {
+	n := int(math.Ceil((stop - start) / step))
+	if n <= 0 {
+		return nil
+	}
+	out := make([]float64, n)
+	delta := (start + step) - start
+	for i := range out {
+		out[i] = start + float64(i)*delta
+	}
+	return out
+}
+
+func checkSteps(T, n int) error {
+	if n < 1 || n > T {
+		return fmt.Errorf("timesteps: %d inference steps, want 1 to num_train_timesteps (%d)", n, T)
+	}
+	return nil
+}
+
+// TimestepsDDIM returns the n inference timesteps, descending, as
+// DDIMScheduler.set_timesteps computes them (DDPMScheduler and PNDMScheduler
+// use the same formulas):
+//
+//	leading:  (arange(n) · (T//n)).round()[::-1] + steps_offset
+//	linspace: linspace(0, T−1, n).round()[::-1]
+//	trailing: round(arange(T, 0, −T/n)) − 1
+//
+// Rounding is numpy's, half to even.
+func TimestepsDDIM(T, n int, spacing Spacing, stepsOffset int) ([]int, error) {
+	if err := checkSteps(T, n); err != nil {
+		return nil, err
+	}
+	out := make([]int, n)
+	switch spacing {
+	case SpacingLeading:
+		r := T / n
+		for i := range out {
+			out[i] = (n-1-i)*r + stepsOffset
+		}
+	case SpacingLinspace:
+		v := linspace(0, float64(T-1), n)
+		for i := range out {
+			out[i] = int(math.RoundToEven(v[n-1-i]))
+		}
+	case SpacingTrailing:
+		v := arange(float64(T), 0, -float64(T)/float64(n))
+		if len(v) != n {
+			return nil, fmt.Errorf("timesteps: trailing spacing gives %d steps for %d", len(v), n)
+		}
+		for i := range out {
+			out[i] = int(math.RoundToEven(v[i])) - 1
+		}
+	default:
+		return nil, fmt.Errorf("timesteps: unknown timestep_spacing %q", spacing)
+	}
+	return out, nil
+}
+
+// TimestepsEuler returns the n inference timesteps, descending, as
+// EulerDiscreteScheduler.set_timesteps computes them. They are float32 values
+// and, for linspace, not rounded (the sigma is interpolated linearly between
+// training timesteps):
+//
+//	leading:  (arange(n) · (T//n)).round()[::-1] + steps_offset
+//	linspace: linspace(0, T−1, n, dtype=float32)[::-1]
+//	trailing: arange(T, 0, −T/n).round() − 1
+func TimestepsEuler(T, n int, spacing Spacing, stepsOffset int) ([]float64, error) {
+	if err := checkSteps(T, n); err != nil {
+		return nil, err
+	}
+	out := make([]float64, n)
+	switch spacing {
+	case SpacingLeading:
+		r := T / n
+		for i := range out {
+			out[i] = float64((n-1-i)*r + stepsOffset)
+		}
+	case SpacingLinspace:
+		v := linspace(0, float64(T-1), n)
+		for i := range out {
+			out[i] = float64(float32(v[n-1-i]))
+		}
+	case SpacingTrailing:
+		v := arange(float64(T), 0, -float64(T)/float64(n))
+		if len(v) != n {
+			return nil, fmt.Errorf("timesteps: trailing spacing gives %d steps for %d", len(v), n)
+		}
+		for i := range out {
+			out[i] = math.RoundToEven(v[i]) - 1
+		}
+	default:
+		return nil, fmt.Errorf("timesteps: unknown timestep_spacing %q", spacing)
+	}
+	return out, nil
+}
+
+// TimestepsDPMSolver returns the n inference timesteps, descending, as
+// DPMSolverMultistepScheduler.set_timesteps computes them (lambda_min_clipped
+// = −inf, so last_timestep = T): n+1 points of which the last (0) is dropped:
+//
+//	leading:  (arange(n+1) · (T//(n+1))).round()[::-1][:-1] + steps_offset
+//	linspace: linspace(0, T−1, n+1).round()[::-1][:-1]
+//	trailing: arange(T, 0, −T/n).round() − 1
+func TimestepsDPMSolver(T, n int, spacing Spacing, stepsOffset int) ([]int, error) {
+	if err := checkSteps(T, n); err != nil {
+		return nil, err
+	}
+	out := make([]int, n)
+	switch spacing {
+	case SpacingLeading:
+		r := T / (n + 1)
+		for i := range out {
+			out[i] = (n-i)*r + stepsOffset
+		}
+	case SpacingLinspace:
+		v := linspace(0, float64(T-1), n+1)
+		for i := range out {
+			out[i] = int(math.RoundToEven(v[n-i]))
+		}
+	case SpacingTrailing:
+		v := arange(float64(T), 0, -float64(T)/float64(n))
+		if len(v) != n {
+			return nil, fmt.Errorf("timesteps: trailing spacing gives %d steps for %d", len(v), n)
+		}
+		for i := range out {
+			out[i] = int(math.RoundToEven(v[i])) - 1
+		}
+	default:
+		return nil, fmt.Errorf("timesteps: unknown timestep_spacing %q", spacing)
+	}
+	return out, nil
+}
+
+// Schedule is a trained noise schedule with the options that shape
+// sampling. Samplers read it; they never change it.
+type Schedule struct {
+	// AlphasCumprod holds ᾱ_t for the training timesteps t = 0..T−1.
+	AlphasCumprod []float64
+	// TimestepSpacing and StepsOffset pick the inference timesteps.
+	TimestepSpacing Spacing
+	StepsOffset     int
+	// Prediction is what the model outputs.
+	Prediction PredictionType
+	// ClipSample clamps the predicted x0 to ±ClipSampleRange (DDIM only, as
+	// in diffusers).
+	ClipSample      bool
+	ClipSampleRange float64
+	// SetAlphaToOne makes DDIM's last step go to ᾱ = 1 instead of ᾱ_0.
+	SetAlphaToOne bool
+	// LowerOrderFinal makes DPM-Solver++ take first-order steps at the end
+	// of runs shorter than 15 steps. Its final step is first order anyway,
+	// as the final sigma is zero.
+	LowerOrderFinal bool
+	// Shift is the resolution-dependent schedule shift s; 0 and 1 mean off.
+	// It multiplies every sampling sigma σ = √((1−ᾱ)/ᾱ) by s (log-SNR
+	// lowered by 2·ln s), which is the SD3 shift σ' = s·σ_f/(1+(s−1)·σ_f) of
+	// σ_f = √(1−ᾱ)/(√ᾱ+√(1−ᾱ)); the model then gets the (fractional)
+	// training timestep whose sigma is the shifted one. It is a plain number
+	// so that pipelines can record it.
+	Shift float64
+}
+
+// T returns the number of training timesteps.
+func (s *Schedule) T() int { return len(s.AlphasCumprod) }
+
+// ShiftFactor returns the effective shift (1 when Shift is 0).
+func (s *Schedule) ShiftFactor() float64 {
+	if s.Shift == 0 {
+		return 1
+	}
+	return s.Shift
+}
+
+func (s *Schedule) validate() error {
+	if len(s.AlphasCumprod) < 2 {
+		return fmt.Errorf("schedule: %d training timesteps, want at least 2", len(s.AlphasCumprod))
+	}
+	prev := 1.0
+	for i, a := range s.AlphasCumprod {
+		if !(a > 0 && a < prev) {
+			return fmt.Errorf("schedule: alphas_cumprod[%d] = %g, want decreasing values in (0, 1)", i, a)
+		}
+		prev = a
+	}
+	if !s.Prediction.valid() {
+		return fmt.Errorf("schedule: unknown prediction_type %q", s.Prediction)
+	}
+	if sh := s.ShiftFactor(); !(sh > 0) || math.IsInf(sh, 0) {
+		return fmt.Errorf("schedule: shift %g, want a positive number", s.Shift)
+	}
+	if s.ClipSample && !(s.ClipSampleRange > 0) {
+		return fmt.Errorf("schedule: clip_sample_range %g, want > 0", s.ClipSampleRange)
+	}
+	return nil
+}
+
+// SigmaOf returns the k-diffusion sigma √((1−ᾱ)/ᾱ) of ᾱ.
+func SigmaOf(abar float64) float64 { return math.Sqrt((1 - abar) / abar) }
+
+// AlphaBarOf returns ᾱ = 1/(1+σ²) of the k-diffusion sigma σ.
+func AlphaBarOf(sigma float64) float64 { return 1 / (1 + sigma*sigma) }
+
+// SigmaToTimestep returns the fractional training timestep whose sigma is
+// sigma, interpolating log σ linearly between training timesteps and clamping
+// to [0, T−1] (diffusers' _sigma_to_t).
+func (s *Schedule) SigmaToTimestep(sigma float64) float64 {
+	T := len(s.AlphasCumprod)
+	ls := math.Log(math.Max(sigma, 1e-10))
+	logSigma := func(t int) float64 { return math.Log(SigmaOf(s.AlphasCumprod[t])) }
+	// First t with logSigma(t) > ls; sigmas increase with t.
+	hi := sort.Search(T, func(t int) bool { return logSigma(t) > ls })
+	if hi == 0 {
+		return 0
+	}
+	if hi == T {
+		return float64(T - 1)
+	}
+	lo := hi - 1
+	a, b := logSigma(lo), logSigma(hi)
+	w := (ls - a) / (b - a)
+	return float64(lo) + w
+}
+
+// shifted returns the model timestep and ᾱ for training timestep t (possibly
+// fractional, its sigma given) after the shift. Without a shift both come back
+// unchanged.
+func (s *Schedule) shifted(t, sigma float64) (float64, float64) {
+	sh := s.ShiftFactor()
+	if sh == 1 {
+		return t, AlphaBarOf(sigma)
+	}
+	sig := sh * sigma
+	return s.SigmaToTimestep(sig), AlphaBarOf(sig)
+}
+
+// sigmaAt interpolates the training sigmas linearly at fractional timestep t
+// (numpy.interp over arange(T)).
+func (s *Schedule) sigmaAt(t float64) float64 {
+	T := len(s.AlphasCumprod)
+	if t <= 0 {
+		return SigmaOf(s.AlphasCumprod[0])
+	}
+	if t >= float64(T-1) {
+		return SigmaOf(s.AlphasCumprod[T-1])
+	}
+	i := int(t)
+	f := t - float64(i)
+	a, b := SigmaOf(s.AlphasCumprod[i]), SigmaOf(s.AlphasCumprod[i+1])
+	if f == 0 {
+		return a
+	}
+	return a + (b-a)*f
+}
+
+// SchedulerConfig holds the keys of a diffusers scheduler_config.json that
+// Tessera uses, after defaults are applied.
+type SchedulerConfig struct {
+	ClassName         string    `json:"_class_name"`
+	NumTrainTimesteps int       `json:"num_train_timesteps"`
+	BetaSchedule      string    `json:"beta_schedule"`
+	BetaStart         float64   `json:"beta_start"`
+	BetaEnd           float64   `json:"beta_end"`
+	TrainedBetas      []float64 `json:"trained_betas"`
+	PredictionType    string    `json:"prediction_type"`
+	TimestepSpacing   string    `json:"timestep_spacing"`
+	StepsOffset       int       `json:"steps_offset"`
+	ClipSample        bool      `json:"clip_sample"`
+	ClipSampleRange   float64   `json:"clip_sample_range"`
+	SetAlphaToOne     bool      `json:"set_alpha_to_one"`
+	LowerOrderFinal   bool      `json:"lower_order_final"`
+	// Shift is Tessera's schedule shift (key "shift"); 1 when absent.
+	Shift float64 `json:"shift"`
+}
+
+// Scheduler class names whose defaults are known.
+const (
+	ClassDDIM       = "DDIMScheduler"
+	ClassEuler      = "EulerDiscreteScheduler"
+	ClassDPMSolver  = "DPMSolverMultistepScheduler"
+	ClassDDPM       = "DDPMScheduler"
+	ClassPNDM       = "PNDMScheduler"
+	defaultClass    = ClassDDPM
+	maxConfigBytes  = 1 << 20
+	maxTrainedBetas = 100000
+)
+
+// SchedulerDefaults returns the constructor defaults of a diffusers
+// scheduler class. They differ: DDIM and DDPM clip x0 by default
+// (clip_sample=True) while the others do not; DDIM sets the final ᾱ to one
+// (set_alpha_to_one=True) while PNDM does not; DDIM, DDPM and PNDM space
+// timesteps "leading" while Euler and DPM-Solver use "linspace".
+func SchedulerDefaults(class string) (SchedulerConfig, error) {
+	c := SchedulerConfig{
+		ClassName:         class,
+		NumTrainTimesteps: 1000,
+		BetaSchedule:      string(BetaLinear),
+		BetaStart:         0.0001,
+		BetaEnd:           0.02,
+		PredictionType:    string(PredEpsilon),
+		ClipSampleRange:   1,
+		Shift:             1,
+	}
+	switch class {
+	case ClassDDIM:
+		c.TimestepSpacing, c.ClipSample, c.SetAlphaToOne = string(SpacingLeading), true, true
+	case ClassDDPM:
+		c.TimestepSpacing, c.ClipSample = string(SpacingLeading), true
+	case ClassPNDM:
+		c.TimestepSpacing = string(SpacingLeading)
+	case ClassEuler:
+		c.TimestepSpacing = string(SpacingLinspace)
+	case ClassDPMSolver:
+		c.TimestepSpacing, c.LowerOrderFinal = string(SpacingLinspace), true
+	default:
+		return SchedulerConfig{}, fmt.Errorf("scheduler config: unsupported _class_name %q (want %s, %s, %s, %s or %s)",
+			class, ClassDDIM, ClassEuler, ClassDPMSolver, ClassDDPM, ClassPNDM)
+	}
+	return c, nil
+}
+
+// ParseSchedulerConfig reads a diffusers scheduler_config.json. Keys it
+// lacks take the defaults of the class named by _class_name (DDPMScheduler
+// when absent); unknown keys are ignored, as diffusers does.
+func ParseSchedulerConfig(data []byte) (SchedulerConfig, error) {
+	return ParseSchedulerConfigAs(data, "")
+}
+
+// ParseSchedulerConfigAs reads a diffusers scheduler_config.json the way
+// diffusers' Class.from_config does when a pipeline swaps schedulers: keys
+// present in the file win, missing keys take the defaults of class (or of the
+// file's own _class_name when class is empty).
+func ParseSchedulerConfigAs(data []byte, class string) (SchedulerConfig, error) {
+	if len(data) > maxConfigBytes {
+		return SchedulerConfig{}, fmt.Errorf("scheduler config: %d bytes, limit %d", len(data), maxConfigBytes)
+	}
+	var raw map[string]json.RawMessage
+	if err := json.Unmarshal(data, &raw); err != nil {
+		return SchedulerConfig{}, fmt.Errorf("scheduler config: %w", err)
+	}
+	if class == "" {
+		class = defaultClass
+		if v, ok := raw["_class_name"]; ok {
+			if err := json.Unmarshal(v, &class); err != nil {
+				return SchedulerConfig{}, fmt.Errorf("scheduler config: key _class_name: %w", err)
+			}
+		}
+	}
+	c, err := SchedulerDefaults(class)
+	if err != nil {
+		return SchedulerConfig{}, err
+	}
+	fields := map[string]any{
+		"num_train_timesteps": &c.NumTrainTimesteps,
+		"beta_schedule":       &c.BetaSchedule,
+		"beta_start":          &c.BetaStart,
+		"beta_end":            &c.BetaEnd,
+		"trained_betas":       &c.TrainedBetas,
+		"prediction_type":     &c.PredictionType,
+		"timestep_spacing":    &c.TimestepSpacing,
+		"steps_offset":        &c.StepsOffset,
+		"clip_sample":         &c.ClipSample,
+		"clip_sample_range":   &c.ClipSampleRange,
+		"set_alpha_to_one":    &c.SetAlphaToOne,
+		"lower_order_final":   &c.LowerOrderFinal,
+		"shift":               &c.Shift,
+	}
+	for key, dst := range fields {
+		v, ok := raw[key]
+		if !ok || bytes.Equal(bytes.TrimSpace(v), []byte("null")) {
+			continue
+		}
+		if err := json.Unmarshal(v, dst); err != nil {
+			return SchedulerConfig{}, fmt.Errorf("scheduler config: key %s: %w", key, err)
+		}
+	}
+	if _, err := c.Schedule(); err != nil {
+		return SchedulerConfig{}, err
+	}
+	return c, nil
+}
+
+// Schedule builds the Schedule the config describes.
+func (c SchedulerConfig) Schedule() (*Schedule, error) {
+	var betas []float64
+	if len(c.TrainedBetas) > 0 {
+		if len(c.TrainedBetas) > maxTrainedBetas {
+			return nil, fmt.Errorf("scheduler config: %d trained_betas, limit %d", len(c.TrainedBetas), maxTrainedBetas)
+		}
+		betas = append([]float64(nil), c.TrainedBetas...)
+	} else {
+		if c.NumTrainTimesteps < 2 || c.NumTrainTimesteps > maxTrainedBetas {
+			return nil, fmt.Errorf("scheduler config: num_train_timesteps %d, want 2 to %d", c.NumTrainTimesteps, maxTrainedBetas)
+		}
+		var err error
+		if betas, err = Betas(BetaSchedule(c.BetaSchedule), c.NumTrainTimesteps, c.BetaStart, c.BetaEnd); err != nil {
+			return nil, fmt.Errorf("scheduler config: %w", err)
+		}
+	}
+	switch Spacing(c.TimestepSpacing) {
+	case SpacingLeading, SpacingLinspace, SpacingTrailing:
+	default:
+		return nil, fmt.Errorf("scheduler config: unknown timestep_spacing %q", c.TimestepSpacing)
+	}
+	if c.StepsOffset < 0 {
+		return nil, fmt.Errorf("scheduler config: steps_offset %d, want >= 0", c.StepsOffset)
+	}
+	s := &Schedule{
+		AlphasCumprod:   AlphasCumprod(betas),
+		TimestepSpacing: Spacing(c.TimestepSpacing),
+		StepsOffset:     c.StepsOffset,
+		Prediction:      PredictionType(c.PredictionType),
+		ClipSample:      c.ClipSample,
+		ClipSampleRange: c.ClipSampleRange,
+		SetAlphaToOne:   c.SetAlphaToOne,
+		LowerOrderFinal: c.LowerOrderFinal,
+		Shift:           c.Shift,
+	}
+	if err := s.validate(); err != nil {
+		return nil, fmt.Errorf("scheduler config: %w", err)
+	}
+	return s, nil
+}
