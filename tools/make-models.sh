@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# make-models.sh: regenerate every model this repository ships.
+#   test fixtures  -> testdata/models/*          (seconds, deterministic)
+#   demo models    -> models/demo-base, models/demo-sr  (data prep, ~2 x 18 min training,
+#                     export, sample grid, evaluation table)
+# Needs Debian's python3-torch, numpy, PIL, onnx, yaml and the image packages listed in
+# models/SOURCES.md; installs them with apt-get when missing. CI does not run this.
+#
+#   tools/make-models.sh                 # everything
+#   tools/make-models.sh fixtures        # only the test fixtures
+#   TRAIN_MINUTES=18 TESSERA_DATA=/tmp/tessera-data tools/make-models.sh demos
+set -euo pipefail
+
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+PY=/usr/bin/python3
+export TESSERA_DATA="${TESSERA_DATA:-/tmp/tessera-data}"
+TRAIN_MINUTES="${TRAIN_MINUTES:-18}"
+what="${1:-all}"
+
+need=()
+$PY -c 'import torch' 2>/dev/null || need+=(python3-torch)
+$PY -c 'import numpy' 2>/dev/null || need+=(python3-numpy)
+$PY -c 'import PIL' 2>/dev/null || need+=(python3-pil)
+$PY -c 'import onnx' 2>/dev/null || need+=(python3-onnx)
+$PY -c 'import yaml' 2>/dev/null || need+=(python3-yaml)
+if [ "$what" != fixtures ]; then
+  [ -f /usr/lib/python3/dist-packages/skimage/data/astronaut.png ] || need+=(python3-skimage)
+  [ -f /usr/share/backgrounds/seeding_by_Clements_Engelhardt.jpg ] || need+=(lomiri-wallpapers-16.04)
+fi
+if [ ${#need[@]} -gt 0 ]; then
+  echo "make-models: installing ${need[*]}"
+  apt-get update
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+    python3-torch python3-numpy python3-pil python3-onnx "${need[@]}"
+fi
+
+if [ "$what" = all ] || [ "$what" = fixtures ]; then
+  $PY tools/make_fixtures.py
+fi
+
+if [ "$what" = all ] || [ "$what" = demos ]; then
+  $PY tools/prep_data.py
+  # the two trainings share the cores, one thread each
+  nice $PY tools/train.py sr --minutes "$TRAIN_MINUTES" --threads 1 &
+  sr=$!
+  nice $PY tools/train.py base --minutes "$TRAIN_MINUTES" --threads 1 &
+  base=$!
+  wait "$sr"
+  wait "$base"
+  $PY tools/export.py sr base
+  $PY tools/sample_base.py
+  $PY tools/eval_sr.py --sweep | tee "$TESSERA_DATA/eval_sr.md"
+fi
