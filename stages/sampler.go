@@ -481,7 +481,9 @@ func (d *DPMSolver2M) Step(i int, x, x0 []float32) error {
 	}
 	ls, lt := LevelFromAlphaBar(d.abar[i]), LevelFromAlphaBar(d.abar[i+1])
 	final := i == len(d.ts)-1
-	firstOrder := i == 0 || !d.havePrev || final || (d.lowFinal && final)
+	// First order on the first step run and on the final one (lower_order_final;
+	// with a zero final sigma diffusers takes it whatever the step count).
+	firstOrder := i == 0 || final
 	if lt.Sigma == 0 {
 		// σ_t = 0: λ_t = ∞, e^{−h} = 0 and the update is x ← x0.
 		copy(x, x0)
