@@ -204,10 +204,13 @@ func TestContractProblems(t *testing.T) {
 
 func TestParseModelHeaderRejectsNonONNX(t *testing.T) {
 	for name, data := range map[string][]byte{
-		"empty":    {},
-		"text":     []byte("version: 1\nkind: base\n"),
-		"png":      {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n', 0, 0, 0, 13},
-		"truncated": func() []byte { b, _ := os.ReadFile(filepath.Join(fixture("conv-sr"), "model.onnx")); return b[:len(b)/2] }(),
+		"empty": {},
+		"text":  []byte("version: 1\nkind: base\n"),
+		"png":   {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n', 0, 0, 0, 13},
+		"truncated": func() []byte {
+			b, _ := os.ReadFile(filepath.Join(fixture("conv-sr"), "model.onnx"))
+			return b[:len(b)/2]
+		}(),
 	} {
 		if _, err := ParseModelHeader(data); !errors.Is(err, errNotONNX) {
 			t.Errorf("%s: err = %v", name, err)

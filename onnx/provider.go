@@ -112,8 +112,8 @@ func attachProvider(opts *ort.SessionOptions, p string, rt config.Runtime) error
 		defer o.Destroy()
 		t := rt.TensorRT
 		kv := map[string]string{
-			"device_id":              strconv.Itoa(t.DeviceID),
-			"trt_fp16_enable":        boolOpt(t.FP16),
+			"device_id":               strconv.Itoa(t.DeviceID),
+			"trt_fp16_enable":         boolOpt(t.FP16),
 			"trt_engine_cache_enable": boolOpt(t.EngineCache),
 			"trt_timing_cache_enable": boolOpt(t.TimingCache),
 		}
