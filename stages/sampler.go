@@ -417,7 +417,6 @@ type DPMSolver2M struct {
 	plan
 	prev     []float32 // x0 of the previous step
 	havePrev bool
-	lowFinal bool
 }
 
 // NewDPMSolver2M returns a DPM-Solver++(2M) sampler over s. The first step
@@ -446,7 +445,7 @@ func NewDPMSolver2M(s *Schedule, o SamplerOptions) (*DPMSolver2M, error) {
 		return nil, fmt.Errorf("dpm-solver++ 2m: %w", err)
 	}
 	p.abar = append(p.abar, 1) // final sigma zero
-	return &DPMSolver2M{plan: p, lowFinal: s.LowerOrderFinal && o.Steps < 15}, nil
+	return &DPMSolver2M{plan: p}, nil
 }
 
 // InputScale is 1: the state is the model input.
