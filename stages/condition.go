@@ -1,0 +1,149 @@
+package stages
+
+import (
+	"fmt"
+	"math"
+
+	"github.com/disintegration/imaging"
+)
+
+// Filter names the resampling filter used to bring a previous stage's image
+// to the size of the next.
+type Filter string
+
+// Resampling filters: imaging's Lanczos (3 lobes) and its Catmull–Rom cubic.
+const (
+	FilterLanczos Filter = "lanczos"
+	FilterBicubic Filter = "bicubic"
+)
+
+func (f Filter) kernel() (imaging.ResampleFilter, error) {
+	switch f {
+	case FilterLanczos, "":
+		return imaging.Lanczos, nil
+	case FilterBicubic:
+		return imaging.CatmullRom, nil
+	}
+	return imaging.ResampleFilter{}, fmt.Errorf("unknown resampling filter %q (want lanczos or bicubic)", f)
+}
+
+// Resample resizes the planar c×h×w image src into dst (c×dh×dw) with the
+// filter's kernel from github.com/disintegration/imaging, using imaging's
+// own weight layout (separable, horizontal pass then vertical, kernel
+// widened by the scale when shrinking, weights normalised per output pixel)
+// but in float64 throughout: imaging.Resize itself would quantise to 8 bits
+// (its output is always image.NRGBA) and runs goroutines. Values are clamped
+// to [-1, 1] at the end, since Lanczos and Catmull–Rom overshoot at edges.
+func Resample(dst, src []float32, c, h, w, dh, dw int, f Filter) error {
+	k, err := f.kernel()
+	if err != nil {
+		return err
+	}
+	if c < 1 || h < 1 || w < 1 || dh < 1 || dw < 1 {
+		return fmt.Errorf("resample: sizes %d×%d×%d to %d×%d, want positive", c, h, w, dh, dw)
+	}
+	if len(src) != c*h*w || len(dst) != c*dh*dw {
+		return fmt.Errorf("resample: %d and %d values, want %d×%d×%d and %d×%d×%d", len(src), len(dst), c, h, w, c, dh, dw)
+	}
+	wx := resampleWeights(dw, w, k)
+	wy := resampleWeights(dh, h, k)
+	tmp := make([]float64, h*dw)
+	for ch := 0; ch < c; ch++ {
+		plane := src[ch*h*w : (ch+1)*h*w]
+		for y := 0; y < h; y++ {
+			row := plane[y*w : (y+1)*w]
+			for x, ws := range wx {
+				var s float64
+				for _, iw := range ws {
+					s += float64(row[iw.index]) * iw.weight
+				}
+				tmp[y*dw+x] = s
+			}
+		}
+		out := dst[ch*dh*dw : (ch+1)*dh*dw]
+		for y, ws := range wy {
+			o := out[y*dw : (y+1)*dw]
+			for x := range o {
+				var s float64
+				for _, iw := range ws {
+					s += tmp[iw.index*dw+x] * iw.weight
+				}
+				o[x] = float32(math.Min(1, math.Max(-1, s)))
+			}
+		}
+	}
+	return nil
+}
+
+type indexWeight struct {
+	index  int
+	weight float64
+}
+
+// resampleWeights mirrors imaging's precomputeWeights.
+func resampleWeights(dstSize, srcSize int, filter imaging.ResampleFilter) [][]indexWeight {
+	du := float64(srcSize) / float64(dstSize)
+	scale := max(du, 1)
+	ru := math.Ceil(scale * filter.Support)
+	out := make([][]indexWeight, dstSize)
+	for v := range out {
+		fu := (float64(v)+0.5)*du - 0.5
+		begin := max(int(math.Ceil(fu-ru)), 0)
+		end := min(int(math.Floor(fu+ru)), srcSize-1)
+		var ws []indexWeight
+		var sum float64
+		for u := begin; u <= end; u++ {
+			if wt := filter.Kernel((float64(u) - fu) / scale); wt != 0 {
+				sum += wt
+				ws = append(ws, indexWeight{u, wt})
+			}
+		}
+		if sum != 0 {
+			for i := range ws {
+				ws[i].weight /= sum
+			}
+		}
+		out[v] = ws
+	}
+	return out
+}
+
+// AugmentTimestep returns the training timestep of the noise-conditioning
+// level f in [0, 1]: round(f·(T−1)), rounding halves away from zero.
+func AugmentTimestep(level float64, T int) (int, error) {
+	if !(level >= 0 && level <= 1) {
+		return 0, fmt.Errorf("noise augmentation: level %g outside [0, 1]", level)
+	}
+	if T < 1 {
+		return 0, fmt.Errorf("noise augmentation: %d training timesteps", T)
+	}
+	return int(math.Round(level * float64(T-1))), nil
+}
+
+// NoiseAugment writes the noise-augmented low-resolution conditioning into
+// dst: with level f = 0 a copy of lowres (clean); otherwise, with
+// t = AugmentTimestep(f, T) and ᾱ = alphasCumprod[t],
+//
+//	dst = √ᾱ·lowres + √(1−ᾱ)·noise
+//
+// where noise comes from its own stream (Noise{Seed, StreamAug}). The model's
+// noise_level input gets f. dst may alias lowres.
+func NoiseAugment(dst, lowres, noise []float32, alphasCumprod []float64, level float64) error {
+	if len(dst) != len(lowres) || len(noise) != len(lowres) {
+		return fmt.Errorf("noise augmentation: lengths %d, %d, %d differ", len(dst), len(lowres), len(noise))
+	}
+	t, err := AugmentTimestep(level, len(alphasCumprod))
+	if err != nil {
+		return err
+	}
+	if level == 0 {
+		copy(dst, lowres)
+		return nil
+	}
+	ab := alphasCumprod[t]
+	a, b := float32(math.Sqrt(ab)), float32(math.Sqrt(1-ab))
+	for i := range dst {
+		dst[i] = a*lowres[i] + b*noise[i]
+	}
+	return nil
+}
