@@ -146,8 +146,8 @@ func ramp(q, overlap int) float64 {
 	return s * s
 }
 
-// reflect maps i to [0, n) by mirroring without repeating the edge.
-func reflect(i, n int) int {
+// reflectIndex maps i to [0, n) by mirroring without repeating the edge.
+func reflectIndex(i, n int) int {
 	if n == 1 {
 		return 0
 	}
@@ -184,7 +184,7 @@ func (g *TileGrid) Extract(dst, canvas []float32, c int, t Tile) error {
 					clear(out)
 					continue
 				}
-				gy = reflect(gy, H)
+				gy = reflectIndex(gy, H)
 			}
 			row := plane[gy*W : (gy+1)*W]
 			if inside {
@@ -198,7 +198,7 @@ func (g *TileGrid) Extract(dst, canvas []float32, c int, t Tile) error {
 						out[x] = 0
 						continue
 					}
-					gx = reflect(gx, W)
+					gx = reflectIndex(gx, W)
 				}
 				out[x] = row[gx]
 			}
