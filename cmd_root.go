@@ -1,13 +1,83 @@
 package main
 
-import "github.com/spf13/cobra"
+import (
+	"fmt"
+	"log/slog"
+	"os"
+
+	"github.com/spf13/cobra"
+
+	"tessera/config"
+)
+
+// app is what every subcommand shares: the loaded configuration and logger.
+type app struct {
+	configFile string
+	cfg        config.Config
+	logger     *slog.Logger
+}
 
 func newRootCmd() *cobra.Command {
+	a := &app{}
 	root := &cobra.Command{
-		Use:           "tessera",
-		Short:         "Cascaded diffusion image generation with tiled super-resolution",
+		Use:   "tessera",
+		Short: "Cascaded diffusion image generation with tiled super-resolution",
+		Long: `Tessera turns job files into high-resolution images with cascaded diffusion
+models exported to ONNX: a base model samples a small image, super-resolution
+models upscale it tile by tile into one seamless picture.`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
+	pf := root.PersistentFlags()
+	pf.StringVar(&a.configFile, "config", "", "configuration file (default: ./"+config.DefaultFile+" when present)")
+	pf.String("log-level", "", "log level: debug, info, warn, error (config log.level)")
+	pf.String("log-format", "", "log format: text or json (config log.format)")
+	pf.String("ort-lib", "", "path to libonnxruntime (config runtime.library)")
+	pf.StringSlice("providers", nil, "execution providers in order, e.g. cuda,cpu (config runtime.providers)")
+	pf.Bool("fallback", false, "fall back to the next provider when one cannot attach (config runtime.fallback)")
+	pf.Int("threads", 0, "intra-op threads for ONNX Runtime, 0 = all cores (config runtime.threads)")
+	root.PersistentPreRunE = func(cmd *cobra.Command, args []string) error {
+		cfg, err := config.Load(a.configFile,
+			config.Flag{Key: "log.level", Flag: pf.Lookup("log-level")},
+			config.Flag{Key: "log.format", Flag: pf.Lookup("log-format")},
+			config.Flag{Key: "runtime.library", Flag: pf.Lookup("ort-lib")},
+			config.Flag{Key: "runtime.providers", Flag: pf.Lookup("providers")},
+			config.Flag{Key: "runtime.fallback", Flag: pf.Lookup("fallback")},
+			config.Flag{Key: "runtime.threads", Flag: pf.Lookup("threads")},
+		)
+		if err != nil {
+			return err
+		}
+		a.cfg = cfg
+		a.logger = newLogger(cfg.Log)
+		slog.SetDefault(a.logger)
+		return nil
+	}
+	root.AddCommand(newVersionCmd(a), newInspectCmd(a))
 	return root
+}
+
+func newLogger(l config.Log) *slog.Logger {
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(l.Level)); err != nil {
+		level = slog.LevelInfo
+	}
+	opts := &slog.HandlerOptions{Level: level}
+	if l.Format == "json" {
+		return slog.New(slog.NewJSONHandler(os.Stderr, opts))
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, opts))
+}
+
+// exitError carries a process exit code through cobra.
+type exitError struct {
+	code int
+	err  error
+}
+
+func (e *exitError) Error() string { return e.err.Error() }
+func (e *exitError) Unwrap() error { return e.err }
+
+func fail(code int, format string, args ...any) error {
+	return &exitError{code: code, err: fmt.Errorf(format, args...)}
 }

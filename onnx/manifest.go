@@ -45,25 +45,25 @@ const (
 // Manifest is a model's tessera.yaml: the roles of its inputs and outputs and
 // what the sampler must know about it. Decoding is strict.
 type Manifest struct {
-	Version        int               `yaml:"version"`
-	Kind           string            `yaml:"kind"`
-	Prediction     string            `yaml:"prediction"`
-	Inputs         map[string]string `yaml:"inputs"`
-	Outputs        map[string]string `yaml:"outputs"`
-	LowresConcat   bool              `yaml:"lowres_concat"`
-	Channels       int               `yaml:"channels"`
-	NativeSize     []int             `yaml:"native_size"`
-	Scale          int               `yaml:"scale"`
-	SizeMultiple   int               `yaml:"size_multiple"`
-	ReceptiveField int               `yaml:"receptive_field"`
-	Classes        int               `yaml:"classes"`
-	NullClass      int               `yaml:"null_class"`
-	Schedule       Schedule          `yaml:"schedule"`
+	Version        int               `yaml:"version" json:"version,omitempty"`
+	Kind           string            `yaml:"kind" json:"kind,omitempty"`
+	Prediction     string            `yaml:"prediction" json:"prediction,omitempty"`
+	Inputs         map[string]string `yaml:"inputs" json:"inputs,omitempty"`
+	Outputs        map[string]string `yaml:"outputs" json:"outputs,omitempty"`
+	LowresConcat   bool              `yaml:"lowres_concat" json:"lowres_concat,omitempty"`
+	Channels       int               `yaml:"channels" json:"channels,omitempty"`
+	NativeSize     []int             `yaml:"native_size" json:"native_size,omitempty"`
+	Scale          int               `yaml:"scale" json:"scale,omitempty"`
+	SizeMultiple   int               `yaml:"size_multiple" json:"size_multiple,omitempty"`
+	ReceptiveField int               `yaml:"receptive_field" json:"receptive_field,omitempty"`
+	Classes        int               `yaml:"classes" json:"classes,omitempty"`
+	NullClass      int               `yaml:"null_class" json:"null_class,omitempty"`
+	Schedule       Schedule          `yaml:"schedule" json:"schedule,omitempty"`
 	// SchedulerConfig names a diffusers scheduler_config.json, relative to the manifest.
-	SchedulerConfig string   `yaml:"scheduler_config"`
-	Defaults        Defaults `yaml:"defaults"`
-	Description     string   `yaml:"description"`
-	License         string   `yaml:"license"`
+	SchedulerConfig string   `yaml:"scheduler_config" json:"scheduler_config,omitempty"`
+	Defaults        Defaults `yaml:"defaults" json:"defaults,omitempty"`
+	Description     string   `yaml:"description" json:"description,omitempty"`
+	License         string   `yaml:"license" json:"license,omitempty"`
 }
 
 // Schedule holds diffusers-style noise schedule keys.

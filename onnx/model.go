@@ -388,6 +388,11 @@ func (m *Model) CheckContract() Contract {
 		}
 	}
 	scalarOrBatch(RoleTimestep, true)
+	for _, io := range m.Inputs {
+		if io.Type == Float16 && len(io.Shape) == 0 {
+			bad("input %q: a float16 scalar cannot be fed through onnxruntime_go (re-export it as shape [1] or [batch])", io.Name)
+		}
+	}
 	if io := m.Input(RoleClass); io != nil {
 		if !io.Type.isInt() || len(io.Shape) > 1 {
 			bad("input %q (class): %s %s, want int64 [B]", io.Name, io.Type, io.ShapeString())

@@ -161,7 +161,7 @@ func TestDescribeFixtures(t *testing.T) {
 		{"oracle-sr", KindSR, false, map[string]string{"sample": RoleSample, "low_res": RoleLowres, "timestep": RoleTimestep, "noise_level": RoleNoiseLevel}, map[string]ElemType{"timestep": Float32}},
 		{"conv-sr", KindSR, false, map[string]string{"sample": RoleSample, "low_res": RoleLowres}, nil},
 		{"sd-signature", KindBase, true, map[string]string{"sample": RoleSample, "timestep": RoleTimestep, "encoder_hidden_states": RoleContext}, map[string]ElemType{"sample": Float32}},
-		{"sd-signature-fp16", KindBase, true, map[string]string{"sample": RoleSample, "timestep": RoleTimestep, "encoder_hidden_states": RoleContext}, map[string]ElemType{"sample": Float16, "timestep": Float16}},
+		{"fp16-batch", KindBase, true, map[string]string{"sample": RoleSample, "timestep": RoleTimestep, "encoder_hidden_states": RoleContext}, map[string]ElemType{"sample": Float16, "timestep": Float16}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -194,6 +194,11 @@ func TestDescribeFixtures(t *testing.T) {
 }
 
 func TestContractProblems(t *testing.T) {
+	fp16 := loadFixture(t, "sd-signature-fp16")
+	if c := fp16.CheckContract(); c.Fits || !strings.Contains(strings.Join(c.Problems, ";"), "float16 scalar") {
+		t.Fatalf("float16 scalar timestep: contract = %+v", c)
+	}
+
 	m := loadFixture(t, "sd-signature")
 	m.Kind = KindSR // no lowres input
 	c := m.CheckContract()

@@ -1,0 +1,81 @@
+// Package models holds the demo models embedded in the binary and resolves
+// a model reference (an embedded name, a name in a configured model
+// directory, or a path) to a described onnx.Model.
+package models
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+
+	"tessera/onnx"
+)
+
+// Embedded is one model compiled into the binary.
+type Embedded struct {
+	Name     string
+	ONNX     []byte
+	Manifest []byte
+}
+
+// embedded is filled by embed.go.
+var embedded = map[string]Embedded{}
+
+// Names lists the embedded models.
+func Names() []string {
+	names := make([]string, 0, len(embedded))
+	for n := range embedded {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return names
+}
+
+// Lookup returns the embedded model called name.
+func Lookup(name string) (Embedded, bool) {
+	e, ok := embedded[name]
+	return e, ok
+}
+
+// ErrUnknownModel is wrapped when a reference names no model.
+var ErrUnknownModel = errors.New("unknown model")
+
+// Resolver finds models by reference.
+type Resolver struct {
+	Dirs       []string // configured model directories, searched in order
+	AllowPaths bool     // whether a reference may be a file system path
+}
+
+// Resolve describes the model ref names. A ref is, in order: an embedded
+// model's name, a directory <dir>/<ref>/ holding model.onnx, or a file
+// <dir>/<ref>.onnx in a configured directory, or (when paths are allowed) a
+// path to a model file or its directory.
+func (r Resolver) Resolve(env *onnx.Env, ref string) (*onnx.Model, error) {
+	if e, ok := embedded[ref]; ok {
+		return env.LoadModelBytes(e.Name, e.ONNX, e.Manifest)
+	}
+	if isPlainName(ref) {
+		for _, dir := range r.Dirs {
+			for _, p := range []string{filepath.Join(dir, ref, "model.onnx"), filepath.Join(dir, ref+".onnx")} {
+				if _, err := os.Stat(p); err == nil {
+					return env.LoadModel(p)
+				}
+			}
+		}
+	}
+	if _, err := os.Stat(ref); err == nil {
+		if !r.AllowPaths {
+			return nil, fmt.Errorf("model %q: paths to models are not allowed here (set models.allow_paths, or put it in a directory of models.dirs)", ref)
+		}
+		return env.LoadModel(ref)
+	}
+	return nil, fmt.Errorf("%w %q: not an embedded model (%s), not found in models.dirs (%s), and no such file",
+		ErrUnknownModel, ref, strings.Join(Names(), ", "), strings.Join(r.Dirs, ", "))
+}
+
+func isPlainName(ref string) bool {
+	return ref != "" && !strings.ContainsAny(ref, `/\`) && ref != "." && ref != ".."
+}
