@@ -249,7 +249,9 @@ func FuzzReadTextChunks(f *testing.F) {
 	if cs, err := ReadTextChunks(tinyBase); err != nil || len(cs) != 0 {
 		f.Fatalf("base PNG for re-encoding: %v %v", cs, err)
 	}
-	f.Fuzz(func(t *testing.T, data []byte) {
+	f.Add([]byte("parameters\x00Steps: 1"))
+	f.Add([]byte("k\x00\x01\x00en\x00K\x00x\x9c\x03\x00\x00\x00\x00\x01"))
+	roundTrip := func(t *testing.T, data []byte) {
 		chunks, err := ReadTextChunks(data)
 		if err != nil {
 			return
@@ -265,6 +267,15 @@ func FuzzReadTextChunks(f *testing.F) {
 		}
 		if len(again) != len(chunks) || (len(chunks) > 0 && !reflect.DeepEqual(again, chunks)) {
 			t.Fatalf("round trip: %+v became %+v", chunks, again)
+		}
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		roundTrip(t, data)
+		// The same bytes as the body of each text chunk type, with a valid
+		// length and CRC, so that the fuzzer reaches the chunk parsers.
+		for _, typ := range []string{"tEXt", "zTXt", "iTXt"} {
+			wrapped := append(append(append([]byte(nil), tinyBase[:33]...), chunk(typ, data)...), tinyBase[33:]...)
+			roundTrip(t, wrapped)
 		}
 	})
 }
