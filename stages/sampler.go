@@ -249,9 +249,12 @@ func NewDDIM(s *Schedule, o SamplerOptions) (*DDIM, error) {
 	if err != nil {
 		return nil, fmt.Errorf("ddim: %w", err)
 	}
-	final := s.AlphasCumprod[0]
-	if s.SetAlphaToOne {
-		final = 1
+	final := 1.0
+	if !s.SetAlphaToOne {
+		final = s.AlphasCumprod[0]
+		if s.ShiftFactor() != 1 {
+			_, final = s.shifted(0, SigmaOf(final))
+		}
 	}
 	ratio := T / o.Steps
 	start := len(its) - len(p.ts)
