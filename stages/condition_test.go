@@ -1,7 +1,6 @@
 package stages
 
 import (
-	"image"
 	"math"
 	"testing"
 
@@ -61,7 +60,6 @@ func TestResampleMatchesImaging(t *testing.T) {
 	if err := Resample(out, cst, 2, 5, 5, 9, 11, "nearest"); err == nil {
 		t.Error("unknown filter accepted")
 	}
-	_ = image.Rect
 }
 
 func TestNoiseAugment(t *testing.T) {

@@ -142,7 +142,7 @@ func TestNoiseStatistics(t *testing.T) {
 			t.Errorf("lag-1 correlation along %s = %g over %d pairs, want |r| < %g", lag.name, r, m, tol)
 		}
 	}
-	// Lag 1 and lag 4 inside one Philox block (the two Box–Muller pairs).
+	// Kolmogorov–Smirnov against the N(0,1) CDF.
 	sorted := slices.Clone(v)
 	slices.Sort(sorted)
 	var d float64

@@ -20,6 +20,7 @@ const (
 // but whose output is not trusted), rises as a raised cosine (Hann) ramp
 // across the overlap, and is flat inside. Sides at the canvas border have
 // neither halo nor ramp, and pixels beyond the canvas (padding) weigh zero.
+// Tiles in one row or column share slices: treat them as read-only.
 type Window struct {
 	Y, X []float32
 }
