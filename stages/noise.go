@@ -182,3 +182,9 @@ func fastLog(x float64) float64 {
 	p := r * (1 + r*(-0.5+r*(1.0/3+r*(-0.25+r*0.2))))
 	return float64(e)*math.Ln2 + t[1] + p
 }
+
+// CanvasFiller returns a function that fills a whole c×h×w canvas with the
+// normals of a step, in the form SamplerOptions.EtaNoise takes.
+func (n Noise) CanvasFiller(c, h, w int) func(step int, dst []float32) error {
+	return func(step int, dst []float32) error { return n.Fill(dst, step, c, 0, 0, h, w) }
+}

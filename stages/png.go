@@ -429,15 +429,20 @@ func quoteParam(v string) string {
 	return b.String()
 }
 
-// ParseParameters reads an A1111 `parameters` text back: the last line is
+// ParseParameters reads an A1111 `parameters` text (valid UTF-8) back: the last line is
 // the key/value line when it parses as one (at least one pair); lines before
 // it are the prompt until a line starting "Negative prompt:", the negative
-// prompt after. Lines are trimmed, as A1111 does. A prompt whose last line
-// happens to read as key/value pairs is ambiguous in this format.
+// prompt after. Lines are trimmed, as A1111 does. Without a key/value line
+// the format is ambiguous: a last prompt line that reads as key/value pairs
+// is taken for one (a "Negative prompt:" line never is).
 func ParseParameters(text string) (Parameters, error) {
 	var p Parameters
+	if !utf8.ValidString(text) {
+		return p, errors.New("parameters: text is not valid UTF-8")
+	}
 	lines := strings.Split(strings.TrimSpace(text), "\n")
-	if kv, err := parseParamLine(lines[len(lines)-1]); err == nil && len(kv) > 0 {
+	last := lines[len(lines)-1]
+	if kv, err := parseParamLine(last); err == nil && len(kv) > 0 && !strings.HasPrefix(strings.TrimSpace(last), "Negative prompt:") {
 		p.Params = kv
 		lines = lines[:len(lines)-1]
 	}

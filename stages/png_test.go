@@ -277,3 +277,25 @@ func FuzzReadTextChunks(f *testing.F) {
 		}
 	})
 }
+
+func FuzzParseParameters(f *testing.F) {
+	text, _ := FormatParameters(sampleParameters())
+	f.Add(text)
+	f.Add(`Steps: 20, Note: "a\"b\\", Size: 5x5`)
+	f.Add("prompt\nNegative prompt:\nK: \"")
+	f.Fuzz(func(t *testing.T, s string) {
+		p, err := ParseParameters(s)
+		if err != nil || len(p.Params) == 0 {
+			return // without a key/value line the format is ambiguous
+		}
+		// What parses and formats again parses to the same pairs.
+		out, err := FormatParameters(p)
+		if err != nil {
+			return // e.g. a key with a trailing space, which the writer refuses
+		}
+		q, err := ParseParameters(out)
+		if err != nil || !reflect.DeepEqual(p.Params, q.Params) {
+			t.Fatalf("re-parse of %q: %+v, %v; want %+v", out, q.Params, err, p.Params)
+		}
+	})
+}

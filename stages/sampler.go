@@ -154,7 +154,7 @@ type SamplerOptions struct {
 	// Eta is DDIM's stochasticity (0 = deterministic).
 	Eta float64
 	// EtaNoise fills dst (canvas-sized) with unit normals for step i; DDIM
-	// calls it when Eta > 0. Use Noise{Seed, StreamEta}.Fill.
+	// calls it when Eta > 0. Use Noise{Seed, StreamEta}.CanvasFiller(c, h, w).
 	EtaNoise func(i int, dst []float32) error
 }
 

@@ -72,9 +72,7 @@ func TestSamplersLandOnPointMass(t *testing.T) {
 	if err := (Noise{Seed: 3, Stream: StreamBase}).Fill(noise, 0, 1, 0, 0, 1, n); err != nil {
 		t.Fatal(err)
 	}
-	etaNoise := func(i int, dst []float32) error {
-		return Noise{Seed: 3, Stream: StreamEta}.Fill(dst, i, 1, 0, 0, 1, len(dst))
-	}
+	etaNoise := Noise{Seed: 3, Stream: StreamEta}.CanvasFiller(1, 1, n)
 	for _, pt := range []PredictionType{PredEpsilon, PredV, PredSample} {
 		for _, sp := range []Spacing{SpacingLeading, SpacingLinspace, SpacingTrailing} {
 			for _, kind := range []string{"ddim", "ddim-eta", "euler", "dpm++2m"} {
