@@ -1,0 +1,504 @@
+package pipeline
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"os"
+	"runtime/debug"
+	"sync"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+
+	"tessera/models"
+	"tessera/onnx"
+	"tessera/stages"
+)
+
+// Options configure an Engine.
+type Options struct {
+	// Workers is how many items the caller runs at once; sessions divide the
+	// CPU threads among min(Workers, models) so they do not oversubscribe.
+	Workers int
+	// Batch is the default most tile rows per Run (0 = auto).
+	Batch int
+	// MemoryBudget bounds the batch chosen by auto, in bytes (0 = 1 GiB).
+	MemoryBudget int64
+}
+
+// Engine runs items through cascades. It keeps one session and batcher per
+// model for its whole life; Generate may be called from many goroutines.
+type Engine struct {
+	env      *onnx.Env
+	resolver models.Resolver
+	opts     Options
+	logger   *slog.Logger
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	group  *errgroup.Group
+
+	mu      sync.Mutex
+	runners map[string]*runner
+	closed  bool
+}
+
+// New returns an engine; Close releases its sessions.
+func New(env *onnx.Env, resolver models.Resolver, opts Options, logger *slog.Logger) *Engine {
+	if logger == nil {
+		logger = slog.Default()
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	g, ctx := errgroup.WithContext(ctx)
+	return &Engine{env: env, resolver: resolver, opts: opts, logger: logger, ctx: ctx, cancel: cancel, group: g, runners: map[string]*runner{}}
+}
+
+// Close stops the batchers and releases the sessions. It is safe to call
+// more than once.
+func (e *Engine) Close() error {
+	e.mu.Lock()
+	if e.closed {
+		e.mu.Unlock()
+		return nil
+	}
+	e.closed = true
+	e.mu.Unlock()
+	e.cancel()
+	err := e.group.Wait()
+	for _, r := range e.runners {
+		r.sess.Close()
+	}
+	return err
+}
+
+// Stats are the engine's totals so far.
+type Stats struct {
+	RunSeconds float64 // time inside ONNX Runtime, all models
+	Rows       int64   // tile rows evaluated
+	Runs       int64
+}
+
+// Stats sums the counters of every model.
+func (e *Engine) Stats() Stats {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	var s Stats
+	for _, r := range e.runners {
+		s.RunSeconds += time.Duration(r.runNanos.Load()).Seconds()
+		s.Rows += r.rowsRun.Load()
+		s.Runs += r.runs.Load()
+	}
+	return s
+}
+
+// runner returns the model's runner, creating its session and batcher on first use.
+func (e *Engine) runner(ref string) (*runner, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.closed {
+		return nil, errors.New("engine closed")
+	}
+	if r, ok := e.runners[ref]; ok {
+		return r, nil
+	}
+	m, err := e.resolver.Resolve(e.env, ref)
+	if err != nil {
+		return nil, err
+	}
+	if c := m.CheckContract(); !c.Fits {
+		return nil, fmt.Errorf("model %s does not fit the %s contract: %v", ref, c.Kind, c.Problems)
+	}
+	if m.Manifest == nil {
+		return nil, fmt.Errorf("model %s has no tessera.yaml manifest: the pipeline needs its schedule and prediction type", ref)
+	}
+	sched, err := scheduleOf(m)
+	if err != nil {
+		return nil, fmt.Errorf("model %s: %w", ref, err)
+	}
+	concurrent := min(max(e.opts.Workers, 1), 2)
+	if e.opts.Workers <= 1 {
+		concurrent = 1
+	}
+	sess, err := e.env.NewSession(m, onnx.SessionOptions{Concurrent: concurrent})
+	if err != nil {
+		return nil, err
+	}
+	r := &runner{
+		ref: ref, model: m, sess: sess, sched: sched, channels: m.Channels(),
+		reqs: make(chan *request, 64), logger: e.logger, bindings: map[bindKey]*boundBatch{},
+	}
+	if t := m.Input(onnx.RoleTimestep); t != nil {
+		r.scalarT = len(t.Shape) == 0 || t.Shape[0] == 1
+		r.intT = t.Type == onnx.Int64 || t.Type == onnx.Int32
+	}
+	if nl := m.Input(onnx.RoleNoiseLevel); nl != nil {
+		r.scalarNoise = len(nl.Shape) == 0 || nl.Shape[0] == 1
+	}
+	batch := e.opts.Batch
+	if batch <= 0 {
+		batch = 4
+	}
+	r.maxBatch.Store(int64(batch))
+	e.runners[ref] = r
+	e.group.Go(func() error { return r.loop(e.ctx) })
+	e.logger.Debug("model session ready", "model", ref, "provider", sess.Provider(), "threads", sess.Threads())
+	return r, nil
+}
+
+// scheduleOf builds the model's noise schedule from its manifest (or the
+// diffusers scheduler_config.json it names).
+func scheduleOf(m *onnx.Model) (*stages.Schedule, error) {
+	man := m.Manifest
+	sampler := stages.ClassDDIM
+	if man.SchedulerConfig != "" {
+		data, err := os.ReadFile(man.SchedulerConfig)
+		if err != nil {
+			return nil, fmt.Errorf("scheduler_config: %w", err)
+		}
+		cfg, err := stages.ParseSchedulerConfig(data)
+		if err != nil {
+			return nil, fmt.Errorf("scheduler_config %s: %w", man.SchedulerConfig, err)
+		}
+		cfg.PredictionType = man.Prediction
+		return cfg.Schedule()
+	}
+	cfg, err := stages.SchedulerDefaults(sampler)
+	if err != nil {
+		return nil, err
+	}
+	s := man.Schedule
+	cfg.NumTrainTimesteps, cfg.BetaSchedule, cfg.BetaStart, cfg.BetaEnd = s.NumTrainTimesteps, s.BetaSchedule, s.BetaStart, s.BetaEnd
+	if s.TimestepSpacing != "" {
+		cfg.TimestepSpacing = s.TimestepSpacing
+	}
+	cfg.StepsOffset = s.StepsOffset
+	cfg.PredictionType = man.Prediction
+	return cfg.Schedule()
+}
+
+// Result is a finished image.
+type Result struct {
+	Image    []float32 // C×Height×Width in [-1, 1]
+	Channels int
+	Width    int
+	Height   int
+	Plan     Plan
+	Seconds  float64
+}
+
+// Progress reports one finished sampler step of one stage.
+type Progress struct {
+	Item       int
+	Stage      int
+	Stages     int
+	Step       int // 1-based
+	Steps      int
+	TileSteps  int // done so far in this item
+	TotalTiles int // the item's TileSteps
+}
+
+// Plan resolves the cascade for an item.
+func (e *Engine) Plan(it Item) (Plan, error) {
+	if it.Width < 1 || it.Height < 1 {
+		return Plan{}, fmt.Errorf("size %dx%d: width and height must be positive", it.Width, it.Height)
+	}
+	p := Plan{Width: it.Width, Height: it.Height}
+	if it.SR.Model == "" {
+		return p, errors.New("sr.model: no SR model given")
+	}
+	srRunner, err := e.runner(it.SR.Model)
+	if err != nil {
+		return p, fmt.Errorf("sr.model: %w", err)
+	}
+	srMan := srRunner.model.Manifest
+	scale := srMan.Scale
+	var w, h, k int
+	if it.Image == "" {
+		if it.Base.Model == "" {
+			return p, errors.New("base.model: no base model given")
+		}
+		baseRunner, err := e.runner(it.Base.Model)
+		if err != nil {
+			return p, fmt.Errorf("base.model: %w", err)
+		}
+		bm := baseRunner.model.Manifest
+		if bm.Kind != onnx.KindBase {
+			return p, fmt.Errorf("base.model: %s is a %s model", it.Base.Model, bm.Kind)
+		}
+		mult := lcm(bm.SizeMultiple, 1)
+		w, h, k = baseSize(it.Width, it.Height, bm.NativeSize[1], bm.NativeSize[0], scale, mult)
+		sp, err := planStage(onnx.KindBase, it.Base, baseRunner.model, w, h)
+		if err != nil {
+			return p, err
+		}
+		sp.Tiles = 1
+		p.Stages = append(p.Stages, sp)
+	} else {
+		if it.inputW == 0 {
+			return p, errors.New("image: input image not loaded")
+		}
+		w, h = it.inputW, it.inputH
+		ratio := math.Sqrt(float64(it.Width*it.Height) / float64(w*h))
+		k = max(1, int(math.Ceil(math.Log(ratio)/math.Log(float64(scale))-1e-9)))
+	}
+	if srMan.Kind != onnx.KindSR {
+		return p, fmt.Errorf("sr.model: %s is a %s model", it.SR.Model, srMan.Kind)
+	}
+	for i := 0; i < k; i++ {
+		w, h = w*scale, h*scale
+		sp, err := planStage(onnx.KindSR, it.SR, srRunner.model, w, h)
+		if err != nil {
+			return p, err
+		}
+		g, err := stages.NewTileGrid(h, w, stages.TileOptions{Size: sp.TileSize, Multiple: srMan.SizeMultiple, Overlap: sp.Overlap, Halo: sp.Halo, Pad: stages.PadReflect})
+		if err != nil {
+			return p, fmt.Errorf("sr.tile: %w", err)
+		}
+		sp.TileSize, sp.Tiles = g.TileHeight, len(g.Tiles)
+		p.Stages = append(p.Stages, sp)
+	}
+	for i := range p.Stages {
+		if p.Stages[i].Batch == 0 {
+			p.Stages[i].Batch = e.opts.Batch
+		}
+	}
+	p.Resample = w != it.Width || h != it.Height
+	return p, nil
+}
+
+func lcm(a, b int) int {
+	g := a
+	for x := b; x != 0; {
+		g, x = x, g%x
+	}
+	return a / g * b
+}
+
+// Generate makes the item's image. A panic inside is recovered and
+// returned as this item's error, with the stack in the log.
+func (e *Engine) Generate(ctx context.Context, it Item, progress func(Progress)) (res *Result, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			e.logger.Error("panic while generating item", "item", it.Index, "panic", p, "stack", string(debug.Stack()))
+			res, err = nil, fmt.Errorf("internal error (panic): %v", p)
+		}
+	}()
+	start := time.Now()
+	var img []float32
+	if it.Image != "" {
+		if img, it.inputW, it.inputH, err = loadInput(it.Image); err != nil {
+			return nil, err
+		}
+		if it.Width == 0 || it.Height == 0 {
+			scale := it.Scale
+			if scale == 0 {
+				scale = 4
+			}
+			it.Width = int(math.Round(float64(it.inputW) * scale))
+			it.Height = int(math.Round(float64(it.inputH) * scale))
+		}
+	}
+	plan, err := e.Plan(it)
+	if err != nil {
+		return nil, err
+	}
+	e.logger.Debug("cascade plan", "item", it.Index, "plan", plan)
+	total := plan.TileSteps()
+	done := 0
+	report := func(stage, step, steps, tiles int) {
+		done += tiles
+		if progress != nil {
+			progress(Progress{Item: it.Index, Stage: stage, Stages: len(plan.Stages), Step: step, Steps: steps, TileSteps: done, TotalTiles: total})
+		}
+	}
+	c := 3
+	w, h := it.inputW, it.inputH
+	for si, sp := range plan.Stages {
+		r, err := e.runner(sp.Model)
+		if err != nil {
+			return nil, err
+		}
+		c = r.channels
+		if sp.Kind == onnx.KindBase {
+			img, err = e.runStage(ctx, it, si, sp, r, nil, report)
+		} else {
+			up := make([]float32, c*sp.Height*sp.Width)
+			if err := stages.Resample(up, img, c, h, w, sp.Height, sp.Width, stages.Filter(sp.Filter)); err != nil {
+				return nil, fmt.Errorf("stage %d: upsample: %w", si, err)
+			}
+			img, err = e.runStage(ctx, it, si, sp, r, up, report)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("stage %d (%s, %dx%d): %w", si, sp.Kind, sp.Width, sp.Height, err)
+		}
+		w, h = sp.Width, sp.Height
+	}
+	if plan.Resample {
+		out := make([]float32, c*it.Height*it.Width)
+		if err := stages.Resample(out, img, c, h, w, it.Height, it.Width, stages.FilterLanczos); err != nil {
+			return nil, fmt.Errorf("final resample: %w", err)
+		}
+		img = out
+	}
+	return &Result{Image: img, Channels: c, Width: it.Width, Height: it.Height, Plan: plan, Seconds: time.Since(start).Seconds()}, nil
+}
+
+// runStage samples one stage. lowres is the previous image upsampled to
+// this stage's size (nil for the base stage). Per step the canvas is cut
+// into tiles, the tiles go to the model's batcher, their predictions are
+// converted to x0 and fused with the windows, and the sampler steps the
+// whole canvas once.
+func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r *runner, lowres []float32, report func(stage, step, steps, tiles int)) ([]float32, error) {
+	c, H, W := r.channels, sp.Height, sp.Width
+	n := c * H * W
+	sched := *r.sched
+	sched.Shift = sp.Shift
+	stream := stages.StreamBase
+	if sp.Kind == onnx.KindSR {
+		stream = stages.StreamSR
+	}
+	etaNoise := stages.Noise{Seed: it.Seed, Stream: stages.StageStream(stages.StreamEta, si)}
+	sampler, err := stages.NewSampler(samplerKind(sp.Sampler), &sched, stages.SamplerOptions{
+		Steps: sp.Steps, Strength: sp.Strength, Eta: sp.Eta,
+		EtaNoise: func(i int, dst []float32) error { return etaNoise.Fill(dst, i, c, 0, 0, H, W) },
+	})
+	if err != nil {
+		return nil, err
+	}
+	noise := make([]float32, n)
+	if err := (stages.Noise{Seed: it.Seed, Stream: stages.StageStream(stream, si)}).Fill(noise, 0, c, 0, 0, H, W); err != nil {
+		return nil, err
+	}
+	x := make([]float32, n)
+	var cond []float32 // the augmented conditioning the model sees
+	if lowres == nil {
+		s := float32(sampler.InitNoiseSigma())
+		for i, v := range noise {
+			x[i] = s * v
+		}
+	} else {
+		if err := sampler.AddNoise(x, lowres, noise); err != nil {
+			return nil, err
+		}
+		cond = make([]float32, n)
+		aug := make([]float32, n)
+		if err := (stages.Noise{Seed: it.Seed, Stream: stages.StageStream(stages.StreamAug, si)}).Fill(aug, 0, c, 0, 0, H, W); err != nil {
+			return nil, err
+		}
+		if err := stages.NoiseAugment(cond, lowres, aug, r.sched.AlphasCumprod, sp.NoiseLevel); err != nil {
+			return nil, err
+		}
+	}
+	man := r.model.Manifest
+	grid, err := stages.NewTileGrid(H, W, stages.TileOptions{Size: sp.TileSize, Multiple: man.SizeMultiple, Overlap: sp.Overlap, Halo: sp.Halo, Pad: stages.PadReflect})
+	if err != nil {
+		return nil, err
+	}
+	var classes []int64
+	guidance := sp.Guidance
+	if r.model.Input(onnx.RoleClass) != nil {
+		label := int64(it.Class)
+		if it.Class < 0 {
+			label = int64(man.NullClass)
+		}
+		if label < 0 {
+			return nil, errors.New("class: the model is class-conditional and has no null class; give a class")
+		}
+		classes = []int64{label}
+		if guidance != 1 && man.NullClass >= 0 && label != int64(man.NullClass) {
+			classes = []int64{int64(man.NullClass), label} // uncond, cond
+		}
+	}
+	if len(classes) < 2 {
+		guidance = 1
+	}
+	acc := stages.NewAccumulator(c, H, W)
+	x0 := make([]float32, n)
+	xin := make([]float32, n)
+	pt := sampler.Prediction()
+	tileLen := c * grid.TileHeight * grid.TileWidth
+	for i := 0; i < sampler.Len(); i++ {
+		t := float32(sampler.Timestep(i))
+		lv := sampler.Level(i)
+		stages.ScaleInput(xin, x, sampler.InputScale(i))
+		acc.Reset()
+		replies := make(chan response, len(grid.Tiles))
+		g, gctx := errgroup.WithContext(ctx)
+		g.Go(func() error { // tiler
+			for ti, tile := range grid.Tiles {
+				q := &request{h: grid.TileHeight, w: grid.TileWidth, t: t, noiseLevel: float32(sp.NoiseLevel), classes: classes, reply: replies, tile: ti}
+				q.sample = make([]float32, tileLen)
+				if err := grid.Extract(q.sample, xin, c, tile); err != nil {
+					return err
+				}
+				if cond != nil {
+					q.lowres = make([]float32, tileLen)
+					if err := grid.Extract(q.lowres, cond, c, tile); err != nil {
+						return err
+					}
+				}
+				select {
+				case r.reqs <- q:
+				case <-gctx.Done():
+					return gctx.Err()
+				}
+			}
+			return nil
+		})
+		g.Go(func() error { // stitcher
+			for range grid.Tiles {
+				var resp response
+				select {
+				case resp = <-replies:
+				case <-gctx.Done():
+					return gctx.Err()
+				}
+				if resp.err != nil {
+					return resp.err
+				}
+				q := resp.req
+				pred := resp.pred[:tileLen]
+				if guidance != 1 {
+					if err := stages.GuidePair(pred, resp.pred[:tileLen], resp.pred[tileLen:2*tileLen], guidance); err != nil {
+						return err
+					}
+				} else if len(resp.pred) > tileLen {
+					pred = resp.pred[len(resp.pred)-tileLen:]
+				}
+				if err := stages.PredToX0(pt, lv, q.sample, pred, pred); err != nil {
+					return err
+				}
+				if err := acc.Add(grid.Tiles[q.tile], pred); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err := g.Wait(); err != nil {
+			return nil, err
+		}
+		if err := acc.Result(x0); err != nil {
+			return nil, err
+		}
+		if err := sampler.Step(i, x, x0); err != nil {
+			return nil, err
+		}
+		rows := len(grid.Tiles) * max(len(classes), 1)
+		report(si, i+1, sampler.Len(), rows)
+	}
+	for i, v := range x {
+		x[i] = float32(math.Max(-1, math.Min(1, float64(v))))
+	}
+	return x, nil
+}
+
+func samplerKind(s string) string {
+	switch s {
+	case "dpmpp_2m", "dpm++_2m", "dpmpp2m":
+		return "dpm++2m"
+	}
+	return s
+}

@@ -1,0 +1,43 @@
+package pipeline
+
+import (
+	"fmt"
+	"image"
+	_ "image/jpeg" // input images may be JPEG
+	_ "image/png"
+	"os"
+
+	"tessera/stages"
+)
+
+// MaxInputPixels bounds the input images accepted for upscaling; the size is
+// checked from the header before any pixel is decoded.
+const MaxInputPixels = 64 << 20
+
+// loadInput reads an image to upscale as a 3-channel tensor in [-1, 1].
+func loadInput(path string) ([]float32, int, int, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, 0, 0, fmt.Errorf("image %s: %w", path, err)
+	}
+	defer f.Close()
+	cfg, format, err := image.DecodeConfig(f)
+	if err != nil {
+		return nil, 0, 0, fmt.Errorf("image %s: not a PNG or JPEG image: %w", path, err)
+	}
+	if cfg.Width < 1 || cfg.Height < 1 || int64(cfg.Width)*int64(cfg.Height) > MaxInputPixels {
+		return nil, 0, 0, fmt.Errorf("image %s: %dx%d %s is outside the accepted size (at most %d pixels)", path, cfg.Width, cfg.Height, format, MaxInputPixels)
+	}
+	if _, err := f.Seek(0, 0); err != nil {
+		return nil, 0, 0, err
+	}
+	img, _, err := image.Decode(f)
+	if err != nil {
+		return nil, 0, 0, fmt.Errorf("image %s: decode %s: %w", path, format, err)
+	}
+	t, h, w, err := stages.ImageToTensor(img, 3)
+	if err != nil {
+		return nil, 0, 0, fmt.Errorf("image %s: %w", path, err)
+	}
+	return t, w, h, nil
+}

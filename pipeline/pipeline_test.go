@@ -1,0 +1,239 @@
+package pipeline
+
+import (
+	"context"
+	"fmt"
+	"image"
+	"image/color"
+	"image/png"
+	"math"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"tessera/config"
+	"tessera/models"
+	"tessera/onnx"
+)
+
+var testEnv *onnx.Env
+
+func TestMain(m *testing.M) {
+	env, err := onnx.Open(config.Default().Runtime, nil)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "pipeline tests need ONNX Runtime:", err)
+		os.Exit(1)
+	}
+	testEnv = env
+	code := m.Run()
+	env.Close()
+	os.Exit(code)
+}
+
+func newEngine(t testing.TB, opts Options) *Engine {
+	t.Helper()
+	e := New(testEnv, models.Resolver{Dirs: []string{filepath.Join("..", "testdata", "models")}}, opts, nil)
+	t.Cleanup(func() { e.Close() })
+	return e
+}
+
+func intp(v int) *int { return &v }
+
+// writeGradient writes a w×h PNG with smooth colour ramps and a bright disc.
+func writeGradient(t testing.TB, w, h int) string {
+	t.Helper()
+	img := image.NewNRGBA(image.Rect(0, 0, w, h))
+	for y := 0; y < h; y++ {
+		for x := 0; x < w; x++ {
+			d := math.Hypot(float64(x-w/2), float64(y-h/3))
+			v := uint8(0)
+			if d < float64(w)/5 {
+				v = 200
+			}
+			img.Set(x, y, color.NRGBA{uint8(255 * x / w), uint8(255 * y / h), v, 255})
+		}
+	}
+	path := filepath.Join(t.TempDir(), "in.png")
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := png.Encode(f, img); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func maxAbsDiff(a, b []float32) float64 {
+	if len(a) != len(b) {
+		return math.Inf(1)
+	}
+	var m float64
+	for i := range a {
+		m = math.Max(m, math.Abs(float64(a[i]-b[i])))
+	}
+	return m
+}
+
+func TestOracleCascadeReturnsKnownImage(t *testing.T) {
+	e := newEngine(t, Options{Batch: 3})
+	table := [][3]float32{{0.5, -0.25, 0}, {-0.5, 0.5, 0.25}, {0.75, 0.75, -0.75}, {-0.25, -0.5, 0.5}}
+	for _, class := range []int{0, 2} {
+		it := Item{
+			Seed: 11, Width: 128, Height: 128, Class: class,
+			Base: StageParams{Model: "oracle-base", Steps: 12},
+			SR:   StageParams{Model: "oracle-sr", Steps: 10, Strength: 1, Tile: Tiling{Size: 48, Overlap: 8, Halo: intp(4)}},
+		}
+		res, err := e.Generate(context.Background(), it, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := res.Plan
+		if len(p.Stages) != 2 || p.Stages[0].Width != 32 || p.Stages[1].Width != 128 || p.Stages[1].Tiles < 9 || p.Resample {
+			t.Fatalf("plan = %+v", p)
+		}
+		plane := 128 * 128
+		for ch := 0; ch < 3; ch++ {
+			for i := 0; i < plane; i++ {
+				if d := math.Abs(float64(res.Image[ch*plane+i] - table[class][ch])); d > 1e-4 {
+					t.Fatalf("class %d channel %d pixel %d: %g, want %g", class, ch, i, res.Image[ch*plane+i], table[class][ch])
+				}
+			}
+		}
+	}
+}
+
+func TestOracleGuidance(t *testing.T) {
+	// With the null class at x* = 0, guidance g makes the exact epsilon that
+	// of the point g·x*(c); DDIM lands there.
+	e := newEngine(t, Options{})
+	it := Item{Seed: 3, Width: 32, Height: 32, Class: 1, Base: StageParams{Model: "oracle-base", Steps: 10, Guidance: 1.5}, SR: StageParams{Model: "oracle-sr"}}
+	e2 := it
+	p, err := e.Plan(e2)
+	if err != nil || len(p.Stages) != 1 {
+		t.Fatalf("plan %+v, %v", p, err)
+	}
+	res, err := e.Generate(context.Background(), it, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []float32{-0.5 * 1.5, 0.5 * 1.5, 0.25 * 1.5}
+	for ch, w := range want {
+		if d := math.Abs(float64(res.Image[ch*32*32+5] - float32(math.Max(-1, math.Min(1, float64(w)))))); d > 1e-4 {
+			t.Fatalf("channel %d: %g want %g", ch, res.Image[ch*32*32+5], w)
+		}
+	}
+}
+
+func upscaleItem(path string, tile, overlap int, halo *int) Item {
+	return Item{Seed: 5, Image: path, Scale: 4, SR: StageParams{Model: "conv-sr", Steps: 6, Strength: 0.7, Tile: Tiling{Size: tile, Overlap: overlap, Halo: halo}}}
+}
+
+func TestTiledEqualsUntiledWithBoundedReceptiveField(t *testing.T) {
+	in := writeGradient(t, 24, 24)
+	e := newEngine(t, Options{Batch: 4})
+	untiled, err := e.Generate(context.Background(), upscaleItem(in, 96, 0, intp(0)), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if untiled.Plan.Stages[0].Tiles != 1 || untiled.Width != 96 {
+		t.Fatalf("reference plan %+v", untiled.Plan)
+	}
+	for _, c := range []struct{ tile, overlap, halo int }{{32, 8, 3}, {40, 4, 3}, {48, 16, 5}} {
+		tiled, err := e.Generate(context.Background(), upscaleItem(in, c.tile, c.overlap, intp(c.halo)), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if tiled.Plan.Stages[0].Tiles < 4 {
+			t.Fatalf("tile %d: only %d tiles", c.tile, tiled.Plan.Stages[0].Tiles)
+		}
+		if d := maxAbsDiff(tiled.Image, untiled.Image); d > 1e-4 {
+			t.Errorf("tile %d overlap %d halo %d: max difference %g from untiled", c.tile, c.overlap, c.halo, d)
+		}
+	}
+	// A halo short of the receptive field shows at the seams: the test can fail.
+	short, err := e.Generate(context.Background(), upscaleItem(in, 32, 8, intp(0)), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := maxAbsDiff(short.Image, untiled.Image); d < 1e-4 {
+		t.Errorf("halo 0 matched the untiled run (%g): the comparison is blind", d)
+	}
+}
+
+func TestDeterministicAcrossBatchAndConcurrency(t *testing.T) {
+	in := writeGradient(t, 20, 28)
+	var ref []float32
+	for _, c := range []struct{ batch, inFlight int }{{1, 1}, {4, 1}, {4, 2}, {3, 3}} {
+		e := newEngine(t, Options{Batch: c.batch, Workers: c.inFlight})
+		results := make([][]float32, c.inFlight)
+		var wg sync.WaitGroup
+		for k := 0; k < c.inFlight; k++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				res, err := e.Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				results[k] = res.Image
+			}()
+		}
+		wg.Wait()
+		for k, r := range results {
+			if ref == nil {
+				ref = r
+			}
+			if d := maxAbsDiff(r, ref); d > 1.0/255 {
+				t.Errorf("batch %d, %d in flight, item %d: max difference %g", c.batch, c.inFlight, k, d)
+			}
+		}
+	}
+}
+
+func TestPanicFailsOnlyThatItem(t *testing.T) {
+	in := writeGradient(t, 16, 16)
+	e := newEngine(t, Options{Batch: 2, Workers: 2})
+	_, err := e.Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), func(Progress) { panic("boom") })
+	if err == nil || !strings.Contains(err.Error(), "panic") {
+		t.Fatalf("err = %v", err)
+	}
+	if _, err := e.Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil); err != nil {
+		t.Fatalf("engine unusable after a panic: %v", err)
+	}
+}
+
+func TestCancelStopsItem(t *testing.T) {
+	in := writeGradient(t, 32, 32)
+	e := newEngine(t, Options{})
+	ctx, cancel := context.WithCancel(context.Background())
+	_, err := e.Generate(ctx, upscaleItem(in, 32, 8, intp(3)), func(p Progress) {
+		if p.Step == 1 {
+			cancel()
+		}
+	})
+	if err == nil || !strings.Contains(err.Error(), "context canceled") {
+		t.Fatalf("err = %v", err)
+	}
+}
+
+func TestBaseSize(t *testing.T) {
+	tests := []struct{ w, h, nw, nh, scale, mult, bw, bh, k int }{
+		{1024, 1024, 64, 64, 4, 8, 64, 64, 2},
+		{1024, 1024, 32, 32, 4, 8, 64, 64, 2}, // 2× native beats 0.5× native on a tie: fewer stages
+		{512, 512, 32, 32, 4, 8, 32, 32, 2},
+		{2048, 1024, 32, 32, 4, 8, 32, 16, 3}, // 0.71× native beats 2.8×
+		{64, 64, 64, 64, 4, 8, 64, 64, 0},
+		{1000, 600, 32, 32, 4, 8, 64, 40, 2},
+	}
+	for _, tt := range tests {
+		bw, bh, k := baseSize(tt.w, tt.h, tt.nw, tt.nh, tt.scale, tt.mult)
+		if bw != tt.bw || bh != tt.bh || k != tt.k {
+			t.Errorf("baseSize(%dx%d, native %d) = %dx%d, %d stages; want %dx%d, %d", tt.w, tt.h, tt.nw, bw, bh, k, tt.bw, tt.bh, tt.k)
+		}
+	}
+}

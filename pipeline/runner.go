@@ -1,0 +1,294 @@
+package pipeline
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"math"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"tessera/onnx"
+	"tessera/stages"
+)
+
+// request is one tile (several rows for a classifier-free guidance pair)
+// waiting for the model.
+type request struct {
+	h, w       int
+	sample     []float32 // C×h×w model input
+	lowres     []float32 // C×h×w, SR stages only
+	t          float32
+	noiseLevel float32
+	classes    []int64 // one row per label; nil means one unlabelled row
+	reply      chan<- response
+	tile       int
+}
+
+func (q *request) rows() int { return max(len(q.classes), 1) }
+
+// response carries the model's prediction for every row of a request.
+type response struct {
+	req  *request
+	pred []float32 // rows×C×h×w
+	err  error
+}
+
+// runner owns one model session and its batcher, which gathers requests
+// from every item in flight into Runs of up to maxBatch rows of one tile
+// shape.
+type runner struct {
+	ref      string
+	model    *onnx.Model
+	sess     *onnx.Session
+	sched    *stages.Schedule
+	channels int
+	reqs     chan *request
+	logger   *slog.Logger
+
+	maxBatch atomic.Int64
+	runNanos atomic.Int64 // total time inside ONNX Runtime
+	rowsRun  atomic.Int64
+	runs     atomic.Int64
+
+	// Per-shape prepared bindings, owned by the loop goroutine.
+	bindings map[bindKey]*boundBatch
+	// Fixed per model: whether timestep / noise level are one value per Run.
+	scalarT, scalarNoise bool
+	intT                 bool
+}
+
+type bindKey struct{ h, w, n int }
+
+type boundBatch struct {
+	bind   *onnx.Binding
+	sample []float32
+	lowres []float32
+	t      []float32
+	noise  []float32
+	class  []int64
+	out    []float32
+}
+
+// groupKey says which requests may share a Run.
+type groupKey struct {
+	h, w  int
+	t     float32
+	noise float32
+}
+
+func (r *runner) key(q *request) groupKey {
+	k := groupKey{h: q.h, w: q.w}
+	if r.scalarT {
+		k.t = q.t
+	}
+	if r.scalarNoise {
+		k.noise = q.noiseLevel
+	}
+	return k
+}
+
+// loop serves requests until ctx ends.
+func (r *runner) loop(ctx context.Context) error {
+	defer func() {
+		for _, b := range r.bindings {
+			b.bind.Close()
+		}
+	}()
+	var pending []*request
+	for {
+		if len(pending) == 0 {
+			select {
+			case <-ctx.Done():
+				return nil
+			case q := <-r.reqs:
+				pending = append(pending, q)
+			}
+		}
+		// Take whatever else is already queued, without waiting for more.
+	drain:
+		for len(pending) < 4*int(r.maxBatch.Load()) {
+			select {
+			case q := <-r.reqs:
+				pending = append(pending, q)
+			default:
+				break drain
+			}
+		}
+		k := r.key(pending[0])
+		limit := int(r.maxBatch.Load())
+		var batch, rest []*request
+		rows := 0
+		for _, q := range pending {
+			if r.key(q) == k && (rows == 0 || rows+q.rows() <= limit) {
+				batch = append(batch, q)
+				rows += q.rows()
+				continue
+			}
+			rest = append(rest, q)
+		}
+		pending = rest
+		r.serve(ctx, batch)
+	}
+}
+
+// serve runs a batch and replies to each request; a Run that fails for
+// lack of memory is retried in halves, and the batch limit is lowered.
+func (r *runner) serve(ctx context.Context, batch []*request) {
+	preds, err := r.runBatch(ctx, batch)
+	if err != nil && isOutOfMemory(err) && len(batch) > 1 {
+		half := len(batch) / 2
+		rows := 0
+		for _, q := range batch[:half] {
+			rows += q.rows()
+		}
+		if r.maxBatch.Load() > int64(rows) {
+			r.maxBatch.Store(int64(max(rows, 1)))
+			r.logger.Warn("model ran out of memory; batch halved", "model", r.ref, "batch", rows, "err", err)
+		}
+		r.serve(ctx, batch[:half])
+		r.serve(ctx, batch[half:])
+		return
+	}
+	for i, q := range batch {
+		resp := response{req: q, err: err}
+		if err == nil {
+			resp.pred = preds[i]
+		}
+		q.reply <- resp // the reply channel is buffered for every tile of the step
+	}
+}
+
+func isOutOfMemory(err error) bool {
+	s := strings.ToLower(err.Error())
+	return strings.Contains(s, "out of memory") || strings.Contains(s, "failed to allocate") || strings.Contains(s, "bad_alloc")
+}
+
+// runBatch evaluates the requests in one Run and returns each one's rows.
+func (r *runner) runBatch(ctx context.Context, batch []*request) ([][]float32, error) {
+	q0 := batch[0]
+	n := 0
+	for _, q := range batch {
+		n += q.rows()
+	}
+	b, err := r.bound(q0.h, q0.w, n)
+	if err != nil {
+		return nil, err
+	}
+	plane := r.channels * q0.h * q0.w
+	row := 0
+	for _, q := range batch {
+		for j := 0; j < q.rows(); j++ {
+			copy(b.sample[row*plane:(row+1)*plane], q.sample)
+			if b.lowres != nil {
+				copy(b.lowres[row*plane:(row+1)*plane], q.lowres)
+			}
+			t := q.t
+			if r.intT {
+				t = float32(math.Round(float64(t)))
+			}
+			if len(b.t) == 1 {
+				b.t[0] = t
+			} else {
+				b.t[row] = t
+			}
+			if b.noise != nil {
+				if len(b.noise) == 1 {
+					b.noise[0] = q.noiseLevel
+				} else {
+					b.noise[row] = q.noiseLevel
+				}
+			}
+			if b.class != nil {
+				if q.classes != nil {
+					b.class[row] = q.classes[j]
+				} else {
+					b.class[row] = 0
+				}
+			}
+			row++
+		}
+	}
+	start := time.Now()
+	err = b.bind.Run(ctx)
+	r.runNanos.Add(int64(time.Since(start)))
+	if err != nil {
+		return nil, err
+	}
+	r.runs.Add(1)
+	r.rowsRun.Add(int64(n))
+	out := make([][]float32, len(batch))
+	row = 0
+	for i, q := range batch {
+		k := q.rows()
+		out[i] = append([]float32(nil), b.out[row*plane:(row+k)*plane]...)
+		row += k
+	}
+	return out, nil
+}
+
+// bound returns the prepared binding for n rows of h×w tiles.
+func (r *runner) bound(h, w, n int) (*boundBatch, error) {
+	key := bindKey{h, w, n}
+	if b, ok := r.bindings[key]; ok {
+		return b, nil
+	}
+	m := r.model
+	c := int64(r.channels)
+	shape := []int64{int64(n), c, int64(h), int64(w)}
+	plane := int(c) * h * w
+	b := &boundBatch{sample: make([]float32, n*plane)}
+	inputs := map[string]onnx.Tensor{}
+	for _, io := range m.Inputs {
+		switch io.Role {
+		case onnx.RoleSample:
+			inputs[io.Name] = onnx.FloatTensor(b.sample, shape...)
+		case onnx.RoleLowres:
+			b.lowres = make([]float32, n*plane)
+			inputs[io.Name] = onnx.FloatTensor(b.lowres, shape...)
+		case onnx.RoleTimestep:
+			b.t, inputs[io.Name] = perRow(io, n)
+		case onnx.RoleNoiseLevel:
+			b.noise, inputs[io.Name] = perRow(io, n)
+		case onnx.RoleClass:
+			b.class = make([]int64, n)
+			inputs[io.Name] = onnx.IntTensor(b.class, int64(n))
+		default:
+			return nil, fmt.Errorf("model %s: input %q (%s) cannot be fed by the pipeline", r.ref, io.Name, io.Role)
+		}
+	}
+	bind, err := r.sess.Bind(inputs)
+	if err != nil {
+		return nil, err
+	}
+	out, ok := bind.Output(m.Output(onnx.RolePrediction).Name)
+	if !ok || len(out.Float) != n*plane {
+		bind.Close()
+		return nil, fmt.Errorf("model %s: prediction output has %d values, want %d", r.ref, len(out.Float), n*plane)
+	}
+	b.bind, b.out = bind, out.Float
+	if len(r.bindings) > 8 {
+		for k, old := range r.bindings {
+			old.bind.Close()
+			delete(r.bindings, k)
+		}
+	}
+	r.bindings[key] = b
+	return b, nil
+}
+
+// perRow makes the buffer of a per-row scalar input: [n], or one value when
+// the graph takes a scalar or [1].
+func perRow(io onnx.IO, n int) ([]float32, onnx.Tensor) {
+	if len(io.Shape) == 0 {
+		buf := make([]float32, 1)
+		return buf, onnx.Tensor{Float: buf}
+	}
+	if io.Shape[0] == 1 {
+		buf := make([]float32, 1)
+		return buf, onnx.FloatTensor(buf, 1)
+	}
+	buf := make([]float32, n)
+	return buf, onnx.FloatTensor(buf, int64(n))
+}
