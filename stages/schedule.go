@@ -433,7 +433,10 @@ func SchedulerDefaults(class string) (SchedulerConfig, error) {
 
 // ParseSchedulerConfig reads a diffusers scheduler_config.json. Keys it
 // lacks take the defaults of the class named by _class_name (DDPMScheduler
-// when absent); unknown keys are ignored, as diffusers does.
+// when absent); unknown keys are ignored, as diffusers does, except options
+// that change the schedule and are not implemented (rescale_betas_zero_snr,
+// use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, thresholding),
+// which are errors when true.
 func ParseSchedulerConfig(data []byte) (SchedulerConfig, error) {
 	return ParseSchedulerConfigAs(data, "")
 }
@@ -484,6 +487,14 @@ func ParseSchedulerConfigAs(data []byte, class string) (SchedulerConfig, error) 
 		}
 		if err := json.Unmarshal(v, dst); err != nil {
 			return SchedulerConfig{}, fmt.Errorf("scheduler config: key %s: %w", key, err)
+		}
+	}
+	// Options that would change the numbers but are not implemented are
+	// refused rather than ignored.
+	for _, key := range []string{"rescale_betas_zero_snr", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "thresholding"} {
+		var on bool
+		if v, ok := raw[key]; ok && json.Unmarshal(v, &on) == nil && on {
+			return SchedulerConfig{}, fmt.Errorf("scheduler config: key %s: true is not supported", key)
 		}
 	}
 	if _, err := c.Schedule(); err != nil {

@@ -264,6 +264,8 @@ func TestParseSchedulerConfig(t *testing.T) {
 		`{"num_train_timesteps":"1000"}`,
 		`{"prediction_type":"flow"}`,
 		`{"shift":-2}`,
+		`{"rescale_betas_zero_snr":true}`,
+		`{"_class_name":"DPMSolverMultistepScheduler","use_karras_sigmas":true}`,
 		`[1,2]`,
 	} {
 		if _, err := ParseSchedulerConfig([]byte(bad)); err == nil {
