@@ -6,6 +6,7 @@ import (
 	"os"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"tessera/config"
 )
@@ -15,6 +16,8 @@ type app struct {
 	configFile string
 	cfg        config.Config
 	logger     *slog.Logger
+	flags      []config.Flag // subcommand flags bound to config keys
+	batchFlag  *pflag.Flag
 }
 
 func newRootCmd() *cobra.Command {
@@ -37,14 +40,14 @@ models upscale it tile by tile into one seamless picture.`,
 	pf.Bool("fallback", false, "fall back to the next provider when one cannot attach (config runtime.fallback)")
 	pf.Int("threads", 0, "intra-op threads for ONNX Runtime, 0 = all cores (config runtime.threads)")
 	root.PersistentPreRunE = func(cmd *cobra.Command, args []string) error {
-		cfg, err := config.Load(a.configFile,
-			config.Flag{Key: "log.level", Flag: pf.Lookup("log-level")},
-			config.Flag{Key: "log.format", Flag: pf.Lookup("log-format")},
-			config.Flag{Key: "runtime.library", Flag: pf.Lookup("ort-lib")},
-			config.Flag{Key: "runtime.providers", Flag: pf.Lookup("providers")},
-			config.Flag{Key: "runtime.fallback", Flag: pf.Lookup("fallback")},
-			config.Flag{Key: "runtime.threads", Flag: pf.Lookup("threads")},
-		)
+		cfg, err := config.Load(a.configFile, append([]config.Flag{
+			{Key: "log.level", Flag: pf.Lookup("log-level")},
+			{Key: "log.format", Flag: pf.Lookup("log-format")},
+			{Key: "runtime.library", Flag: pf.Lookup("ort-lib")},
+			{Key: "runtime.providers", Flag: pf.Lookup("providers")},
+			{Key: "runtime.fallback", Flag: pf.Lookup("fallback")},
+			{Key: "runtime.threads", Flag: pf.Lookup("threads")},
+		}, a.flags...)...)
 		if err != nil {
 			return err
 		}
@@ -53,7 +56,7 @@ models upscale it tile by tile into one seamless picture.`,
 		slog.SetDefault(a.logger)
 		return nil
 	}
-	root.AddCommand(newVersionCmd(a), newInspectCmd(a))
+	root.AddCommand(newVersionCmd(a), newInspectCmd(a), newRunCmd(a))
 	return root
 }
 

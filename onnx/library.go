@@ -81,6 +81,12 @@ func explicitLibrary(path, source string) (Library, error) {
 }
 
 func findIn(dir string, tried *[]string) (string, bool) {
+	dir = filepath.Clean(dir)
+	for _, t := range *tried {
+		if t == dir {
+			return "", false
+		}
+	}
 	*tried = append(*tried, dir)
 	for _, name := range libraryNames {
 		p := filepath.Join(dir, name)

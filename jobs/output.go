@@ -1,0 +1,190 @@
+package jobs
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"tessera/pipeline"
+	"tessera/stages"
+)
+
+// Sidecar is the JSON written beside each PNG (NAME.json): the item, its
+// plan, and hashes that tie the two files together.
+type Sidecar struct {
+	Version   int           `json:"version"`
+	Job       string        `json:"job"`
+	Item      pipeline.Item `json:"item"`
+	ItemHash  string        `json:"item_hash"`
+	Plan      pipeline.Plan `json:"plan"`
+	Seconds   float64       `json:"seconds"`
+	PNGSHA256 string        `json:"png_sha256"`
+	Tessera   string        `json:"tessera"`
+}
+
+// ItemHash is the SHA-256 of the item's JSON, which names everything that
+// determines its pixels.
+func ItemHash(it pipeline.Item) string {
+	it.Index = 0 // where an item sits in its file does not change its pixels
+	b, _ := json.Marshal(it)
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:])
+}
+
+// SidecarPath is the JSON file beside an output PNG.
+func SidecarPath(png string) string { return strings.TrimSuffix(png, filepath.Ext(png)) + ".json" }
+
+// Done reports whether the item's PNG and sidecar both exist and agree: the
+// sidecar names this item and the PNG's hash. A rerun skips such items.
+func Done(it pipeline.Item) bool {
+	data, err := os.ReadFile(SidecarPath(it.Output))
+	if err != nil {
+		return false
+	}
+	var sc Sidecar
+	if json.Unmarshal(data, &sc) != nil || sc.ItemHash != ItemHash(it) {
+		return false
+	}
+	png, err := os.ReadFile(it.Output)
+	if err != nil {
+		return false
+	}
+	sum := sha256.Sum256(png)
+	return hex.EncodeToString(sum[:]) == sc.PNGSHA256
+}
+
+// Write stores a finished image: the PNG (with an A1111 `parameters` chunk
+// and a `tessera` chunk holding the sidecar's JSON) and then the sidecar,
+// each atomically. The sidecar goes last, so an image whose sidecar exists
+// and matches is complete.
+func Write(job string, it pipeline.Item, res *pipeline.Result, version string) error {
+	img, err := stages.TensorToNRGBA(res.Image, res.Channels, res.Height, res.Width)
+	if err != nil {
+		return err
+	}
+	sc := Sidecar{Version: 1, Job: job, Item: it, ItemHash: ItemHash(it), Plan: res.Plan, Seconds: res.Seconds, Tessera: version}
+	meta, err := json.Marshal(sc)
+	if err != nil {
+		return err
+	}
+	params, err := stages.FormatParameters(parametersOf(it, res.Plan))
+	if err != nil {
+		return err
+	}
+	var buf bytes.Buffer
+	if err := stages.EncodePNG(&buf, img, stages.ParametersChunk(params), stages.TesseraChunk(meta)); err != nil {
+		return fmt.Errorf("encode %s: %w", it.Output, err)
+	}
+	if err := os.MkdirAll(filepath.Dir(it.Output), 0o755); err != nil {
+		return err
+	}
+	if err := WriteFileAtomic(it.Output, buf.Bytes()); err != nil {
+		return err
+	}
+	sum := sha256.Sum256(buf.Bytes())
+	sc.PNGSHA256 = hex.EncodeToString(sum[:])
+	side, err := json.MarshalIndent(sc, "", "  ")
+	if err != nil {
+		return err
+	}
+	return WriteFileAtomic(SidecarPath(it.Output), append(side, '\n'))
+}
+
+// parametersOf renders the A1111 key/value line.
+func parametersOf(it pipeline.Item, p pipeline.Plan) stages.Parameters {
+	kv := func(k string, v any) stages.Param { return stages.Param{Key: k, Value: fmt.Sprint(v)} }
+	var ps []stages.Param
+	var last pipeline.StagePlan
+	if len(p.Stages) > 0 {
+		last = p.Stages[0]
+	}
+	ps = append(ps, kv("Steps", last.Steps), kv("Sampler", last.Sampler), kv("Seed", it.Seed), kv("Size", fmt.Sprintf("%dx%d", p.Width, p.Height)), kv("Model", last.Model))
+	if last.Guidance != 0 {
+		ps = append(ps, kv("CFG scale", last.Guidance))
+	}
+	if it.Class >= 0 {
+		ps = append(ps, kv("Class", it.Class))
+	}
+	for i, s := range p.Stages {
+		if s.Kind != "sr" {
+			continue
+		}
+		ps = append(ps, stages.Param{Key: "SR " + strconv.Itoa(i), Value: fmt.Sprintf("%s %dx%d steps %d %s strength %g noise %g tile %d/%d/%d", s.Model, s.Width, s.Height, s.Steps, s.Sampler, s.Strength, s.NoiseLevel, s.TileSize, s.Overlap, s.Halo)})
+	}
+	if it.Image != "" {
+		ps = append(ps, kv("Upscaled from", filepath.Base(it.Image)))
+	}
+	return stages.Parameters{Params: ps}
+}
+
+// WriteFileAtomic writes data to path so that path holds either its old
+// content or all of data, even across a crash: a temp file in the same
+// directory, written, checked, synced, closed and renamed over path, then
+// the directory synced.
+func WriteFileAtomic(path string, data []byte) (err error) {
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	defer func() {
+		if err != nil {
+			f.Close()
+			os.Remove(tmp)
+		}
+	}()
+	n, err := f.Write(data)
+	if err == nil && n != len(data) {
+		err = errors.New("short write")
+	}
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err = f.Chmod(0o644); err != nil {
+		return fmt.Errorf("chmod %s: %w", path, err)
+	}
+	if err = f.Sync(); err != nil {
+		return fmt.Errorf("sync %s: %w", path, err)
+	}
+	if err = f.Close(); err != nil {
+		return fmt.Errorf("close %s: %w", path, err)
+	}
+	if err = os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("rename into %s: %w", path, err)
+	}
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+// RemoveStaleTemps deletes temp files left in dir (recursively) by a crash
+// in WriteFileAtomic, and returns how many it removed.
+func RemoveStaleTemps(dir string) (int, error) {
+	n := 0
+	err := filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
+		if err != nil {
+			if errors.Is(err, os.ErrNotExist) {
+				return nil
+			}
+			return err
+		}
+		if !d.IsDir() && strings.HasPrefix(d.Name(), ".") && strings.Contains(d.Name(), ".tmp-") {
+			if os.Remove(p) == nil {
+				n++
+			}
+		}
+		return nil
+	})
+	return n, err
+}
