@@ -253,7 +253,7 @@ func (e *Engine) Plan(it Item) (Plan, error) {
 		if err != nil {
 			return p, err
 		}
-		g, err := stages.NewTileGrid(h, w, stages.TileOptions{Size: sp.TileSize, Multiple: srMan.SizeMultiple, Overlap: sp.Overlap, Halo: sp.Halo, Pad: stages.PadReflect})
+		g, err := tileGrid(sp, srMan)
 		if err != nil {
 			return p, fmt.Errorf("sr.tile: %w", err)
 		}
@@ -267,6 +267,16 @@ func (e *Engine) Plan(it Item) (Plan, error) {
 	}
 	p.Resample = w != it.Width || h != it.Height
 	return p, nil
+}
+
+// tileGrid lays the stage's tiles: sizes and origins on the model's size
+// multiple, so that a U-Net that downsamples by it sees each tile on the
+// same pixel grid as the whole canvas.
+func tileGrid(sp StagePlan, man *onnx.Manifest) (*stages.TileGrid, error) {
+	return stages.NewTileGrid(sp.Height, sp.Width, stages.TileOptions{
+		Size: sp.TileSize, Multiple: man.SizeMultiple, Align: man.SizeMultiple,
+		Overlap: sp.Overlap, Halo: sp.Halo, Pad: stages.PadReflect,
+	})
 }
 
 func lcm(a, b int) int {
@@ -393,7 +403,7 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 		}
 	}
 	man := r.model.Manifest
-	grid, err := stages.NewTileGrid(H, W, stages.TileOptions{Size: sp.TileSize, Multiple: man.SizeMultiple, Overlap: sp.Overlap, Halo: sp.Halo, Pad: stages.PadReflect})
+	grid, err := tileGrid(sp, man)
 	if err != nil {
 		return nil, err
 	}

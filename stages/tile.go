@@ -67,6 +67,13 @@ type TileOptions struct {
 	Halo int
 	// Pad is the padding for canvases smaller than a tile.
 	Pad PadMode
+	// Align makes tile origins multiples of Align (except a last tile that
+	// must end at an edge that is not). A U-Net that downsamples by m is
+	// translation-equivariant only for shifts by multiples of m, so its tiles
+	// agree with the untiled run only when their origins are aligned so.
+	// 0 and 1 mean no alignment; it is also dropped when the stride the
+	// tile, halo and overlap leave is not larger than Align.
+	Align int
 }
 
 // NewTileGrid lays tiles over a height×width canvas.
@@ -88,8 +95,11 @@ func NewTileGrid(height, width int, o TileOptions) (*TileGrid, error) {
 	if size-2*o.Halo-o.Overlap < 1 {
 		return nil, fmt.Errorf("tile grid: tile %d leaves no stride after halo 2×%d and overlap %d", size, o.Halo, o.Overlap)
 	}
-	ys, wy := tileAxis(height, size, o.Overlap, o.Halo)
-	xs, wx := tileAxis(width, size, o.Overlap, o.Halo)
+	if o.Align < 0 {
+		return nil, fmt.Errorf("tile grid: align %d, want ≥ 0", o.Align)
+	}
+	ys, wy := tileAxis(height, size, o.Overlap, o.Halo, o.Align)
+	xs, wx := tileAxis(width, size, o.Overlap, o.Halo, o.Align)
 	g := &TileGrid{
 		Height: height, Width: width, TileHeight: size, TileWidth: size,
 		Overlap: o.Overlap, Halo: o.Halo, Pad: o.Pad, Rows: len(ys), Cols: len(xs),
@@ -103,8 +113,10 @@ func NewTileGrid(height, width int, o TileOptions) (*TileGrid, error) {
 }
 
 // tileAxis places tiles of size t along an axis of length n and returns
-// their starts and 1-D windows.
-func tileAxis(n, t, overlap, halo int) ([]int, [][]float32) {
+// their starts and 1-D windows. With align > 1 the inner starts are
+// rounded to multiples of align, and the stride is reduced by align so that
+// the rounding never opens a gap wider than the unaligned stride.
+func tileAxis(n, t, overlap, halo, align int) ([]int, [][]float32) {
 	if n <= t {
 		w := make([]float32, t)
 		for p := 0; p < n; p++ {
@@ -113,12 +125,21 @@ func tileAxis(n, t, overlap, halo int) ([]int, [][]float32) {
 		return []int{0}, [][]float32{w}
 	}
 	stride := t - 2*halo - overlap // the largest stride keeping cores overlapped by ≥ overlap
+	if align > 1 && stride > align {
+		stride -= align
+	} else {
+		align = 1 // tiles too small for the alignment: coverage comes first
+	}
 	k := (n-t+stride-1)/stride + 1
 	starts := make([]int, k)
 	ws := make([][]float32, k)
 	for i := range starts {
 		// round(i·(n−t)/(k−1)), half up, in integers.
 		starts[i] = (2*i*(n-t) + (k - 1)) / (2 * (k - 1))
+		if align > 1 && i > 0 && i < k-1 {
+			a := (starts[i] + align/2) / align * align
+			starts[i] = min(a, (n-t)/align*align)
+		}
 		w := make([]float32, t)
 		for p := range w {
 			v := 1.0

@@ -24,6 +24,7 @@ func drawGrid(t *rapid.T) (gridCase, *TileGrid) {
 	gc.opt.Halo = rapid.IntRange(0, min(8, (size-1)/2)).Draw(t, "halo")
 	gc.opt.Overlap = rapid.IntRange(0, min(24, size-2*gc.opt.Halo-1)).Draw(t, "overlap")
 	gc.opt.Pad = rapid.SampledFrom([]PadMode{PadReflect, PadZero}).Draw(t, "pad")
+	gc.opt.Align = rapid.SampledFrom([]int{0, 1, 2, 4, 8}).Draw(t, "align")
 	g, err := NewTileGrid(gc.h, gc.w, gc.opt)
 	if err != nil {
 		t.Fatal(err)
@@ -53,6 +54,15 @@ func TestTileGridProperties(t *testing.T) {
 						t.Fatalf("weight %g outside [0, 1]", w)
 					}
 					total[(tl.Y0+y)*gc.w+tl.X0+x] += float64(w)
+				}
+			}
+		}
+		// Origins are aligned, except a last tile ending at an unaligned edge.
+		// (The alignment applies only where the stride leaves room for it.)
+		if a := gc.opt.Align; a > 1 && g.TileHeight-2*gc.opt.Halo-gc.opt.Overlap > a {
+			for _, tl := range g.Tiles {
+				if (tl.Y0%a != 0 && tl.Y0+tl.Height != gc.h) || (tl.X0%a != 0 && tl.X0+tl.Width != gc.w) {
+					t.Fatalf("tile at (%d, %d) not aligned to %d", tl.Y0, tl.X0, a)
 				}
 			}
 		}
