@@ -56,7 +56,7 @@ models upscale it tile by tile into one seamless picture.`,
 		slog.SetDefault(a.logger)
 		return nil
 	}
-	root.AddCommand(newVersionCmd(a), newInspectCmd(a), newRunCmd(a))
+	root.AddCommand(newVersionCmd(a), newInspectCmd(a), newRunCmd(a), newBenchCmd(a))
 	return root
 }
 

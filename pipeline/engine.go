@@ -299,7 +299,7 @@ func (e *Engine) Generate(ctx context.Context, it Item, progress func(Progress))
 	start := time.Now()
 	var img []float32
 	if it.Image != "" {
-		if img, it.inputW, it.inputH, err = loadInput(it.Image); err != nil {
+		if img, it.inputW, it.inputH, err = LoadImage(it.Image); err != nil {
 			return nil, err
 		}
 		if it.Width == 0 || it.Height == 0 {
@@ -427,28 +427,34 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 	}
 	acc := stages.NewAccumulator(c, H, W)
 	x0 := make([]float32, n)
-	xin := make([]float32, n)
 	pt := sampler.Prediction()
 	tileLen := c * grid.TileHeight * grid.TileWidth
+	var scaled []float32 // the model input canvas when the sampler scales it
 	for i := 0; i < sampler.Len(); i++ {
 		t := float32(sampler.Timestep(i))
 		lv := sampler.Level(i)
-		stages.ScaleInput(xin, x, sampler.InputScale(i))
+		xin := x
+		if s := sampler.InputScale(i); s != 1 {
+			if scaled == nil {
+				scaled = make([]float32, n)
+			}
+			stages.ScaleInput(scaled, x, s)
+			xin = scaled
+		}
 		acc.Reset()
 		replies := make(chan response, len(grid.Tiles))
 		g, gctx := errgroup.WithContext(ctx)
 		g.Go(func() error { // tiler
 			for ti, tile := range grid.Tiles {
 				q := &request{h: grid.TileHeight, w: grid.TileWidth, t: t, noiseLevel: float32(sp.NoiseLevel), classes: classes, reply: replies, tile: ti}
-				q.sample = make([]float32, tileLen)
-				if err := grid.Extract(q.sample, xin, c, tile); err != nil {
-					return err
-				}
-				if cond != nil {
-					q.lowres = make([]float32, tileLen)
-					if err := grid.Extract(q.lowres, cond, c, tile); err != nil {
+				q.fill = func(sample, lowres []float32) error {
+					if err := grid.Extract(sample, xin, c, tile); err != nil {
 						return err
 					}
+					if lowres != nil {
+						return grid.Extract(lowres, cond, c, tile)
+					}
+					return nil
 				}
 				select {
 				case r.reqs <- q:
@@ -469,7 +475,6 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 				if resp.err != nil {
 					return resp.err
 				}
-				q := resp.req
 				pred := resp.pred[:tileLen]
 				if guidance != 1 {
 					if err := stages.GuidePair(pred, resp.pred[:tileLen], resp.pred[tileLen:2*tileLen], guidance); err != nil {
@@ -478,10 +483,7 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 				} else if len(resp.pred) > tileLen {
 					pred = resp.pred[len(resp.pred)-tileLen:]
 				}
-				if err := stages.PredToX0(pt, lv, q.sample, pred, pred); err != nil {
-					return err
-				}
-				if err := acc.Add(grid.Tiles[q.tile], pred); err != nil {
+				if err := acc.Add(grid.Tiles[resp.req.tile], pred); err != nil {
 					return err
 				}
 			}
@@ -490,7 +492,13 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 		if err := g.Wait(); err != nil {
 			return nil, err
 		}
+		// The raw predictions are fused first and converted to x0 once for the
+		// whole canvas: the conversion is affine in the prediction and the
+		// window weights sum to one, so this equals fusing converted tiles.
 		if err := acc.Result(x0); err != nil {
+			return nil, err
+		}
+		if err := stages.PredToX0(pt, lv, xin, x0, x0); err != nil {
 			return nil, err
 		}
 		if err := sampler.Step(i, x, x0); err != nil {

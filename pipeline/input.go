@@ -4,7 +4,7 @@ import (
 	"fmt"
 	"image"
 	_ "image/jpeg" // input images may be JPEG
-	_ "image/png"
+	"image/png"
 	"os"
 
 	"tessera/stages"
@@ -14,8 +14,10 @@ import (
 // checked from the header before any pixel is decoded.
 const MaxInputPixels = 64 << 20
 
-// loadInput reads an image to upscale as a 3-channel tensor in [-1, 1].
-func loadInput(path string) ([]float32, int, int, error) {
+// LoadImage reads a PNG or JPEG as a planar 3-channel tensor in [-1, 1]
+// and returns it with its width and height. The size is checked from the
+// header before decoding.
+func LoadImage(path string) ([]float32, int, int, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, 0, 0, fmt.Errorf("image %s: %w", path, err)
@@ -40,4 +42,21 @@ func loadInput(path string) ([]float32, int, int, error) {
 		return nil, 0, 0, fmt.Errorf("image %s: %w", path, err)
 	}
 	return t, w, h, nil
+}
+
+// SaveImage writes a planar 3-channel tensor in [-1, 1] as an 8-bit PNG.
+func SaveImage(path string, img []float32, w, h int) error {
+	rgba, err := stages.TensorToNRGBA(img, 3, h, w)
+	if err != nil {
+		return err
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if err := png.Encode(f, rgba); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }

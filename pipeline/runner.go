@@ -16,9 +16,11 @@ import (
 // request is one tile (several rows for a classifier-free guidance pair)
 // waiting for the model.
 type request struct {
-	h, w       int
-	sample     []float32 // C×h×w model input
-	lowres     []float32 // C×h×w, SR stages only
+	h, w int
+	// fill writes the tile's model input (C×h×w) and, for SR stages, its
+	// conditioning straight into the batch buffers; lowres is nil for
+	// models without a lowres input. It runs on the batcher's goroutine.
+	fill       func(sample, lowres []float32) error
 	t          float32
 	noiseLevel float32
 	classes    []int64 // one row per label; nil means one unlabelled row
@@ -180,9 +182,20 @@ func (r *runner) runBatch(ctx context.Context, batch []*request) ([][]float32, e
 	row := 0
 	for _, q := range batch {
 		for j := 0; j < q.rows(); j++ {
-			copy(b.sample[row*plane:(row+1)*plane], q.sample)
+			var lowres []float32
 			if b.lowres != nil {
-				copy(b.lowres[row*plane:(row+1)*plane], q.lowres)
+				lowres = b.lowres[row*plane : (row+1)*plane]
+			}
+			sample := b.sample[row*plane : (row+1)*plane]
+			if j == 0 {
+				if err := q.fill(sample, lowres); err != nil {
+					return nil, err
+				}
+			} else { // the other rows of a guidance pair see the same tile
+				copy(sample, b.sample[(row-1)*plane:row*plane])
+				if lowres != nil {
+					copy(lowres, b.lowres[(row-1)*plane:row*plane])
+				}
 			}
 			t := q.t
 			if r.intT {

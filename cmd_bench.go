@@ -1,0 +1,295 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math"
+	"os"
+	"path/filepath"
+	"runtime/pprof"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"tessera/models"
+	"tessera/onnx"
+	"tessera/pipeline"
+	"tessera/stages"
+)
+
+// benchItem is one measured generation.
+type benchItem struct {
+	Name        string  `json:"name"`
+	Width       int     `json:"width"`
+	Height      int     `json:"height"`
+	WallSeconds float64 `json:"wall_seconds"`
+	RunSeconds  float64 `json:"run_seconds"` // sum of ONNX Runtime Run time
+	Overhead    float64 `json:"overhead"`    // wall ÷ Run sum
+	TileSteps   int     `json:"tile_steps"`
+	TilesPerSec float64 `json:"tiles_per_second"`
+	PeakRSSMiB  float64 `json:"peak_rss_mib"`
+	SeamScore   float64 `json:"seam_score,omitempty"`
+}
+
+type upscaleReport struct {
+	Image              string  `json:"image"`
+	From               string  `json:"from"`
+	To                 string  `json:"to"`
+	PSNRTessera        float64 `json:"psnr_tessera_db"`
+	PSNRLanczos        float64 `json:"psnr_lanczos_db"`
+	PSNRBicubic        float64 `json:"psnr_bicubic_db"`
+	PSNRTiledVsUntiled float64 `json:"psnr_tiled_vs_untiled_db"`
+	SeamScore          float64 `json:"seam_score"`
+	Seconds            float64 `json:"seconds"`
+}
+
+type benchReport struct {
+	ONNXRuntime   string         `json:"onnx_runtime"`
+	Provider      string         `json:"provider"`
+	Items         []benchItem    `json:"items"`
+	ScalingRatio  float64        `json:"scaling_ratio"`   // t(1024²) ÷ t(512²)
+	TileStepRatio float64        `json:"tile_step_ratio"` // tile-steps(1024²) ÷ tile-steps(512²)
+	Upscale       *upscaleReport `json:"upscale,omitempty"`
+	Memory        *benchItem     `json:"memory,omitempty"`
+}
+
+func newBenchCmd(a *app) *cobra.Command {
+	var asJSON, memory bool
+	var image, cpuprofile string
+	cmd := &cobra.Command{
+		Use:   "bench",
+		Short: "Measure the pipeline on a fixed workload with the demo models",
+		Long: `Bench runs a fixed workload on the demo models (one 512² and one 1024² image,
+10 base steps, 10 SR steps at strength 0.5) and reports wall time, the sum of
+ONNX Runtime Run time, the overhead ratio (wall ÷ Run sum), tiles per second,
+peak RSS, the scaling ratio t(1024²) ÷ t(512²) next to the ratio of
+tile-steps, and the seam score of the 1024² image. It then upscales a
+photograph 4× (downscaled first) tiled and untiled and reports PSNR against
+the original next to Lanczos and bicubic. --memory adds a 4096² item with one
+SR step per stage to report peak RSS at that size.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if cpuprofile != "" {
+				f, err := os.Create(cpuprofile)
+				if err != nil {
+					return err
+				}
+				pprof.StartCPUProfile(f)
+				defer pprof.StopCPUProfile()
+			}
+			rep, err := a.bench(cmd.Context(), image, memory, cmd.ErrOrStderr())
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				enc := json.NewEncoder(cmd.OutOrStdout())
+				enc.SetIndent("", "  ")
+				return enc.Encode(rep)
+			}
+			printBench(cmd.OutOrStdout(), rep)
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	cmd.Flags().StringVar(&cpuprofile, "cpuprofile", "", "write a CPU profile")
+	cmd.Flags().BoolVar(&memory, "memory", false, "add a 4096² item to measure peak memory")
+	cmd.Flags().StringVar(&image, "image", filepath.Join("testdata", "images", "chelsea-256.png"), "photograph for the upscaling measurement (\"\" skips it)")
+	return cmd
+}
+
+func (a *app) bench(ctx context.Context, image string, memory bool, log io.Writer) (*benchReport, error) {
+	env, err := onnx.Open(a.cfg.Runtime, a.logger)
+	if err != nil {
+		return nil, err
+	}
+	defer env.Close()
+	eng := pipeline.New(env, models.Resolver{Dirs: a.cfg.Models.Dirs}, pipeline.Options{Workers: 1}, a.logger)
+	defer eng.Close()
+	rep := &benchReport{ONNXRuntime: env.Version, Provider: strings.Join(a.cfg.Runtime.Providers, ",")}
+	gen := func(name string, size, srSteps int) (*benchItem, *pipeline.Result, error) {
+		it := pipeline.Item{Seed: 1, Width: size, Height: size, Class: -1,
+			Base: pipeline.StageParams{Model: "demo-base", Steps: 10},
+			SR:   pipeline.StageParams{Model: "demo-sr", Steps: srSteps, Strength: 0.5}}
+		fmt.Fprintf(log, "bench: %s %dx%d ...\n", name, size, size)
+		return measure(ctx, eng, name, it)
+	}
+	// Warm up: sessions, memory plans and the first Runs are not what is measured.
+	if _, _, err := gen("warm-up", 128, 2); err != nil {
+		return nil, err
+	}
+	for _, size := range []int{512, 1024} {
+		bi, res, err := gen(fmt.Sprintf("generate %d²", size), size, 10)
+		if err != nil {
+			return nil, err
+		}
+		if size == 1024 {
+			last := res.Plan.Stages[len(res.Plan.Stages)-1]
+			if g, err := eng.Grid(last); err == nil {
+				bi.SeamScore = pipeline.SeamScore(res.Image, res.Channels, res.Height, res.Width, g)
+			}
+		}
+		rep.Items = append(rep.Items, *bi)
+	}
+	if len(rep.Items) == 2 && rep.Items[0].WallSeconds > 0 {
+		rep.ScalingRatio = rep.Items[1].WallSeconds / rep.Items[0].WallSeconds
+		rep.TileStepRatio = float64(rep.Items[1].TileSteps) / float64(rep.Items[0].TileSteps)
+	}
+	if image != "" {
+		up, err := benchUpscale(ctx, eng, image, log)
+		if err != nil {
+			return nil, err
+		}
+		rep.Upscale = up
+	}
+	if memory {
+		bi, _, err := gen("memory 4096²", 4096, 2)
+		if err != nil {
+			return nil, err
+		}
+		rep.Memory = bi
+	}
+	return rep, nil
+}
+
+// measure runs one item and reads the engine's Run time and the process's
+// peak RSS around it.
+func measure(ctx context.Context, eng *pipeline.Engine, name string, it pipeline.Item) (*benchItem, *pipeline.Result, error) {
+	resetPeakRSS()
+	before := eng.Stats()
+	start := time.Now()
+	res, err := eng.Generate(ctx, it, nil)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%s: %w", name, err)
+	}
+	wall := time.Since(start).Seconds()
+	after := eng.Stats()
+	run := after.RunSeconds - before.RunSeconds
+	bi := &benchItem{Name: name, Width: res.Width, Height: res.Height, WallSeconds: wall, RunSeconds: run,
+		TileSteps: int(after.Rows - before.Rows), PeakRSSMiB: peakRSSMiB()}
+	if run > 0 {
+		bi.Overhead = wall / run
+	}
+	bi.TilesPerSec = float64(bi.TileSteps) / wall
+	return bi, res, nil
+}
+
+func benchUpscale(ctx context.Context, eng *pipeline.Engine, path string, log io.Writer) (*upscaleReport, error) {
+	orig, fw, fh, err := pipeline.LoadImage(path)
+	if err != nil {
+		return nil, err
+	}
+	w, h := fw/16*16, fh/16*16
+	ref := crop(orig, w, h, fw)
+	lw, lh := w/4, h/4
+	small := make([]float32, 3*lh*lw)
+	if err := stages.Resample(small, ref, 3, h, w, lh, lw, stages.FilterLanczos); err != nil {
+		return nil, err
+	}
+	tmp, err := os.MkdirTemp("", "tessera-bench")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(tmp)
+	lowPath := filepath.Join(tmp, "low.png")
+	if err := pipeline.SaveImage(lowPath, small, lw, lh); err != nil {
+		return nil, err
+	}
+	low, _, _, err := pipeline.LoadImage(lowPath) // 8-bit, as a user's file would be
+	if err != nil {
+		return nil, err
+	}
+	up := &upscaleReport{Image: path, From: fmt.Sprintf("%dx%d", lw, lh), To: fmt.Sprintf("%dx%d", w, h)}
+	for _, f := range []stages.Filter{stages.FilterLanczos, stages.FilterBicubic} {
+		out := make([]float32, 3*h*w)
+		if err := stages.Resample(out, low, 3, lh, lw, h, w, f); err != nil {
+			return nil, err
+		}
+		if f == stages.FilterLanczos {
+			up.PSNRLanczos = pipeline.PSNR(out, ref)
+		} else {
+			up.PSNRBicubic = pipeline.PSNR(out, ref)
+		}
+	}
+	item := func(tile int) pipeline.Item {
+		return pipeline.Item{Seed: 1, Class: -1, Image: lowPath, Scale: 4, SR: pipeline.StageParams{Model: "demo-sr", Tile: pipeline.Tiling{Size: tile, Overlap: 16}}}
+	}
+	fmt.Fprintf(log, "bench: upscale %s 4x, tiled and untiled ...\n", filepath.Base(path))
+	start := time.Now()
+	tiled, err := eng.Generate(ctx, item(160), nil)
+	if err != nil {
+		return nil, err
+	}
+	up.Seconds = time.Since(start).Seconds()
+	untiled, err := eng.Generate(ctx, item(max(w, h)), nil)
+	if err != nil {
+		return nil, err
+	}
+	up.PSNRTessera = pipeline.PSNR(tiled.Image, ref)
+	up.PSNRTiledVsUntiled = pipeline.PSNR(tiled.Image, untiled.Image)
+	if g, err := eng.Grid(tiled.Plan.Stages[0]); err == nil {
+		up.SeamScore = pipeline.SeamScore(tiled.Image, 3, h, w, g)
+	}
+	return up, nil
+}
+
+// crop takes the top-left w×h of a planar 3-channel image of width fullW.
+func crop(img []float32, w, h, fullW int) []float32 {
+	fullH := len(img) / 3 / fullW
+	out := make([]float32, 3*h*w)
+	for c := 0; c < 3; c++ {
+		for y := 0; y < h; y++ {
+			copy(out[(c*h+y)*w:(c*h+y+1)*w], img[(c*fullH+y)*fullW:(c*fullH+y)*fullW+w])
+		}
+	}
+	return out
+}
+
+// resetPeakRSS resets the kernel's peak-RSS counter (VmHWM) where Linux allows it.
+func resetPeakRSS() { os.WriteFile("/proc/self/clear_refs", []byte("5"), 0) }
+
+// peakRSSMiB reads the process's peak resident set size.
+func peakRSSMiB() float64 {
+	f, err := os.Open("/proc/self/status")
+	if err != nil {
+		return math.NaN()
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if rest, ok := strings.CutPrefix(sc.Text(), "VmHWM:"); ok {
+			kb, err := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 64)
+			if err == nil {
+				return kb / 1024
+			}
+		}
+	}
+	return math.NaN()
+}
+
+func printBench(w io.Writer, r *benchReport) {
+	fmt.Fprintf(w, "ONNX Runtime %s on %s\n", r.ONNXRuntime, r.Provider)
+	fmt.Fprintf(w, "%-16s %9s %9s %8s %10s %9s %9s %6s\n", "item", "wall s", "run s", "overhead", "tile-steps", "tiles/s", "peak MiB", "seam")
+	rows := r.Items
+	if r.Memory != nil {
+		rows = append(rows, *r.Memory)
+	}
+	for _, it := range rows {
+		seam := "-"
+		if it.SeamScore > 0 {
+			seam = fmt.Sprintf("%.3f", it.SeamScore)
+		}
+		fmt.Fprintf(w, "%-16s %9.2f %9.2f %8.3f %10d %9.1f %9.0f %6s\n", it.Name, it.WallSeconds, it.RunSeconds, it.Overhead, it.TileSteps, it.TilesPerSec, it.PeakRSSMiB, seam)
+	}
+	if r.ScalingRatio > 0 {
+		fmt.Fprintf(w, "scaling t(1024²)/t(512²) = %.2f, tile-step ratio %.2f (%.1f%% apart)\n", r.ScalingRatio, r.TileStepRatio, 100*math.Abs(r.ScalingRatio/r.TileStepRatio-1))
+	}
+	if u := r.Upscale; u != nil {
+		fmt.Fprintf(w, "upscale %s %s -> %s: demo-sr %.2f dB, Lanczos %.2f dB, bicubic %.2f dB; tiled vs untiled %.2f dB, seam %.3f (%.1fs)\n",
+			filepath.Base(u.Image), u.From, u.To, u.PSNRTessera, u.PSNRLanczos, u.PSNRBicubic, u.PSNRTiledVsUntiled, u.SeamScore, u.Seconds)
+	}
+}
