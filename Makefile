@@ -32,9 +32,7 @@ bench: ort
 
 # demo runs the main job on the embedded default models.
 demo: build
-	./$(BIN) version
-	./$(BIN) inspect --probe testdata/models/oracle-base
-	./$(BIN) inspect --probe testdata/models/conv-sr
+	./$(BIN) run examples/demo.yaml
 
 # models regenerates the demo models and test fixtures with Debian's python3-torch.
 # CI does not run it: the exported .onnx files are committed.
