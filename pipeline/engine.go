@@ -23,9 +23,11 @@ type Options struct {
 	// Workers is how many items the caller runs at once; sessions divide the
 	// CPU threads among min(Workers, models) so they do not oversubscribe.
 	Workers int
-	// Batch is the default most tile rows per Run (0 = auto).
+	// Batch is the most tile rows per Run; 0 picks it per model and tile
+	// shape from MemoryBudget with one probe Run.
 	Batch int
-	// MemoryBudget bounds the batch chosen by auto, in bytes (0 = 1 GiB).
+	// MemoryBudget bounds what auto batching may use, in bytes; 0 means
+	// half of the machine's available memory.
 	MemoryBudget int64
 }
 
@@ -137,11 +139,12 @@ func (e *Engine) runner(ref string) (*runner, error) {
 	if nl := m.Input(onnx.RoleNoiseLevel); nl != nil {
 		r.scalarNoise = len(nl.Shape) == 0 || nl.Shape[0] == 1
 	}
-	batch := e.opts.Batch
-	if batch <= 0 {
-		batch = 4
+	if e.opts.Batch > 0 {
+		r.maxBatch.Store(int64(e.opts.Batch))
+	} else {
+		r.auto, r.budget, r.probed = true, memoryBudget(e.opts.MemoryBudget), map[[2]int]bool{}
+		r.maxBatch.Store(1)
 	}
-	r.maxBatch.Store(int64(batch))
 	e.runners[ref] = r
 	e.group.Go(func() error { return r.loop(e.ctx) })
 	e.logger.Debug("model session ready", "model", ref, "provider", sess.Provider(), "threads", sess.Threads())

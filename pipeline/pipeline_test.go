@@ -237,3 +237,37 @@ func TestBaseSize(t *testing.T) {
 		}
 	}
 }
+
+func TestAutoBatch(t *testing.T) {
+	tests := []struct {
+		budget, resident, growth, row int64
+		want                          int
+	}{
+		{1 << 30, 100 << 20, 10 << 20, 1 << 20, 16}, // plenty: capped
+		{1 << 30, 100 << 20, 100 << 20, 1 << 20, 9},  // (1024-100)/100
+		{1 << 30, 1000 << 20, 100 << 20, 1 << 20, 1}, // nothing left
+		{1 << 30, 100 << 20, 0, 50 << 20, 4},         // no growth seen: 4× the row's bytes
+	}
+	for _, tt := range tests {
+		if got := autoBatch(tt.budget, tt.resident, tt.growth, tt.row); got != tt.want {
+			t.Errorf("autoBatch(%d, %d, %d, %d) = %d, want %d", tt.budget>>20, tt.resident>>20, tt.growth>>20, tt.row>>20, got, tt.want)
+		}
+	}
+	// With auto batching the engine probes, then batches, and the result is the same.
+	in := writeGradient(t, 20, 20)
+	ref, err := newEngine(t, Options{Batch: 1}).Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := newEngine(t, Options{MemoryBudget: 2 << 30})
+	res, err := e.Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := maxAbsDiff(res.Image, ref.Image); d > 1e-5 {
+		t.Fatalf("auto batch changed the image by %g", d)
+	}
+	if s := e.Stats(); s.Runs >= s.Rows {
+		t.Errorf("auto batching never batched: %d Runs for %d rows", s.Runs, s.Rows)
+	}
+}

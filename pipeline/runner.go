@@ -50,6 +50,11 @@ type runner struct {
 	logger   *slog.Logger
 
 	maxBatch atomic.Int64
+	// auto is set when the batch is chosen from the memory budget by a
+	// probe Run of each new tile shape; probed records the shapes done.
+	auto     bool
+	budget   int64
+	probed   map[[2]int]bool
 	runNanos atomic.Int64 // total time inside ONNX Runtime
 	rowsRun  atomic.Int64
 	runs     atomic.Int64
@@ -120,6 +125,11 @@ func (r *runner) loop(ctx context.Context) error {
 		}
 		k := r.key(pending[0])
 		limit := int(r.maxBatch.Load())
+		if r.auto && !r.probed[[2]int{k.h, k.w}] {
+			r.probe(ctx, pending[0])
+			pending = pending[1:]
+			continue
+		}
 		var batch, rest []*request
 		rows := 0
 		for _, q := range pending {
@@ -160,6 +170,20 @@ func (r *runner) serve(ctx context.Context, batch []*request) {
 		}
 		q.reply <- resp // the reply channel is buffered for every tile of the step
 	}
+}
+
+// probe serves one request alone and sets the batch limit from how much the
+// resident set grew for it (ONNX Runtime's arena sizing itself for the shape).
+func (r *runner) probe(ctx context.Context, q *request) {
+	before := residentBytes()
+	r.serve(ctx, []*request{q})
+	growth := residentBytes() - before
+	rowBytes := int64(3 * 4 * r.channels * q.h * q.w) // sample, lowres and prediction, float32
+	n := autoBatch(r.budget, residentBytes(), growth/int64(q.rows()), rowBytes)
+	r.probed[[2]int{q.h, q.w}] = true
+	r.maxBatch.Store(int64(n))
+	r.logger.Info("batch chosen from the memory budget", "model", r.ref, "tile", fmt.Sprintf("%dx%d", q.w, q.h), "batch", n,
+		"budget_mib", r.budget>>20, "probe_growth_mib", growth>>20)
 }
 
 func isOutOfMemory(err error) bool {

@@ -1,0 +1,61 @@
+package pipeline
+
+import (
+	"bufio"
+	"os"
+	"strconv"
+	"strings"
+)
+
+// maxAutoBatch caps the batch that auto picks: beyond it Runs get no faster
+// and a failed Run loses more work.
+const maxAutoBatch = 16
+
+// autoBatch picks how many tile rows fit one Run: the budget left after what
+// the process holds now, divided by what one row of this shape cost in the
+// probe Run (the growth of the resident set it caused, at least the row's
+// own input and output).
+func autoBatch(budget, resident, probeGrowth, rowBytes int64) int {
+	perRow := max(probeGrowth, 4*rowBytes)
+	left := budget - resident
+	if perRow <= 0 || left <= perRow {
+		return 1
+	}
+	return int(min(left/perRow, maxAutoBatch))
+}
+
+// memoryBudget is the configured budget, or half of the memory the machine
+// has available now when none is configured.
+func memoryBudget(configured int64) int64 {
+	if configured > 0 {
+		return configured
+	}
+	if avail := meminfo("MemAvailable:"); avail > 0 {
+		return avail / 2
+	}
+	return 1 << 30
+}
+
+// residentBytes is the process's resident set size now.
+func residentBytes() int64 { return procStatus("/proc/self/status", "VmRSS:") }
+
+func meminfo(key string) int64 { return procStatus("/proc/meminfo", key) }
+
+// procStatus reads a "Key:   N kB" line of a /proc file, in bytes; 0 when absent.
+func procStatus(path, key string) int64 {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if rest, ok := strings.CutPrefix(sc.Text(), key); ok {
+			kb, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 10, 64)
+			if err == nil {
+				return kb << 10
+			}
+		}
+	}
+	return 0
+}
