@@ -381,27 +381,28 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 	if err != nil {
 		return nil, err
 	}
-	noise := make([]float32, n)
-	if err := (stages.Noise{Seed: it.Seed, Stream: stages.StageStream(stream, si)}).Fill(noise, 0, c, 0, 0, H, W); err != nil {
+	// The initial noise is drawn straight into x and the augmentation noise
+	// into cond, and both are combined in place (the updates are elementwise),
+	// so that no canvas-sized noise buffer outlives this setup.
+	x := make([]float32, n)
+	if err := (stages.Noise{Seed: it.Seed, Stream: stages.StageStream(stream, si)}).Fill(x, 0, c, 0, 0, H, W); err != nil {
 		return nil, err
 	}
-	x := make([]float32, n)
 	var cond []float32 // the augmented conditioning the model sees
 	if lowres == nil {
 		s := float32(sampler.InitNoiseSigma())
-		for i, v := range noise {
-			x[i] = s * v
+		for i := range x {
+			x[i] *= s
 		}
 	} else {
-		if err := sampler.AddNoise(x, lowres, noise); err != nil {
+		if err := sampler.AddNoise(x, lowres, x); err != nil {
 			return nil, err
 		}
 		cond = make([]float32, n)
-		aug := make([]float32, n)
-		if err := (stages.Noise{Seed: it.Seed, Stream: stages.StageStream(stages.StreamAug, si)}).Fill(aug, 0, c, 0, 0, H, W); err != nil {
+		if err := (stages.Noise{Seed: it.Seed, Stream: stages.StageStream(stages.StreamAug, si)}).Fill(cond, 0, c, 0, 0, H, W); err != nil {
 			return nil, err
 		}
-		if err := stages.NoiseAugment(cond, lowres, aug, r.sched.AlphasCumprod, sp.NoiseLevel); err != nil {
+		if err := stages.NoiseAugment(cond, lowres, cond, r.sched.AlphasCumprod, sp.NoiseLevel); err != nil {
 			return nil, err
 		}
 	}

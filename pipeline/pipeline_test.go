@@ -243,7 +243,7 @@ func TestAutoBatch(t *testing.T) {
 		budget, resident, growth, row int64
 		want                          int
 	}{
-		{1 << 30, 100 << 20, 10 << 20, 1 << 20, 16}, // plenty: capped
+		{1 << 30, 100 << 20, 10 << 20, 1 << 20, 16},  // plenty: capped
 		{1 << 30, 100 << 20, 100 << 20, 1 << 20, 9},  // (1024-100)/100
 		{1 << 30, 1000 << 20, 100 << 20, 1 << 20, 1}, // nothing left
 		{1 << 30, 100 << 20, 0, 50 << 20, 4},         // no growth seen: 4× the row's bytes
