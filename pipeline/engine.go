@@ -432,7 +432,6 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 	acc := stages.NewAccumulator(c, H, W)
 	x0 := make([]float32, n)
 	pt := sampler.Prediction()
-	tileLen := c * grid.TileHeight * grid.TileWidth
 	var scaled []float32 // the model input canvas when the sampler scales it
 	for i := 0; i < sampler.Len(); i++ {
 		t := float32(sampler.Timestep(i))
@@ -445,56 +444,23 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 			stages.ScaleInput(scaled, x, s)
 			xin = scaled
 		}
-		acc.Reset()
-		replies := make(chan response, len(grid.Tiles))
-		g, gctx := errgroup.WithContext(ctx)
-		g.Go(func() error { // tiler
-			for ti, tile := range grid.Tiles {
-				q := &request{h: grid.TileHeight, w: grid.TileWidth, t: t, noiseLevel: float32(sp.NoiseLevel), classes: classes, reply: replies, tile: ti}
-				q.fill = func(sample, lowres []float32) error {
-					if err := grid.Extract(sample, xin, c, tile); err != nil {
-						return err
-					}
-					if lowres != nil {
-						return grid.Extract(lowres, cond, c, tile)
-					}
-					return nil
-				}
-				select {
-				case r.reqs <- q:
-				case <-gctx.Done():
-					return gctx.Err()
-				}
+		for {
+			err := fuseStep(ctx, r, grid, acc, xin, cond, stepInputs{t: t, noiseLevel: float32(sp.NoiseLevel), classes: classes, guidance: guidance})
+			if err == nil {
+				break
 			}
-			return nil
-		})
-		g.Go(func() error { // stitcher
-			for range grid.Tiles {
-				var resp response
-				select {
-				case resp = <-replies:
-				case <-gctx.Done():
-					return gctx.Err()
-				}
-				if resp.err != nil {
-					return resp.err
-				}
-				pred := resp.pred[:tileLen]
-				if guidance != 1 {
-					if err := stages.GuidePair(pred, resp.pred[:tileLen], resp.pred[tileLen:2*tileLen], guidance); err != nil {
-						return err
-					}
-				} else if len(resp.pred) > tileLen {
-					pred = resp.pred[len(resp.pred)-tileLen:]
-				}
-				if err := acc.Add(grid.Tiles[resp.req.tile], pred); err != nil {
-					return err
-				}
+			if !isOutOfMemory(err) {
+				return nil, err
 			}
-			return nil
-		})
-		if err := g.Wait(); err != nil {
-			return nil, err
+			// Even one tile per Run did not fit: halve the tile and retry the step.
+			smaller := sp
+			smaller.TileSize = grid.TileHeight / 2
+			g, gerr := tileGrid(smaller, man)
+			if gerr != nil || sp.Kind == onnx.KindBase {
+				return nil, fmt.Errorf("%w (no smaller tile possible)", err)
+			}
+			e.logger.Warn("tile too large for memory; halved", "item", it.Index, "stage", si, "step", i, "tile", g.TileHeight, "tiles", len(g.Tiles), "err", err)
+			grid = g
 		}
 		// The raw predictions are fused first and converted to x0 once for the
 		// whole canvas: the conversion is affine in the prediction and the
@@ -515,6 +481,72 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 		x[i] = float32(math.Max(-1, math.Min(1, float64(v))))
 	}
 	return x, nil
+}
+
+// stepInputs are what every tile of one step shares.
+type stepInputs struct {
+	t          float32
+	noiseLevel float32
+	classes    []int64
+	guidance   float64
+}
+
+// fuseStep sends every tile of the canvas xin to the model's batcher (the
+// tiler) and adds each prediction, guided where there is a pair, to acc with
+// the tile's window (the stitcher), the two joined by the reply channel.
+func fuseStep(ctx context.Context, r *runner, grid *stages.TileGrid, acc *stages.Accumulator, xin, cond []float32, in stepInputs) error {
+	c := r.channels
+	tileLen := c * grid.TileHeight * grid.TileWidth
+	t, classes, guidance := in.t, in.classes, in.guidance
+	acc.Reset()
+	replies := make(chan response, len(grid.Tiles))
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { // tiler
+		for ti, tile := range grid.Tiles {
+			q := &request{h: grid.TileHeight, w: grid.TileWidth, t: t, noiseLevel: in.noiseLevel, classes: classes, reply: replies, tile: ti}
+			q.fill = func(sample, lowres []float32) error {
+				if err := grid.Extract(sample, xin, c, tile); err != nil {
+					return err
+				}
+				if lowres != nil {
+					return grid.Extract(lowres, cond, c, tile)
+				}
+				return nil
+			}
+			select {
+			case r.reqs <- q:
+			case <-gctx.Done():
+				return gctx.Err()
+			}
+		}
+		return nil
+	})
+	g.Go(func() error { // stitcher
+		for range grid.Tiles {
+			var resp response
+			select {
+			case resp = <-replies:
+			case <-gctx.Done():
+				return gctx.Err()
+			}
+			if resp.err != nil {
+				return resp.err
+			}
+			pred := resp.pred[:tileLen]
+			if guidance != 1 {
+				if err := stages.GuidePair(pred, resp.pred[:tileLen], resp.pred[tileLen:2*tileLen], guidance); err != nil {
+					return err
+				}
+			} else if len(resp.pred) > tileLen {
+				pred = resp.pred[len(resp.pred)-tileLen:]
+			}
+			if err := acc.Add(grid.Tiles[resp.req.tile], pred); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	return g.Wait()
 }
 
 func samplerKind(s string) string {

@@ -2,6 +2,7 @@ package pipeline
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"image"
 	"image/color"
@@ -269,5 +270,43 @@ func TestAutoBatch(t *testing.T) {
 	}
 	if s := e.Stats(); s.Runs >= s.Rows {
 		t.Errorf("auto batching never batched: %d Runs for %d rows", s.Runs, s.Rows)
+	}
+}
+
+func TestOutOfMemoryHalvesBatchThenTile(t *testing.T) {
+	in := writeGradient(t, 24, 24)
+	ref, err := newEngine(t, Options{Batch: 1}).Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := newEngine(t, Options{Batch: 4})
+	r, err := e.runner("conv-sr")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Runs of more than two rows, and tiles above 32 pixels, "run out of memory".
+	var failures int
+	r.inject = func(h, w, rows int) error {
+		if rows > 2 || h > 32 {
+			failures++
+			return fmt.Errorf("Failed to allocate memory for requested buffer of size %d", rows*h*w*12)
+		}
+		return nil
+	}
+	res, err := e.Generate(context.Background(), upscaleItem(in, 64, 8, intp(3)), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if failures == 0 || r.maxBatch.Load() > 2 {
+		t.Fatalf("%d injected failures, batch limit %d", failures, r.maxBatch.Load())
+	}
+	// The halved tiles still cover the receptive field: the image is the same.
+	if d := maxAbsDiff(res.Image, ref.Image); d > 1e-4 {
+		t.Fatalf("image after halving differs by %g", d)
+	}
+	// A failure that is not about memory is not retried.
+	r.inject = func(h, w, rows int) error { return errors.New("graph broken") }
+	if _, err := e.Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil); err == nil || !strings.Contains(err.Error(), "graph broken") {
+		t.Fatalf("err = %v", err)
 	}
 }

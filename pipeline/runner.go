@@ -61,6 +61,9 @@ type runner struct {
 
 	// Per-shape prepared bindings, owned by the loop goroutine.
 	bindings map[bindKey]*boundBatch
+	// inject, when set by tests, fails a Run before it starts (to stand in
+	// for a device running out of memory, which a CPU test cannot cause).
+	inject func(h, w, rows int) error
 	// Fixed per model: whether timestep / noise level are one value per Run.
 	scalarT, scalarNoise bool
 	intT                 bool
@@ -245,6 +248,11 @@ func (r *runner) runBatch(ctx context.Context, batch []*request) ([][]float32, e
 				}
 			}
 			row++
+		}
+	}
+	if r.inject != nil {
+		if err := r.inject(q0.h, q0.w, n); err != nil {
+			return nil, err
 		}
 	}
 	start := time.Now()
