@@ -1,0 +1,385 @@
+package jobs
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"tessera/pipeline"
+)
+
+// testPostgresURL is the server the PostgreSQL tests use unless
+// TESSERA_TEST_POSTGRES names another.
+const testPostgresURL = "postgres://postgres@127.0.0.1:5432/test?sslmode=disable"
+
+// postgresSchemaURL returns a URL whose search_path is a fresh schema,
+// dropped when the test ends, or skips the test when no server answers.
+func postgresSchemaURL(t *testing.T) string {
+	t.Helper()
+	base := os.Getenv("TESSERA_TEST_POSTGRES")
+	if base == "" {
+		base = testPostgresURL
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, base)
+	if err != nil {
+		t.Skipf("PostgreSQL tests need a server: start one at 127.0.0.1:5432 with trust auth and a database \"test\", or set TESSERA_TEST_POSTGRES to a URL (%v)", err)
+	}
+	b := make([]byte, 6)
+	rand.Read(b)
+	schema := "tessera_test_" + hex.EncodeToString(b)
+	if _, err := conn.Exec(ctx, "CREATE SCHEMA "+schema); err != nil {
+		conn.Close(ctx)
+		t.Fatal(err)
+	}
+	conn.Close(ctx)
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if conn, err := pgx.Connect(ctx, base); err == nil {
+			conn.Exec(ctx, "DROP SCHEMA "+schema+" CASCADE")
+			conn.Close(ctx)
+		}
+	})
+	sep := "?"
+	if strings.Contains(base, "?") {
+		sep = "&"
+	}
+	return base + sep + "search_path=" + schema
+}
+
+type backend struct {
+	name string
+	url  func(t *testing.T) string
+}
+
+var backends = []backend{
+	{"sqlite", func(t *testing.T) string { return "sqlite://" + filepath.Join(t.TempDir(), "queue.db") }},
+	{"postgres", postgresSchemaURL},
+}
+
+// queueBundle is what a queue test needs.
+type queueBundle struct {
+	url string
+	out string
+	job *Job
+}
+
+func setup(t *testing.T, b backend, n int) queueBundle {
+	t.Helper()
+	out := t.TempDir()
+	job := &Job{Name: "t"}
+	for i := 0; i < n; i++ {
+		job.Items = append(job.Items, pipeline.Item{Index: i, Seed: uint64(100 + i), Width: 8, Height: 8, Class: -1,
+			SR: pipeline.StageParams{Model: "oracle-sr"}, Output: filepath.Join(out, fmt.Sprintf("%04d.png", i))})
+	}
+	return queueBundle{url: b.url(t), out: out, job: job}
+}
+
+func open(t *testing.T, url string, run ItemRunner) *Queue {
+	t.Helper()
+	q, err := OpenQueue(context.Background(), QueueOptions{URL: url, Run: run, Workers: 2, PollEvery: 20 * time.Millisecond, ReapEvery: 100 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { q.Close() })
+	return q
+}
+
+// writeImage is a runner that writes a flat 8x8 image.
+func writeImage(ctx context.Context, job string, it pipeline.Item) error {
+	res := &pipeline.Result{Image: make([]float32, 3*it.Width*it.Height), Channels: 3, Width: it.Width, Height: it.Height}
+	return Write(job, it, res, "test")
+}
+
+func ids(es []Enqueued) []int64 {
+	var out []int64
+	for _, e := range es {
+		out = append(out, e.ID)
+	}
+	return out
+}
+
+// waitFinal waits until every job is final and returns them.
+func waitFinal(t *testing.T, q *Queue, ids []int64) []JobInfo {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		infos, err := q.Jobs(context.Background(), ids)
+		if err != nil {
+			t.Fatal(err)
+		}
+		final := 0
+		for _, j := range infos {
+			if j.Final() {
+				final++
+			}
+		}
+		if final == len(ids) {
+			return infos
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("jobs not final after 30s: %+v", infos)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func TestQueue(t *testing.T) {
+	for _, b := range backends {
+		t.Run(b.name, func(t *testing.T) {
+			t.Run("UniqueOnResubmit", func(t *testing.T) { testUniqueOnResubmit(t, b) })
+			t.Run("WorkSkipDoneAndRequeueMissing", func(t *testing.T) { testWork(t, b) })
+			t.Run("FailuresRetryCancel", func(t *testing.T) { testFailures(t, b) })
+			t.Run("ReapDeadWorker", func(t *testing.T) { testReap(t, b) })
+			t.Run("ConcurrentOpen", func(t *testing.T) { testConcurrentOpen(t, b) })
+		})
+	}
+}
+
+func testUniqueOnResubmit(t *testing.T, b backend) {
+	s := setup(t, b, 5)
+	q := open(t, s.url, nil)
+	ctx := context.Background()
+	first, err := q.Enqueue(ctx, s.job)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range first {
+		if e.Duplicate {
+			t.Fatalf("first insert marked duplicate: %+v", e)
+		}
+	}
+	// A second process (a fresh client) resubmits the same file.
+	q2 := open(t, s.url, nil)
+	again, err := q2.Enqueue(ctx, s.job)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, e := range again {
+		if !e.Duplicate || e.ID != first[i].ID {
+			t.Fatalf("resubmit %d: %+v, want duplicate of %d", i, e, first[i].ID)
+		}
+	}
+	// The same pixels to another output are another item.
+	moved := &Job{Name: "t", Items: []pipeline.Item{s.job.Items[0]}}
+	moved.Items[0].Output = filepath.Join(s.out, "elsewhere.png")
+	if res, err := q.Enqueue(ctx, moved); err != nil || res[0].Duplicate {
+		t.Fatalf("other output: %+v %v", res, err)
+	}
+	counts, err := q.Counts(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if counts["available"] != 6 || counts["running"] != 0 {
+		t.Fatalf("counts = %v, want 6 available", counts)
+	}
+}
+
+func testWork(t *testing.T, b backend) {
+	s := setup(t, b, 6)
+	// Item 0 is already done before it is queued: no work for it.
+	if err := writeImage(context.Background(), "t", s.job.Items[0]); err != nil {
+		t.Fatal(err)
+	}
+	var calls atomic.Int32
+	q := open(t, s.url, func(ctx context.Context, job string, it pipeline.Item) error {
+		calls.Add(1)
+		return writeImage(ctx, job, it)
+	})
+	ctx := context.Background()
+	res, err := q.Enqueue(ctx, s.job)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := q.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	infos := waitFinal(t, q, ids(res))
+	for i, j := range infos {
+		if j.State != "completed" || j.Skipped != (i == 0) || !Done(s.job.Items[i]) {
+			t.Errorf("item %d: %+v, done %v", i, j, Done(s.job.Items[i]))
+		}
+	}
+	if calls.Load() != 5 {
+		t.Errorf("runner called %d times, want 5", calls.Load())
+	}
+	// Resubmitting the finished file adds nothing; an item whose output
+	// went missing is made available again and redone.
+	os.Remove(s.job.Items[3].Output)
+	again, err := q.Enqueue(ctx, s.job)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, e := range again {
+		if wantDup := i != 3; e.Duplicate != wantDup || e.ID != res[i].ID {
+			t.Errorf("resubmit %d: %+v", i, e)
+		}
+	}
+	waitFinal(t, q, ids(again))
+	if calls.Load() != 6 || !Done(s.job.Items[3]) {
+		t.Errorf("after requeue: %d calls, done %v", calls.Load(), Done(s.job.Items[3]))
+	}
+	if err := q.Stop(ctx, time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if err := q.Stop(ctx, time.Second); err != nil {
+		t.Fatal("second stop:", err)
+	}
+}
+
+func testFailures(t *testing.T, b backend) {
+	s := setup(t, b, 3)
+	var transient atomic.Bool
+	transient.Store(true)
+	q := open(t, s.url, func(ctx context.Context, job string, it pipeline.Item) error {
+		switch it.Index {
+		case 0:
+			return Permanent(errors.New("sr.model: unknown model \"nope\""))
+		case 1:
+			if transient.Load() {
+				return errors.New("write: no space left on device")
+			}
+		case 2:
+			<-ctx.Done() // until cancelled
+			return ctx.Err()
+		}
+		return writeImage(ctx, job, it)
+	})
+	ctx := context.Background()
+	res, err := q.Enqueue(ctx, s.job)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := q.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitFinal(t, q, ids(res[:1]))
+	j, _ := q.Get(ctx, res[0].ID)
+	if j.State != "cancelled" || !strings.Contains(j.Error, `unknown model "nope"`) || j.Attempt != 1 {
+		t.Fatalf("permanent failure: %+v", j)
+	}
+	// The transient failure is retried with backoff.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		j, _ = q.Get(ctx, res[1].ID)
+		if j.State == "retryable" && strings.Contains(j.Error, "no space") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("transient failure: %+v", j)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	transient.Store(false)
+	if _, err := q.Retry(ctx, res[1].ID); err != nil {
+		t.Fatal(err)
+	}
+	waitFinal(t, q, ids(res[1:2]))
+	if j, _ = q.Get(ctx, res[1].ID); j.State != "completed" || j.Attempt < 2 {
+		t.Fatalf("after retry: %+v", j)
+	}
+	// Cancel the item that runs until told to stop.
+	for {
+		if j, _ = q.Get(ctx, res[2].ID); j.State == "running" {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if _, err := q.Cancel(ctx, res[2].ID); err != nil {
+		t.Fatal(err)
+	}
+	waitFinal(t, q, ids(res[2:]))
+	if j, _ = q.Get(ctx, res[2].ID); j.State != "cancelled" {
+		t.Fatalf("cancelled: %+v", j)
+	}
+	// Retry brings the cancelled permanent failure back.
+	if j, err = q.Retry(ctx, res[0].ID); err != nil || j.State != "available" {
+		t.Fatalf("retry cancelled: %+v %v", j, err)
+	}
+	counts, err := q.Counts(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if counts["completed"] != 1 || counts["cancelled"]+counts["available"]+counts["running"] != 2 {
+		t.Fatalf("counts = %v", counts)
+	}
+}
+
+func testReap(t *testing.T, b backend) {
+	s := setup(t, b, 1)
+	release := make(chan struct{})
+	started := make(chan struct{}, 1)
+	dying := open(t, s.url, func(ctx context.Context, job string, it pipeline.Item) error {
+		started <- struct{}{}
+		select {
+		case <-release:
+		case <-ctx.Done():
+		}
+		return errors.New("gave up")
+	})
+	ctx := context.Background()
+	res, err := dying.Enqueue(ctx, s.job)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := dying.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	<-started
+	// A live holder is left alone.
+	survivor := open(t, s.url, writeImage)
+	if n, err := survivor.Reap(ctx); err != nil || n != 0 {
+		t.Fatalf("reap with the holder alive: %d %v", n, err)
+	}
+	// The holder "dies": its liveness lock goes, as when the kernel or the
+	// server drops it.
+	dying.live.close()
+	if n, err := survivor.Reap(ctx); err != nil || n != 1 {
+		t.Fatalf("reap after the holder died: %d %v", n, err)
+	}
+	j, _ := survivor.Get(ctx, res[0].ID)
+	if j.State != "available" {
+		t.Fatalf("reaped job: %+v", j)
+	}
+	close(release)
+}
+
+func testConcurrentOpen(t *testing.T, b backend) {
+	url := b.url(t)
+	errs := make(chan error, 4)
+	for i := 0; i < 4; i++ {
+		go func() {
+			q, err := OpenQueue(context.Background(), QueueOptions{URL: url})
+			if err == nil {
+				_, err = q.Counts(context.Background())
+				q.Close()
+			}
+			errs <- err
+		}()
+	}
+	for i := 0; i < 4; i++ {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func TestEstimateTileSteps(t *testing.T) {
+	small := EstimateTileSteps(pipeline.Item{Width: 128, Height: 128, Base: pipeline.StageParams{Steps: 8}, SR: pipeline.StageParams{Steps: 6}})
+	big := EstimateTileSteps(pipeline.Item{Width: 4096, Height: 4096})
+	if small <= 0 || big <= small*100 {
+		t.Fatalf("estimates: small %d, big %d", small, big)
+	}
+}
