@@ -250,7 +250,7 @@ func TestAutoBatch(t *testing.T) {
 		{1 << 30, 100 << 20, 0, 50 << 20, 4},         // no growth seen: 4× the row's bytes
 	}
 	for _, tt := range tests {
-		if got := autoBatch(tt.budget, tt.resident, tt.growth, tt.row); got != tt.want {
+		if got := autoBatch(tt.budget, tt.resident, tt.growth, tt.row, 16); got != tt.want {
 			t.Errorf("autoBatch(%d, %d, %d, %d) = %d, want %d", tt.budget>>20, tt.resident>>20, tt.growth>>20, tt.row>>20, got, tt.want)
 		}
 	}

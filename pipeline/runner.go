@@ -182,7 +182,11 @@ func (r *runner) probe(ctx context.Context, q *request) {
 	r.serve(ctx, []*request{q})
 	growth := residentBytes() - before
 	rowBytes := int64(3 * 4 * r.channels * q.h * q.w) // sample, lowres and prediction, float32
-	n := autoBatch(r.budget, residentBytes(), growth/int64(q.rows()), rowBytes)
+	limit := maxAutoBatchCPU
+	if r.sess.Provider() != "cpu" {
+		limit = maxAutoBatchGPU
+	}
+	n := autoBatch(r.budget, residentBytes(), growth/int64(q.rows()), rowBytes, limit)
 	r.probed[[2]int{q.h, q.w}] = true
 	r.maxBatch.Store(int64(n))
 	r.logger.Info("batch chosen from the memory budget", "model", r.ref, "tile", fmt.Sprintf("%dx%d", q.w, q.h), "batch", n,
