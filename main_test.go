@@ -67,9 +67,13 @@ func TestVersionWithoutLibrary(t *testing.T) {
 }
 
 func TestInspectJSON(t *testing.T) {
-	for _, name := range []string{"oracle-base", "oracle-sr", "conv-sr", "sd-signature", "fp16-batch", "conv-sr-external"} {
+	for _, name := range []string{"demo-base", "demo-sr", "oracle-base", "oracle-sr", "conv-sr", "sd-signature", "fp16-batch", "conv-sr-external"} {
 		t.Run(name, func(t *testing.T) {
-			r := tessera(t, nil, "inspect", "--json", filepath.Join("testdata", "models", name))
+			ref := filepath.Join("testdata", "models", name)
+			if strings.HasPrefix(name, "demo-") {
+				ref = name // embedded
+			}
+			r := tessera(t, nil, "inspect", "--json", ref)
 			if r.code != 0 {
 				t.Fatalf("%+v", r)
 			}
