@@ -56,7 +56,8 @@ models upscale it tile by tile into one seamless picture.`,
 		slog.SetDefault(a.logger)
 		return nil
 	}
-	root.AddCommand(newVersionCmd(a), newInspectCmd(a), newRunCmd(a), newBenchCmd(a))
+	root.AddCommand(newVersionCmd(a), newInspectCmd(a), newRunCmd(a), newBenchCmd(a),
+		newSubmitCmd(a), newStatusCmd(a), newRetryCmd(a), newCancelCmd(a))
 	return root
 }
 

@@ -9,12 +9,10 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
 	"github.com/spf13/cobra"
-	"golang.org/x/sync/errgroup"
 
 	"tessera/config"
 	"tessera/jobs"
@@ -25,19 +23,30 @@ import (
 
 func newRunCmd(a *app) *cobra.Command {
 	var quiet bool
+	var qf queueFlags
 	cmd := &cobra.Command{
 		Use:   "run JOBFILE...",
-		Short: "Make every image of the job files, then exit",
-		Long: `Run reads job files (YAML, JSON or TOML), makes every image they describe and
-writes each as a PNG with a JSON sidecar under output.root. Outputs that
-already exist and match their sidecar are skipped, so running the same files
-again resumes where an earlier run stopped. Exit status is 0 only when every
-item succeeded.`,
+		Short: "Queue every image of the job files, make them, then exit",
+		Long: `Run reads job files (YAML, JSON or TOML), puts one item per image in the
+durable queue (queue.url) and works the queue until every item of these
+files has finished or failed, writing each image as a PNG with a JSON
+sidecar under output.root. Other items in the queue may be worked too.
+
+Items are unique by their content and output path: running the same files
+again inserts nothing new, and items whose output and sidecar already exist
+and agree are done without work. After Ctrl-C, SIGTERM or a crash, running
+the same command again resumes. On Ctrl-C or SIGTERM run takes no new item,
+lets running items finish within --grace, puts the rest back in the queue
+and exits 0; a second Ctrl-C stops at once. Items a killed process held are
+put back in the queue by the next process that works it (see README).
+
+Exit status is 0 when every item succeeded or a stop was asked for, 1 when
+an item failed or a job file was rejected.`,
 		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
-			return a.run(ctx, args, cmd.OutOrStdout(), cmd.ErrOrStderr(), quiet)
+			return a.run(ctx, stop, args, cmd.OutOrStdout(), cmd.ErrOrStderr(), quiet, qf)
 		},
 	}
 	f := cmd.Flags()
@@ -45,6 +54,10 @@ item succeeded.`,
 	f.Int("workers", 0, "items worked at once (config workers)")
 	f.Int("batch", 0, "most tiles per model Run, 0 = auto (per-stage batch in the job file wins)")
 	f.BoolVarP(&quiet, "quiet", "q", false, "print only the summary")
+	f.DurationVar(&qf.grace, "grace", 30*time.Second, "on Ctrl-C or SIGTERM, how long running items may take to finish before they are put back in the queue")
+	f.DurationVar(&qf.rescueAfter, "rescue-after", time.Hour, "River's backstop: an item running longer than this and its timeout is retried")
+	f.DurationVar(&qf.reapEvery, "reap-every", 2*time.Second, "how often items held by stopped processes are put back in the queue")
+	bindQueueFlag(a, f)
 	a.flags = append(a.flags,
 		config.Flag{Key: "output.root", Flag: f.Lookup("out")},
 		config.Flag{Key: "workers", Flag: f.Lookup("workers")},
@@ -61,37 +74,68 @@ type itemOutcome struct {
 	seconds float64
 }
 
-func (a *app) run(ctx context.Context, files []string, stdout, stderr io.Writer, quiet bool) error {
+// run queues the items of files and works the queue until they end. stop
+// restores the default signal handling, so that a second Ctrl-C kills.
+func (a *app) run(ctx context.Context, stop func(), files []string, stdout, stderr io.Writer, quiet bool, qf queueFlags) error {
 	cfg := a.cfg
-	var loaded []*jobs.Job
-	var failed []string
-	for _, f := range files {
-		job, err := jobs.Load(f, cfg)
-		if err != nil {
-			fmt.Fprintf(stderr, "tessera: %v\n", err)
-			failed = append(failed, f)
-			continue
-		}
-		loaded = append(loaded, job)
-	}
+	start := time.Now()
+	loaded, badFiles := a.loadJobFiles(files, stderr)
 	if n, err := jobs.RemoveStaleTemps(cfg.Output.Root); err == nil && n > 0 {
 		a.logger.Info("removed temp files left by an interrupted run", "count", n, "dir", cfg.Output.Root)
 	}
-	type work struct {
-		job  string
-		item pipeline.Item
+
+	var eng *pipeline.Engine
+	var prog *progress
+	runner := func(ctx context.Context, job string, it pipeline.Item) error {
+		if it.Image != "" {
+			if _, _, _, err := pipeline.LoadImage(it.Image); err != nil {
+				return jobs.Permanent(fmt.Errorf("image %s: %w", it.Image, err))
+			}
+		} else {
+			plan, err := eng.Plan(it)
+			if err != nil {
+				return jobs.Permanent(err)
+			}
+			var cancel context.CancelFunc
+			ctx, cancel = context.WithTimeout(ctx, jobs.ItemTimeout(plan.TileSteps()))
+			defer cancel()
+		}
+		prog.start(it)
+		res, err := eng.Generate(ctx, it, prog.step)
+		if err == nil {
+			err = jobs.Write(job, it, res, version)
+		}
+		prog.finish(it, err)
+		return err
 	}
-	var todo []work
+	q, err := a.openQueue(context.WithoutCancel(ctx), runner, qf)
+	if err != nil {
+		return err
+	}
+	defer q.Close()
+
 	var outcomes []itemOutcome
+	var waiting []jobs.Enqueued
 	for _, j := range loaded {
-		for _, it := range j.Items {
-			if jobs.Done(it) {
-				outcomes = append(outcomes, itemOutcome{job: j.Name, item: it, skipped: true})
+		res, err := q.Enqueue(context.WithoutCancel(ctx), j)
+		if err != nil {
+			return err
+		}
+		for _, e := range res {
+			if e.Duplicate && e.State == "completed" {
+				outcomes = append(outcomes, itemOutcome{job: j.Name, item: e.Item, skipped: true})
 				continue
 			}
-			todo = append(todo, work{j.Name, it})
+			waiting = append(waiting, e)
 		}
 	}
+	if len(waiting) == 0 {
+		if len(outcomes) > 0 {
+			fmt.Fprintf(stdout, "nothing to do: all %d item(s) were already done\n", len(outcomes))
+		}
+		return summarize(stdout, outcomes, badFiles, 0, time.Since(start), pipeline.Stats{}, cfg.Output.Root, false)
+	}
+
 	env, err := onnx.Open(cfg.Runtime, a.logger)
 	if err != nil {
 		return err
@@ -101,66 +145,100 @@ func (a *app) run(ctx context.Context, files []string, stdout, stderr io.Writer,
 	if a.batchFlag != nil && a.batchFlag.Changed {
 		batch, _ = strconv.Atoi(a.batchFlag.Value.String())
 	}
-	eng := pipeline.New(env, models.Resolver{Dirs: cfg.Models.Dirs, AllowPaths: cfg.Models.AllowPaths}, pipeline.Options{Workers: cfg.Workers, Batch: batch, MemoryBudget: cfg.Memory.Budget}, a.logger)
+	eng = pipeline.New(env, models.Resolver{Dirs: cfg.Models.Dirs, AllowPaths: cfg.Models.AllowPaths}, pipeline.Options{Workers: cfg.Workers, Batch: batch, MemoryBudget: cfg.Memory.Budget}, a.logger)
 	defer eng.Close()
-
-	prog := newProgress(stderr, len(todo), quiet)
-	start := time.Now()
-	var mu sync.Mutex
-	queue := make(chan work)
-	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error {
-		defer close(queue)
-		for _, w := range todo {
-			select {
-			case queue <- w:
-			case <-gctx.Done():
-				return nil
-			}
-		}
-		return nil
-	})
-	for i := 0; i < cfg.Workers; i++ {
-		g.Go(func() error {
-			for w := range queue {
-				t0 := time.Now()
-				prog.start(w.item)
-				res, err := eng.Generate(gctx, w.item, prog.step)
-				if err == nil {
-					err = jobs.Write(w.job, w.item, res, version)
-				}
-				o := itemOutcome{job: w.job, item: w.item, err: err, seconds: time.Since(t0).Seconds()}
-				prog.finish(w.item, err)
-				mu.Lock()
-				outcomes = append(outcomes, o)
-				mu.Unlock()
-			}
-			return nil
-		})
+	prog = newProgress(stderr, len(waiting), quiet)
+	if err := q.Start(ctx); err != nil {
+		return err
 	}
-	g.Wait()
+
+	ids := make([]int64, len(waiting))
+	for i, e := range waiting {
+		ids[i] = e.ID
+	}
+	interrupted := false
+	infos, err := waitForItems(ctx, q, ids)
+	if err != nil && ctx.Err() == nil {
+		q.Stop(context.Background(), qf.grace)
+		prog.close()
+		return err
+	}
+	if ctx.Err() != nil {
+		interrupted = true
+		stop() // a second Ctrl-C now kills; the next process reclaims its items
+		prog.close()
+		fmt.Fprintf(stderr, "stopping: no new items; running items may take %s to finish (Ctrl-C again to stop at once)\n", qf.grace)
+	}
+	if err := q.Stop(context.Background(), qf.grace); err != nil {
+		a.logger.Warn("stop the queue", "err", err)
+	}
 	prog.close()
-	return summarize(stdout, outcomes, failed, len(todo), time.Since(start), eng.Stats(), cfg.Output.Root, ctx.Err() != nil)
+	if infos, err = q.Jobs(context.Background(), ids); err != nil {
+		return err
+	}
+	remaining := 0
+	for i, j := range infos {
+		o := itemOutcome{job: j.Job, item: waiting[i].Item, skipped: j.Skipped, seconds: j.Seconds}
+		switch {
+		case !j.Final():
+			remaining++
+			continue
+		case j.Failed():
+			o.err = fmt.Errorf("%s: %s", j.State, j.Error)
+		}
+		outcomes = append(outcomes, o)
+	}
+	if remaining > 0 {
+		fmt.Fprintf(stdout, "%d item(s) remain queued; run the same command again (or any tessera run on this queue) to finish them\n", remaining)
+	}
+	return summarize(stdout, outcomes, badFiles, remaining, time.Since(start), eng.Stats(), cfg.Output.Root, interrupted)
 }
 
-func summarize(w io.Writer, outcomes []itemOutcome, badFiles []string, todo int, wall time.Duration, st pipeline.Stats, root string, interrupted bool) error {
+// waitForItems polls the queue until every job of ids is final, or ctx ends.
+func waitForItems(ctx context.Context, q *jobs.Queue, ids []int64) ([]jobs.JobInfo, error) {
+	t := time.NewTicker(150 * time.Millisecond)
+	defer t.Stop()
+	for {
+		infos, err := q.Jobs(context.WithoutCancel(ctx), ids)
+		if err != nil {
+			return nil, err
+		}
+		final := 0
+		for _, j := range infos {
+			if j.Final() {
+				final++
+			}
+		}
+		if final == len(infos) {
+			return infos, nil
+		}
+		select {
+		case <-ctx.Done():
+			return infos, nil
+		case <-t.C:
+		}
+	}
+}
+
+// summarize prints the run's outcome. remaining items are still queued
+// (after a stop); a stop that was asked for is not a failure.
+func summarize(w io.Writer, outcomes []itemOutcome, badFiles []string, remaining int, wall time.Duration, st pipeline.Stats, root string, interrupted bool) error {
 	var done, skipped, failed int
 	var failures []string
 	for _, o := range outcomes {
 		switch {
-		case o.skipped:
-			skipped++
 		case o.err != nil:
 			failed++
 			failures = append(failures, fmt.Sprintf("  %s item %d (seed %d) -> %s: %v", o.job, o.item.Index, o.item.Seed, o.item.Output, o.err))
+		case o.skipped:
+			skipped++
 		default:
 			done++
 		}
 	}
-	notRun := todo - done - failed
 	fmt.Fprintf(w, "%d images made, %d already done, %d failed", done, skipped, failed)
-	if notRun > 0 {
-		fmt.Fprintf(w, ", %d not started", notRun)
+	if remaining > 0 {
+		fmt.Fprintf(w, ", %d remain queued", remaining)
 	}
 	fmt.Fprintf(w, " in %s (model time %.1fs, %d tile rows)\n", wall.Round(100*time.Millisecond), st.RunSeconds, st.Rows)
 	if done+skipped > 0 {
@@ -174,10 +252,12 @@ func summarize(w io.Writer, outcomes []itemOutcome, badFiles []string, todo int,
 		fmt.Fprintf(w, "job files with errors: %s\n", strings.Join(badFiles, ", "))
 	}
 	switch {
+	case failed > 0 || len(badFiles) > 0:
+		return fail(1, "%d item(s) failed, %d job file(s) rejected", failed, len(badFiles))
+	case remaining > 0 && !interrupted:
+		return fail(1, "%d item(s) did not finish", remaining)
 	case interrupted:
-		return fail(130, "interrupted; run the same command again to resume")
-	case failed > 0 || len(badFiles) > 0 || notRun > 0:
-		return fail(1, "%d item(s) failed, %d job file(s) rejected", failed+notRun, len(badFiles))
+		fmt.Fprintln(w, "stopped on request; run the same command again to resume")
 	}
 	return nil
 }

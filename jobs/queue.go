@@ -314,7 +314,7 @@ type Enqueued struct {
 	ID        int64
 	Item      pipeline.Item
 	Job       string
-	Duplicate bool              // the queue already held this item
+	Duplicate bool               // the queue already held this item
 	State     rivertype.JobState // its state after the insert
 }
 

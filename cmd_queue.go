@@ -1,0 +1,217 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+
+	"tessera/config"
+	"tessera/jobs"
+	"tessera/models"
+)
+
+// queueFlags are the queue options shared by run, submit, status, retry
+// and cancel.
+type queueFlags struct {
+	grace       time.Duration
+	rescueAfter time.Duration
+	reapEvery   time.Duration
+}
+
+// bindQueueFlag adds --queue (config queue.url) to a command.
+func bindQueueFlag(a *app, f *pflag.FlagSet) {
+	f.String("queue", "", "queue database: sqlite://PATH or postgres://USER@HOST/DB (config queue.url)")
+	a.flags = append(a.flags, config.Flag{Key: "queue.url", Flag: f.Lookup("queue")})
+}
+
+// openQueue opens the configured queue; run, when not nil, works items.
+func (a *app) openQueue(ctx context.Context, run jobs.ItemRunner, qf queueFlags) (*jobs.Queue, error) {
+	return jobs.OpenQueue(ctx, jobs.QueueOptions{
+		URL: a.cfg.Queue.URL, Run: run, Workers: a.cfg.Workers, Logger: a.logger,
+		RescueAfter: qf.rescueAfter, ReapEvery: qf.reapEvery,
+	})
+}
+
+// loadJobFiles loads and checks job files, each on its own: a bad file is
+// reported on stderr and listed in bad, and the others go on.
+func (a *app) loadJobFiles(files []string, stderr io.Writer) (loaded []*jobs.Job, bad []string) {
+	exists := modelExists(models.Resolver{Dirs: a.cfg.Models.Dirs, AllowPaths: a.cfg.Models.AllowPaths})
+	for _, f := range files {
+		job, err := jobs.LoadChecked(f, a.cfg, exists)
+		if err != nil {
+			fmt.Fprintf(stderr, "tessera: %v\n", err)
+			bad = append(bad, f)
+			continue
+		}
+		loaded = append(loaded, job)
+	}
+	return loaded, bad
+}
+
+// modelExists reports whether a model reference would resolve, without
+// loading it: the same order as models.Resolver.Resolve (embedded name,
+// models.dirs, then a path where allowed).
+func modelExists(r models.Resolver) func(string) error {
+	return func(ref string) error {
+		if _, ok := models.Lookup(ref); ok {
+			return nil
+		}
+		if ref != "" && !strings.ContainsAny(ref, `/\`) && ref != "." && ref != ".." {
+			for _, dir := range r.Dirs {
+				for _, p := range []string{filepath.Join(dir, ref, "model.onnx"), filepath.Join(dir, ref+".onnx")} {
+					if _, err := os.Stat(p); err == nil {
+						return nil
+					}
+				}
+			}
+		}
+		if _, err := os.Stat(ref); err == nil {
+			if !r.AllowPaths {
+				return fmt.Errorf("model %q: paths to models are not allowed here (set models.allow_paths, or put it in a directory of models.dirs)", ref)
+			}
+			return nil
+		}
+		return fmt.Errorf("unknown model %q: not an embedded model (%s), not found in models.dirs (%s), and no such file",
+			ref, strings.Join(models.Names(), ", "), strings.Join(r.Dirs, ", "))
+	}
+}
+
+// selectJobs finds the queue jobs that args name: a job id, an output path
+// (as the job file resolved it, or the same file by another spelling), or
+// a job name (every item of that job file).
+func selectJobs(ctx context.Context, q *jobs.Queue, args []string) ([]jobs.JobInfo, error) {
+	all, err := q.List(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var out []jobs.JobInfo
+	seen := map[int64]bool{}
+	for _, arg := range args {
+		n := 0
+		absArg, _ := filepath.Abs(arg)
+		id, idErr := strconv.ParseInt(arg, 10, 64)
+		for _, j := range all {
+			absOut, _ := filepath.Abs(j.Output)
+			if (idErr == nil && j.ID == id) || j.Job == arg || j.Output == arg || absOut == absArg {
+				n++
+				if !seen[j.ID] {
+					seen[j.ID] = true
+					out = append(out, j)
+				}
+			}
+		}
+		if n == 0 {
+			return nil, fail(1, "%q names no job id, output path or job name in the queue", arg)
+		}
+	}
+	return out, nil
+}
+
+func newRetryCmd(a *app) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "retry ID|OUTPUT|JOBNAME...",
+		Short: "Put failed or cancelled items back in the queue",
+		Long: `Retry makes the named items available again: by queue job id, by output
+path, or by job name (every failed or cancelled item of that job file).
+Items that are waiting, running or done are left alone unless named by id
+or output.`,
+		Args: cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return a.retryOrCancel(cmd.Context(), args, cmd.OutOrStdout(), true)
+		},
+	}
+	bindQueueFlag(a, cmd.Flags())
+	return cmd
+}
+
+func newCancelCmd(a *app) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "cancel ID|OUTPUT|JOBNAME...",
+		Short: "Cancel items that have not finished",
+		Long: `Cancel cancels the named items that have not finished: by queue job id, by
+output path, or by job name. A running item stops as soon as its worker
+hears of it; tessera retry brings a cancelled item back.`,
+		Args: cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return a.retryOrCancel(cmd.Context(), args, cmd.OutOrStdout(), false)
+		},
+	}
+	bindQueueFlag(a, cmd.Flags())
+	return cmd
+}
+
+func (a *app) retryOrCancel(ctx context.Context, args []string, stdout io.Writer, retry bool) error {
+	q, err := a.openQueue(ctx, nil, queueFlags{})
+	if err != nil {
+		return err
+	}
+	defer q.Close()
+	sel, err := selectJobs(ctx, q, args)
+	if err != nil {
+		return err
+	}
+	byName := func(j jobs.JobInfo) bool {
+		for _, arg := range args {
+			if arg == strconv.FormatInt(j.ID, 10) || arg == j.Output {
+				return false
+			}
+			if abs, _ := filepath.Abs(arg); abs != "" {
+				if o, _ := filepath.Abs(j.Output); o == abs {
+					return false
+				}
+			}
+		}
+		return true
+	}
+	n := 0
+	for _, j := range sel {
+		var res jobs.JobInfo
+		switch {
+		case retry:
+			if byName(j) && !j.Failed() {
+				continue
+			}
+			res, err = q.Retry(ctx, j.ID)
+		default:
+			if j.Final() {
+				if !byName(j) {
+					fmt.Fprintf(stdout, "job %d (%s) is already %s\n", j.ID, j.Output, j.State)
+				}
+				continue
+			}
+			res, err = q.Cancel(ctx, j.ID)
+		}
+		if err != nil {
+			return err
+		}
+		n++
+		fmt.Fprintf(stdout, "job %d (%s): %s -> %s\n", j.ID, j.Output, j.State, res.State)
+	}
+	verb := "retried"
+	if !retry {
+		verb = "cancelled"
+	}
+	fmt.Fprintf(stdout, "%d item(s) %s\n", n, verb)
+	return nil
+}
+
+// redactURL drops a password from a queue URL before it is printed.
+func redactURL(s string) string {
+	u, err := url.Parse(s)
+	if err != nil || u.User == nil {
+		return s
+	}
+	if _, ok := u.User.Password(); ok {
+		u.User = url.UserPassword(u.User.Username(), "xxxxx")
+	}
+	return u.String()
+}
