@@ -96,8 +96,8 @@ def main():
     held = np.load(os.path.join(DATA, "heldout.npz"))
     configs = [("demo-sr (defaults)", dflt["steps"], dflt["strength"], dflt["noise_level"])]
     if args.sweep:
-        for st, s, nl in ((20, 0.25, 0.0), (20, 1.0, 0.0), (20, 0.5, 0.05), (40, 0.5, 0.0),
-                          (2, 0.5, 0.0)):
+        for st, s, nl in ((2, 0.5, 0.0), (4, 0.5, 0.0), (10, 0.5, 0.0), (20, 0.5, 0.0),
+                          (20, 0.25, 0.0), (20, 1.0, 0.0), (4, 0.5, 0.02), (4, 0.5, 0.1)):
             configs.append((f"demo-sr steps {st} strength {s} noise_level {nl}", st, s, nl))
     rows = {}
     for name in held.files:

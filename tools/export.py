@@ -25,7 +25,7 @@ ROOT = os.environ.get("TESSERA_ROOT", os.path.dirname(os.path.dirname(os.path.ab
 DATA = os.environ.get("TESSERA_DATA", "/tmp/tessera-data")
 AX = {0: "batch", 2: "height", 3: "width"}
 
-SR_DEFAULTS = {"steps": 20, "sampler": "ddim", "guidance": 1.0, "strength": 0.5,
+SR_DEFAULTS = {"steps": 4, "sampler": "ddim", "guidance": 1.0, "strength": 0.5,
                "noise_level": 0.0}
 BASE_DEFAULTS = {"steps": 30, "sampler": "ddim", "guidance": 1.0}
 

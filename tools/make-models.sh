@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # make-models.sh: regenerate every model this repository ships.
 #   test fixtures  -> testdata/models/*          (seconds, deterministic)
-#   demo models    -> models/demo-base, models/demo-sr  (data prep, ~2 x 18 min training,
-#                     export, sample grid, evaluation table)
+#   demo models    -> models/demo-base, models/demo-sr  (data prep, 18 min of training for
+#                     both at once, 20 more for demo-sr, export, sample grid, evaluation table)
 # Needs Debian's python3-torch, numpy, PIL, onnx, yaml and the image packages listed in
 # models/SOURCES.md; installs them with apt-get when missing. CI does not run this.
 #
@@ -16,6 +16,7 @@ cd "$root"
 PY=/usr/bin/python3
 export TESSERA_DATA="${TESSERA_DATA:-/tmp/tessera-data}"
 TRAIN_MINUTES="${TRAIN_MINUTES:-18}"
+SR2_MINUTES="${SR2_MINUTES:-20}"
 what="${1:-all}"
 
 need=()
@@ -48,6 +49,10 @@ if [ "$what" = all ] || [ "$what" = demos ]; then
   base=$!
   wait "$sr"
   wait "$base"
+  # second SR stage: continue from the first with both threads (the base is done)
+  mv "$TESSERA_DATA/sr.pt" "$TESSERA_DATA/sr1.pt"
+  nice $PY tools/train.py sr --minutes "$SR2_MINUTES" --threads 2 --lr 1e-3 \
+    --init "$TESSERA_DATA/sr1.pt" --out sr
   $PY tools/export.py sr base
   $PY tools/sample_base.py
   $PY tools/eval_sr.py --sweep | tee "$TESSERA_DATA/eval_sr.md"

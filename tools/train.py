@@ -74,11 +74,14 @@ def main():
     ap.add_argument("--minutes", type=float, default=15.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--init", help="continue from this checkpoint (EMA weights) instead of scratch")
+    ap.add_argument("--out", help="checkpoint/log stem (default: the model name)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1234)
-    log = open(os.path.join(DATA, args.model + ".log"), "w", buffering=1)
+    stem = args.out or args.model
+    log = open(os.path.join(DATA, stem + ".log"), "w", buffering=1)
 
     if args.model == "sr":
         net = nets.SRNet()
@@ -88,6 +91,12 @@ def main():
         net = nets.BaseNet()
         bs = 32
         imgs = load_train(32, max_long=160)
+    prev_steps, prev_seconds = 0, 0.0
+    if args.init:
+        ck = torch.load(args.init)
+        net.load_state_dict(ck["model"])
+        prev_steps, prev_seconds = ck["steps"], ck["seconds"]
+        print(f"continuing from {args.init} ({prev_steps} steps, {prev_seconds:.0f}s)", file=log)
     ema = nets.SRNet() if args.model == "sr" else nets.BaseNet()
     ema.load_state_dict(net.state_dict())
     for p in ema.parameters():
@@ -140,8 +149,8 @@ def main():
             print(f"step {step} t={el:.0f}s lr={lr:.2e} loss={run_loss:.5f}", file=log)
     el = time.time() - t0
     print(f"done: {step} steps in {el:.0f}s", file=log)
-    torch.save({"model": ema.state_dict(), "steps": step, "seconds": el,
-                "params": nets.count_params(ema)}, os.path.join(DATA, args.model + ".pt"))
+    torch.save({"model": ema.state_dict(), "steps": prev_steps + step, "seconds": prev_seconds + el,
+                "params": nets.count_params(ema)}, os.path.join(DATA, stem + ".pt"))
 
 
 if __name__ == "__main__":
