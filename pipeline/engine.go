@@ -182,6 +182,10 @@ func scheduleOf(m *onnx.Model) (*stages.Schedule, error) {
 	return cfg.Schedule()
 }
 
+// largeCanvas is the canvas size in bytes above which a stage returns freed
+// memory to the system between its setup and its steps.
+const largeCanvas = 64 << 20
+
 // Result is a finished image.
 type Result struct {
 	Image    []float32 // C×Height×Width in [-1, 1]
@@ -406,6 +410,12 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 			return nil, err
 		}
 	}
+	if 4*n > largeCanvas {
+		// The upsampled input is garbage now; give its pages back before the
+		// fusion buffers are allocated, so that peak memory is the working
+		// set and not the working set plus what the collector has not reached.
+		debug.FreeOSMemory()
+	}
 	man := r.model.Manifest
 	grid, err := tileGrid(sp, man)
 	if err != nil {
@@ -540,7 +550,9 @@ func fuseStep(ctx context.Context, r *runner, grid *stages.TileGrid, acc *stages
 			} else if len(resp.pred) > tileLen {
 				pred = resp.pred[len(resp.pred)-tileLen:]
 			}
-			if err := acc.Add(grid.Tiles[resp.req.tile], pred); err != nil {
+			err := acc.Add(grid.Tiles[resp.req.tile], pred)
+			r.release(resp.pred)
+			if err != nil {
 				return err
 			}
 		}

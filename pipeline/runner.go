@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"math"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -30,7 +31,8 @@ type request struct {
 
 func (q *request) rows() int { return max(len(q.classes), 1) }
 
-// response carries the model's prediction for every row of a request.
+// response carries the model's prediction for every row of a request. The
+// receiver hands pred back with runner.release once it is done with it.
 type response struct {
 	req  *request
 	pred []float32 // rows×C×h×w
@@ -59,6 +61,9 @@ type runner struct {
 	rowsRun  atomic.Int64
 	runs     atomic.Int64
 
+	// preds recycles prediction buffers: at a 4096² canvas a step's tiles
+	// would otherwise leave hundreds of megabytes of garbage behind.
+	preds sync.Pool
 	// Per-shape prepared bindings, owned by the loop goroutine.
 	bindings map[bindKey]*boundBatch
 	// inject, when set by tests, fails a Run before it starts (to stand in
@@ -271,10 +276,24 @@ func (r *runner) runBatch(ctx context.Context, batch []*request) ([][]float32, e
 	row = 0
 	for i, q := range batch {
 		k := q.rows()
-		out[i] = append([]float32(nil), b.out[row*plane:(row+k)*plane]...)
+		out[i] = r.predBuffer(k * plane)
+		copy(out[i], b.out[row*plane:(row+k)*plane])
 		row += k
 	}
 	return out, nil
+}
+
+// predBuffer returns a buffer of n values, recycled where one is free.
+func (r *runner) predBuffer(n int) []float32 {
+	if p, ok := r.preds.Get().(*[]float32); ok && cap(*p) >= n {
+		return (*p)[:n]
+	}
+	return make([]float32, n)
+}
+
+// release hands a prediction buffer back for reuse.
+func (r *runner) release(buf []float32) {
+	r.preds.Put(&buf)
 }
 
 // bound returns the prepared binding for n rows of h×w tiles.
