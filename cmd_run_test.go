@@ -1,0 +1,243 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"image/png"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"tessera/config"
+	"tessera/jobs"
+)
+
+// runEnv is a working directory for queue tests: a config with the oracle
+// test models, an output root and a queue of its own.
+type runEnv struct {
+	dir, cfg, out, queue string
+}
+
+func newRunEnv(t *testing.T, queueURL string) runEnv {
+	t.Helper()
+	dir := t.TempDir()
+	models, err := filepath.Abs(filepath.Join("testdata", "models"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	lib, err := filepath.Abs(filepath.Join(".ort", "libonnxruntime.so.1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := runEnv{dir: dir, cfg: filepath.Join(dir, "tessera.yaml"), out: filepath.Join(dir, "out"), queue: queueURL}
+	if e.queue == "" {
+		e.queue = "sqlite://" + filepath.Join(dir, "queue.db")
+	}
+	cfg := fmt.Sprintf("models: {dirs: [%q]}\noutput: {root: %q}\nqueue: {url: %q}\nruntime: {threads: 1, library: %q}\nlog: {level: warn}\n", models, e.out, e.queue, lib)
+	if err := os.WriteFile(e.cfg, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return e
+}
+
+// jobFile writes a job file of n 128x128 items made with the oracle models.
+func (e runEnv) jobFile(t *testing.T, name string, n, steps int) string {
+	t.Helper()
+	path := filepath.Join(e.dir, name+".yaml")
+	body := fmt.Sprintf(`version: 1
+defaults:
+  width: 128
+  height: 128
+  base: {model: oracle-base, steps: %d}
+  sr: {model: oracle-sr, steps: %d, tile: {size: 48, overlap: 8}}
+items:
+  - {count: %d, seed: 1}
+`, steps, steps, n)
+	if err := os.WriteFile(path, []byte(body), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func (e runEnv) command(args ...string) *exec.Cmd {
+	cmd := exec.Command(tesseraBin, append([]string{"--config", e.cfg}, args...)...)
+	cmd.Dir = e.dir
+	return cmd
+}
+
+func (e runEnv) tessera(t *testing.T, args ...string) result {
+	t.Helper()
+	return tessera(t, nil, append([]string{"--config", e.cfg}, args...)...)
+}
+
+// checkOutputs checks that every item of the job file is done exactly
+// once: its PNG decodes at the right size and matches its sidecar, and the
+// output tree holds nothing else (no temp file).
+func (e runEnv) checkOutputs(t *testing.T, jobPath string) {
+	t.Helper()
+	cfg, err := config.Load(e.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	job, err := jobs.Load(jobPath, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]bool{}
+	for _, it := range job.Items {
+		want[it.Output] = true
+		want[jobs.SidecarPath(it.Output)] = true
+		f, err := os.Open(it.Output)
+		if err != nil {
+			t.Errorf("item %d: %v", it.Index, err)
+			continue
+		}
+		img, err := png.Decode(f)
+		f.Close()
+		if err != nil {
+			t.Errorf("item %d: %s does not decode: %v", it.Index, it.Output, err)
+			continue
+		}
+		if b := img.Bounds(); b.Dx() != it.Width || b.Dy() != it.Height {
+			t.Errorf("item %d: %dx%d, want %dx%d", it.Index, b.Dx(), b.Dy(), it.Width, it.Height)
+		}
+		if !jobs.Done(it) {
+			t.Errorf("item %d: PNG and sidecar disagree", it.Index)
+		}
+	}
+	var extra []string
+	filepath.WalkDir(e.out, func(p string, d os.DirEntry, err error) error {
+		if err == nil && !d.IsDir() && !want[p] {
+			extra = append(extra, p)
+		}
+		return nil
+	})
+	sort.Strings(extra)
+	if len(extra) > 0 {
+		t.Errorf("unexpected files under the output root: %v", extra)
+	}
+}
+
+func (e runEnv) status(t *testing.T) queueStatus {
+	t.Helper()
+	r := e.tessera(t, "status", "--json")
+	if r.code != 0 {
+		t.Fatalf("status: %+v", r)
+	}
+	var st queueStatus
+	if err := json.Unmarshal([]byte(r.stdout), &st); err != nil {
+		t.Fatalf("status --json: %v\n%s", err, r.stdout)
+	}
+	return st
+}
+
+// TestRunCrashResume kills tessera run with SIGKILL at random moments,
+// restarting it each time, and checks that the batch ends with every image
+// made exactly once and no temp file left.
+func TestRunCrashResume(t *testing.T) {
+	const items, minKills = 36, 10
+	e := newRunEnv(t, "")
+	job := e.jobFile(t, "crash", items, 40)
+	seed := time.Now().UnixNano()
+	t.Logf("random seed %d", seed)
+	rng := rand.New(rand.NewPCG(uint64(seed), 1))
+	start := time.Now()
+	kills, finished := 0, false
+	for attempt := 0; kills < minKills || !finished; attempt++ {
+		if attempt > 60 {
+			t.Fatalf("after %d starts and %d kills the batch has not finished", attempt, kills)
+		}
+		cmd := e.command("run", "--workers", "2", "--reap-every", "100ms", job)
+		var out, errb bytes.Buffer
+		started := make(chan struct{})
+		cmd.Stdout = &out
+		cmd.Stderr = &lineWatcher{w: &errb, want: []byte(": started"), seen: started}
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		go func() { done <- cmd.Wait() }()
+		// Kill until minKills, one time in four during start-up and
+		// otherwise while items are being made; then let one run finish.
+		var timer <-chan time.Time
+		if kills < minKills {
+			if rng.IntN(4) == 0 {
+				timer = time.After(time.Duration(rng.IntN(300)) * time.Millisecond)
+			} else {
+				delay := time.Duration(rng.IntN(400)) * time.Millisecond
+				c := make(chan time.Time, 1)
+				timer = c
+				go func() {
+					select {
+					case <-started:
+						time.Sleep(delay)
+						c <- time.Now()
+					case <-time.After(10 * time.Second):
+					}
+				}()
+			}
+		}
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatalf("run exited with %v:\n%s%s", err, out.String(), errb.String())
+			}
+			if !strings.Contains(out.String(), "images made") {
+				t.Fatalf("run printed no summary:\n%s", out.String())
+			}
+			finished = true
+			if kills < minKills {
+				// The batch ended before enough kills: make it again.
+				os.RemoveAll(e.out)
+				t.Logf("batch finished after %d kills; removed the outputs to go on", kills)
+				finished = false
+			}
+		case <-timer:
+			cmd.Process.Signal(syscall.SIGKILL)
+			<-done
+			kills++
+			pngs, _ := filepath.Glob(filepath.Join(e.out, "crash", "*.png"))
+			temps, _ := filepath.Glob(filepath.Join(e.out, "crash", ".*.tmp-*"))
+			t.Logf("kill %d: %d images, %d temp files", kills, len(pngs), len(temps))
+		}
+	}
+	t.Logf("%d items, %d kills, %s", items, kills, time.Since(start).Round(time.Millisecond))
+	e.checkOutputs(t, job)
+	st := e.status(t)
+	if st.Counts["completed"] != items || st.Counts["running"] != 0 || st.Counts["available"] != 0 {
+		t.Errorf("queue counts after the batch: %v", st.Counts)
+	}
+	// Running it again does no work and says so.
+	r := e.tessera(t, "run", job)
+	if r.code != 0 || !strings.Contains(r.stdout, "nothing to do") || !strings.Contains(r.stdout, fmt.Sprintf("0 images made, %d already done", items)) {
+		t.Fatalf("rerun: %+v", r)
+	}
+}
+
+// lineWatcher copies to w and closes seen the first time want appears.
+type lineWatcher struct {
+	mu   sync.Mutex
+	w    *bytes.Buffer
+	want []byte
+	seen chan struct{}
+	done bool
+}
+
+func (l *lineWatcher) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.w.Write(p)
+	if !l.done && bytes.Contains(l.w.Bytes(), l.want) {
+		l.done = true
+		close(l.seen)
+	}
+	return len(p), nil
+}
