@@ -241,3 +241,144 @@ func (l *lineWatcher) Write(p []byte) (int, error) {
 	}
 	return len(p), nil
 }
+
+// startRun starts tessera run in the background; its stderr is watched for
+// the first item started.
+type bgRun struct {
+	cmd     *exec.Cmd
+	out     bytes.Buffer
+	errw    *lineWatcher
+	started chan struct{}
+	done    chan error
+}
+
+func (e runEnv) startRun(t *testing.T, args ...string) *bgRun {
+	t.Helper()
+	b := &bgRun{started: make(chan struct{}), done: make(chan error, 1)}
+	b.cmd = e.command(append([]string{"run"}, args...)...)
+	b.errw = &lineWatcher{w: &bytes.Buffer{}, want: []byte(": started"), seen: b.started}
+	b.cmd.Stdout, b.cmd.Stderr = &b.out, b.errw
+	if err := b.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { b.done <- b.cmd.Wait() }()
+	t.Cleanup(func() {
+		b.cmd.Process.Kill()
+		<-b.done
+		b.done <- nil
+	})
+	return b
+}
+
+func (b *bgRun) stderr() string {
+	b.errw.mu.Lock()
+	defer b.errw.mu.Unlock()
+	return b.errw.w.String()
+}
+
+// wait waits for the run to exit and returns its exit code.
+func (b *bgRun) wait(t *testing.T, timeout time.Duration) int {
+	t.Helper()
+	select {
+	case err := <-b.done:
+		b.done <- err
+		if ee, ok := err.(*exec.ExitError); ok {
+			return ee.ExitCode()
+		} else if err != nil {
+			t.Fatal(err)
+		}
+		return 0
+	case <-time.After(timeout):
+		t.Fatalf("run did not exit within %s:\n%s%s", timeout, b.out.String(), b.stderr())
+	}
+	return -1
+}
+
+func waitFor(t *testing.T, what string, timeout time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestRunGracefulStop interrupts a run: it finishes its running item (or,
+// past the grace period, puts it back), exits 0, says how many items remain
+// queued, and the next run finishes the batch.
+func TestRunGracefulStop(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		grace string
+	}{{"finish", "30s"}, {"release", "1ms"}} {
+		t.Run(tc.name, func(t *testing.T) {
+			const items = 10
+			e := newRunEnv(t, "")
+			job := e.jobFile(t, "stop", items, 60)
+			r := e.startRun(t, "--grace", tc.grace, job)
+			<-r.started
+			time.Sleep(50 * time.Millisecond)
+			r.cmd.Process.Signal(os.Interrupt)
+			if code := r.wait(t, 30*time.Second); code != 0 {
+				t.Fatalf("exit %d after SIGINT:\n%s%s", code, r.out.String(), r.stderr())
+			}
+			if !strings.Contains(r.out.String(), "remain queued") || !strings.Contains(r.stderr(), "stopping") {
+				t.Fatalf("no remaining count:\n%s%s", r.out.String(), r.stderr())
+			}
+			st := e.status(t)
+			if st.Counts["running"] != 0 || st.Counts["retryable"] != 0 || st.Counts["available"] == 0 ||
+				st.Counts["available"]+st.Counts["completed"] != items {
+				t.Fatalf("after the stop: %v", st.Counts)
+			}
+			if tc.name == "release" && st.Counts["completed"] != 0 {
+				t.Logf("an item finished before the interrupt: %v", st.Counts)
+			}
+			res := e.tessera(t, "run", "-q", job)
+			if res.code != 0 || !strings.Contains(res.stdout, fmt.Sprintf("%d images made, %d already done", st.Counts["available"], st.Counts["completed"])) {
+				t.Fatalf("resume: %+v", res)
+			}
+			e.checkOutputs(t, job)
+		})
+	}
+}
+
+// TestSubmitStatusRetryCancel drives the queue commands.
+func TestSubmitStatusRetryCancel(t *testing.T) {
+	e := newRunEnv(t, "")
+	job := e.jobFile(t, "q", 3, 4)
+	r := e.tessera(t, "submit", job)
+	if r.code != 0 || !strings.Contains(r.stdout, "3 item(s) added, 0 already queued, 0 already done") {
+		t.Fatalf("submit: %+v", r)
+	}
+	r = e.tessera(t, "submit", job)
+	if r.code != 0 || !strings.Contains(r.stdout, "0 item(s) added, 3 already queued") {
+		t.Fatalf("resubmit: %+v", r)
+	}
+	st := e.status(t)
+	if st.Counts["available"] != 3 {
+		t.Fatalf("status: %+v", st)
+	}
+	out := filepath.Join(e.out, "q", "0001-2.png")
+	if r = e.tessera(t, "cancel", out); r.code != 0 || !strings.Contains(r.stdout, "available -> cancelled") {
+		t.Fatalf("cancel by output: %+v", r)
+	}
+	if r = e.tessera(t, "status"); r.code != 0 || !strings.Contains(r.stdout, "cancelled  1") || !strings.Contains(r.stdout, "last failures:") || !strings.Contains(r.stdout, "0001-2.png") {
+		t.Fatalf("status text: %+v", r)
+	}
+	if r = e.tessera(t, "retry", "q"); r.code != 0 || !strings.Contains(r.stdout, "1 item(s) retried") {
+		t.Fatalf("retry by job name: %+v", r)
+	}
+	r = e.tessera(t, "run", "-q", job)
+	if r.code != 0 || !strings.Contains(r.stdout, "3 images made, 0 already done, 0 failed") {
+		t.Fatalf("run after retry: %+v", r)
+	}
+	if r = e.tessera(t, "cancel", "1"); r.code != 0 || !strings.Contains(r.stdout, "is already completed") {
+		t.Fatalf("cancel of a finished item: %+v", r)
+	}
+	e.checkOutputs(t, job)
+	if r = e.tessera(t, "retry", "no-such-job"); r.code == 0 || !strings.Contains(r.stderr, "no-such-job") {
+		t.Fatalf("retry of nothing: %+v", r)
+	}
+}
