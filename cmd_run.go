@@ -67,11 +67,12 @@ an item failed or a job file was rejected.`,
 }
 
 type itemOutcome struct {
-	job     string
-	item    pipeline.Item
-	err     error
-	skipped bool
-	seconds float64
+	elsewhere bool // made by another process working the same queue
+	job       string
+	item      pipeline.Item
+	err       error
+	skipped   bool
+	seconds   float64
 }
 
 // run queues the items of files and works the queue until they end. stop
@@ -178,7 +179,7 @@ func (a *app) run(ctx context.Context, stop func(), files []string, stdout, stde
 	}
 	remaining := 0
 	for i, j := range infos {
-		o := itemOutcome{job: j.Job, item: waiting[i].Item, skipped: j.Skipped, seconds: j.Seconds}
+		o := itemOutcome{job: j.Job, item: waiting[i].Item, skipped: j.Skipped, seconds: j.Seconds, elsewhere: j.Worker != q.ID()}
 		switch {
 		case !j.Final():
 			remaining++
@@ -223,7 +224,7 @@ func waitForItems(ctx context.Context, q *jobs.Queue, ids []int64) ([]jobs.JobIn
 // summarize prints the run's outcome. remaining items are still queued
 // (after a stop); a stop that was asked for is not a failure.
 func summarize(w io.Writer, outcomes []itemOutcome, badFiles []string, remaining int, wall time.Duration, st pipeline.Stats, root string, interrupted bool) error {
-	var done, skipped, failed int
+	var done, skipped, failed, elsewhere int
 	var failures []string
 	for _, o := range outcomes {
 		switch {
@@ -232,16 +233,21 @@ func summarize(w io.Writer, outcomes []itemOutcome, badFiles []string, remaining
 			failures = append(failures, fmt.Sprintf("  %s item %d (seed %d) -> %s: %v", o.job, o.item.Index, o.item.Seed, o.item.Output, o.err))
 		case o.skipped:
 			skipped++
+		case o.elsewhere:
+			elsewhere++
 		default:
 			done++
 		}
 	}
 	fmt.Fprintf(w, "%d images made, %d already done, %d failed", done, skipped, failed)
+	if elsewhere > 0 {
+		fmt.Fprintf(w, ", %d made by other workers", elsewhere)
+	}
 	if remaining > 0 {
 		fmt.Fprintf(w, ", %d remain queued", remaining)
 	}
 	fmt.Fprintf(w, " in %s (model time %.1fs, %d tile rows)\n", wall.Round(100*time.Millisecond), st.RunSeconds, st.Rows)
-	if done+skipped > 0 {
+	if done+skipped+elsewhere > 0 {
 		abs, _ := filepath.Abs(root)
 		fmt.Fprintf(w, "images are under %s\n", abs)
 	}

@@ -1,0 +1,136 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"os"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"tessera/jobs"
+)
+
+// testPostgresURL is the server the PostgreSQL tests use unless
+// TESSERA_TEST_POSTGRES names another.
+const testPostgresURL = "postgres://postgres@127.0.0.1:5432/test?sslmode=disable"
+
+// postgresSchemaURL returns a queue URL whose search_path is a fresh
+// schema, dropped when the test ends, or skips the test when no server
+// answers.
+func postgresSchemaURL(t *testing.T) string {
+	t.Helper()
+	base := os.Getenv("TESSERA_TEST_POSTGRES")
+	if base == "" {
+		base = testPostgresURL
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, base)
+	if err != nil {
+		t.Skipf("PostgreSQL tests need a server: start one at 127.0.0.1:5432 with trust auth and a database \"test\", or set TESSERA_TEST_POSTGRES to a URL (%v)", err)
+	}
+	b := make([]byte, 6)
+	rand.Read(b)
+	schema := "tessera_test_" + hex.EncodeToString(b)
+	if _, err := conn.Exec(ctx, "CREATE SCHEMA "+schema); err != nil {
+		conn.Close(ctx)
+		t.Fatal(err)
+	}
+	conn.Close(ctx)
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if conn, err := pgx.Connect(ctx, base); err == nil {
+			conn.Exec(ctx, "DROP SCHEMA "+schema+" CASCADE")
+			conn.Close(ctx)
+		}
+	})
+	sep := "?"
+	if strings.Contains(base, "?") {
+		sep = "&"
+	}
+	return base + sep + "search_path=" + schema
+}
+
+var madeRE = regexp.MustCompile(`(\d+) images made, (\d+) already done, (\d+) failed`)
+
+// TestPostgresTwoWorkers has two processes share one batch through
+// PostgreSQL: every item is made exactly once, by one of them.
+func TestPostgresTwoWorkers(t *testing.T) {
+	const items = 16
+	e := newRunEnv(t, postgresSchemaURL(t))
+	job := e.jobFile(t, "shared", items, 30)
+	a := e.startRun(t, "-q", job)
+	b := e.startRun(t, "-q", job)
+	for name, r := range map[string]*bgRun{"a": a, "b": b} {
+		if code := r.wait(t, 60*time.Second); code != 0 {
+			t.Fatalf("worker %s exited %d:\n%s%s", name, code, r.out.String(), r.stderr())
+		}
+	}
+	made := 0
+	for _, r := range []*bgRun{a, b} {
+		m := madeRE.FindStringSubmatch(r.out.String())
+		if m == nil {
+			t.Fatalf("no summary:\n%s", r.out.String())
+		}
+		made += atoi(m[1])
+	}
+	st := e.status(t)
+	if made != items || st.Counts["completed"] != items {
+		t.Fatalf("%d images made by the two workers, counts %v; want %d made once each", made, st.Counts, items)
+	}
+	e.checkOutputs(t, job)
+}
+
+// TestPostgresKilledWorkerRescued kills one of two workers mid-item: the
+// other puts the item it held back in the queue and finishes the batch.
+func TestPostgresKilledWorkerRescued(t *testing.T) {
+	const items = 12
+	e := newRunEnv(t, postgresSchemaURL(t))
+	job := e.jobFile(t, "rescue", items, 60)
+	victim := e.startRun(t, job)
+	<-victim.started
+	survivor := e.startRun(t, "-q", "--reap-every", "200ms", job)
+	time.Sleep(30 * time.Millisecond)
+	victim.cmd.Process.Kill()
+	victim.wait(t, 10*time.Second)
+	if code := survivor.wait(t, 60*time.Second); code != 0 {
+		t.Fatalf("survivor exited %d:\n%s%s", code, survivor.out.String(), survivor.stderr())
+	}
+	st := e.status(t)
+	if st.Counts["completed"] != items {
+		t.Fatalf("counts %v", st.Counts)
+	}
+	e.checkOutputs(t, job)
+	q, err := jobs.OpenQueue(context.Background(), jobs.QueueOptions{URL: e.queue})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.Close()
+	all, err := q.List(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	rescued := 0
+	for _, j := range all {
+		if j.Attempt > 1 {
+			rescued++
+		}
+	}
+	if rescued == 0 {
+		t.Errorf("no item was taken over from the killed worker (none has a second attempt): %+v\nvictim:\n%s", all, victim.stderr())
+	}
+}
+
+func atoi(s string) int {
+	n := 0
+	for _, c := range s {
+		n = n*10 + int(c-'0')
+	}
+	return n
+}
