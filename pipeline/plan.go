@@ -166,7 +166,7 @@ func planStage(kind string, p StageParams, m *onnx.Model, w, h int) (StagePlan, 
 		case p.Tile.Halo != nil:
 			sp.Halo = *p.Tile.Halo
 		case rf > 0:
-			sp.Halo = rf
+			sp.Halo = (rf + mult - 1) / mult * mult // whole downsampling cells
 		default:
 			sp.Halo = sp.Overlap / 4
 		}
