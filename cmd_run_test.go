@@ -382,3 +382,115 @@ func TestSubmitStatusRetryCancel(t *testing.T) {
 		t.Fatalf("retry of nothing: %+v", r)
 	}
 }
+
+// badJobFiles maps each file of testdata/jobs/bad to a piece of the message
+// that must reject it.
+var badJobFiles = map[string]string{
+	"alias-bomb.yaml":             "cannot unmarshal !!seq into uint64",
+	"count-enormous.yaml":         "items[0].count: must be between 1 and 10000, got 1000000",
+	"count-negative.yaml":         "items[0].count: must be between 1 and 10000, got -3",
+	"count-too-many-items.yaml":   "expand to 12000 items, limit 10000 (limits.max_items)",
+	"count-zero.yaml":             "items[0].count: must be between 1 and 10000, got 0",
+	"duplicate-key.yaml":          `mapping key "version" already defined`,
+	"empty.yaml":                  "empty.yaml: empty",
+	"format-unknown.ini":          `unknown format ".ini"`,
+	"image-and-images.yaml":       "items[0].image: give image or images, not both",
+	"images-match-nothing.yaml":   `items[0].images: "no-such-dir/*.png" matches no file`,
+	"invalid-utf8.json":           "line 1: not valid UTF-8",
+	"invalid-utf8.yaml":           "line 2: not valid UTF-8",
+	"items-empty.yaml":            "items: no items",
+	"model-unknown-base.yaml":     `items[1].base.model: unknown model "no-such-base"`,
+	"model-unknown-sr.json":       `defaults.sr.model: unknown model "demo-sr-xl"`,
+	"noise-level-negative.yaml":   "items[0].sr.noise_level: must be in [0, 1], got -0.5",
+	"output-duplicate.yaml":       "is also the output of index 0",
+	"path-absolute-output.yaml":   "is absolute; outputs go under output.root",
+	"path-escape-output.yaml":     `"../../{job}-{seed}.png" leaves output.root`,
+	"path-model-not-allowed.yaml": `items[0].sr.model: model "/etc/passwd": paths to models are not allowed`,
+	"path-name-escape.yaml":       `name: "../evil": use letters, digits`,
+	"sampler-unknown.yaml":        `items[0].base.sampler: "plms"`,
+	"seeds-and-count.yaml":        "items[0].seeds: give seeds or count, not both",
+	"size-huge.yaml":              "items[0].width: must be a multiple of 8 and at most 16384, got 100000",
+	"size-negative.yaml":          "items[0].height: must be a multiple of 8 and at most 16384, got -8",
+	"size-not-multiple.yaml":      "items[0].width: must be a multiple of 8 and at most 16384, got 100",
+	"size-over-max-pixels.yaml":   "16384x16384 is over limits.max_pixels",
+	"steps-over-limit.yaml":       "items[0].sr.steps: must be between 1 and 1000 (limits.max_steps), got 5000",
+	"strength-over-one.yaml":      "items[0].sr.strength: must be in (0, 1], got 2",
+	"syntax-indent.yaml":          "line 9: mapping values are not allowed in this context",
+	"syntax-trailing-comma.json":  "line 2: invalid character ']'",
+	"syntax-unclosed.yaml":        "line 7: did not find expected ',' or '}'",
+	"syntax.toml":                 "toml: expected character ]",
+	"template-unknown-field.yaml": "unknown template field {jobb}",
+	"too-large.yaml":              "bytes, limit 16384 (limits.max_job_bytes)",
+	"top-level-list.yaml":         "cannot unmarshal !!seq into jobs.File",
+	"type-item-scalar.yaml":       "line 8: cannot unmarshal !!int `7` into jobs.ItemSpec",
+	"type-items-scalar.yaml":      "line 7: cannot unmarshal !!int `5` into []jobs.ItemSpec",
+	"type-seed-negative.json":     "cannot unmarshal number -1 into Go struct field ItemSpec.items.seed of type uint64",
+	"type-steps-float.toml":       "toml: float cannot be assigned to int",
+	"type-width-string.yaml":      "line 8: cannot unmarshal !!str `big` into int",
+	"unknown-key-item.yaml":       "line 8: field sede not found in type jobs.ItemSpec",
+	"unknown-key-stage.toml":      "modle",
+	"unknown-key-top.yaml":        "line 2: field colour not found in type jobs.File",
+	"version-2.yaml":              "version: 2 is not supported (want 1)",
+	"version-missing.yaml":        "version: 0 is not supported (want 1)",
+}
+
+// TestRunBadJobFiles runs every bad job file together with a good one:
+// each bad file is rejected with its own message and the good one is made.
+func TestRunBadJobFiles(t *testing.T) {
+	e := newRunEnv(t, "")
+	f, err := os.OpenFile(e.cfg, os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteString("limits: {max_job_bytes: 16384}\n")
+	f.Close()
+	good := e.jobFile(t, "good", 2, 4)
+	dir, err := filepath.Abs(filepath.Join("testdata", "jobs", "bad"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	args := []string{"run", "-q", good}
+	for _, en := range entries {
+		if _, ok := badJobFiles[en.Name()]; !ok {
+			t.Errorf("%s has no expected message in badJobFiles", en.Name())
+		}
+		args = append(args, filepath.Join(dir, en.Name()))
+	}
+	if len(entries) < 30 || len(entries) != len(badJobFiles) {
+		t.Fatalf("%d bad job files, %d expected messages", len(entries), len(badJobFiles))
+	}
+	r := e.tessera(t, args...)
+	if r.code != 1 || !strings.Contains(r.stdout, "2 images made, 0 already done, 0 failed") || !strings.Contains(r.stdout, "job files with errors: ") {
+		t.Fatalf("run: code %d\nstdout:\n%s", r.code, r.stdout)
+	}
+	// Each file's report runs from its "tessera: job file PATH:" to the next.
+	reports := map[string]string{}
+	for _, block := range strings.Split(r.stderr, "tessera: job file ")[1:] {
+		for name := range badJobFiles {
+			if strings.HasPrefix(block, filepath.Join(dir, name)+":") {
+				reports[name] = block
+			}
+		}
+	}
+	names := make([]string, 0, len(badJobFiles))
+	for name := range badJobFiles {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		t.Run(name, func(t *testing.T) {
+			rep, ok := reports[name]
+			if !ok {
+				t.Fatalf("not rejected")
+			}
+			if !strings.Contains(rep, badJobFiles[name]) {
+				t.Errorf("report lacks %q:\n%s", badJobFiles[name], rep)
+			}
+		})
+	}
+	e.checkOutputs(t, good)
+}
