@@ -8,20 +8,20 @@ import (
 	"tessera/stages"
 )
 
-// lowResPhoto writes the held-out photograph downscaled 4× (Lanczos) and
-// returns its path with the full-size original.
-func lowResPhoto(t *testing.T) (string, []float32) {
+// lowResPhoto writes the held-out photograph downscaled by factor
+// (Lanczos) and returns its path with the full-size original.
+func lowResPhoto(t *testing.T, factor int) (string, []float32) {
 	t.Helper()
 	orig, w, h, err := LoadImage(filepath.Join("..", "testdata", "images", "chelsea-256.png"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	small := make([]float32, 3*(h/4)*(w/4))
-	if err := stages.Resample(small, orig, 3, h, w, h/4, w/4, stages.FilterLanczos); err != nil {
+	small := make([]float32, 3*(h/factor)*(w/factor))
+	if err := stages.Resample(small, orig, 3, h, w, h/factor, w/factor, stages.FilterLanczos); err != nil {
 		t.Fatal(err)
 	}
 	path := filepath.Join(t.TempDir(), "low.png")
-	if err := SaveImage(path, small, w/4, h/4); err != nil {
+	if err := SaveImage(path, small, w/factor, h/factor); err != nil {
 		t.Fatal(err)
 	}
 	return path, orig
@@ -32,22 +32,22 @@ func demoUpscale(path string, tile int) Item {
 }
 
 func TestDemoSRTiledMatchesUntiledAndIsSeamless(t *testing.T) {
-	path, orig := lowResPhoto(t)
+	// 128² -> 512²: enough tile edges for the seam score to average over.
+	path, _ := lowResPhoto(t, 2)
 	e := newEngine(t, Options{Batch: 4})
-	untiled, err := e.Generate(context.Background(), demoUpscale(path, 256), nil)
+	untiled, err := e.Generate(context.Background(), demoUpscale(path, 512), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if untiled.Width != 256 || untiled.Height != 256 || untiled.Plan.Stages[0].Tiles != 1 {
+	if untiled.Width != 512 || untiled.Height != 512 || untiled.Plan.Stages[0].Tiles != 1 {
 		t.Fatalf("untiled plan %+v", untiled.Plan)
 	}
-	t.Logf("demo-sr 4x: PSNR %.2f dB against the original", PSNR(untiled.Image, orig))
-	for _, tile := range []int{128, 192} {
+	for _, tile := range []int{192, 256} {
 		res, err := e.Generate(context.Background(), demoUpscale(path, tile), nil)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if res.Width != 256 || res.Height != 256 {
+		if res.Width != 512 || res.Height != 512 {
 			t.Fatalf("tile %d: size %dx%d", tile, res.Width, res.Height)
 		}
 		g, err := e.Grid(res.Plan.Stages[0])
@@ -58,7 +58,7 @@ func TestDemoSRTiledMatchesUntiledAndIsSeamless(t *testing.T) {
 			t.Fatalf("tile %d: %d tiles", tile, len(g.Tiles))
 		}
 		psnr := PSNR(res.Image, untiled.Image)
-		seam := SeamScore(res.Image, 3, 256, 256, g)
+		seam := SeamScore(res.Image, 3, 512, 512, g)
 		t.Logf("tile %d: %d tiles, PSNR vs untiled %.2f dB, seam score %.3f", tile, len(g.Tiles), psnr, seam)
 		if psnr < 40 {
 			t.Errorf("tile %d: PSNR vs untiled %.2f dB, want ≥ 40", tile, psnr)
@@ -72,7 +72,7 @@ func TestDemoSRTiledMatchesUntiledAndIsSeamless(t *testing.T) {
 func TestDemoSRShortHaloDiffers(t *testing.T) {
 	// Without a halo the tiles lose context at their edges: the output must
 	// differ from the untiled run, or the comparison above proves nothing.
-	path, _ := lowResPhoto(t)
+	path, orig := lowResPhoto(t, 4)
 	e := newEngine(t, Options{Batch: 4})
 	untiled, err := e.Generate(context.Background(), demoUpscale(path, 256), nil)
 	if err != nil {
@@ -84,6 +84,7 @@ func TestDemoSRShortHaloDiffers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Logf("demo-sr 4x of the held-out photograph: %.2f dB against the original", PSNR(untiled.Image, orig))
 	if psnr := PSNR(res.Image, untiled.Image); psnr > 100 {
 		t.Fatalf("halo 0: PSNR vs untiled %.1f dB, indistinguishable", psnr)
 	}

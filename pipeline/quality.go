@@ -29,9 +29,13 @@ func PSNR(a, b []float32) float64 {
 // SeamScore measures visible tile seams in a c×h×w image made with grid:
 // the mean absolute difference between neighbouring pixels across the edges
 // of the tiles' trusted regions (where one tile's output starts to count),
-// divided by the same mean over every other pair of neighbours. A seamless
-// image scores about 1; seams push it up.
+// divided by the same mean over every other pair of neighbours at the same
+// phase modulo the grid's alignment. The phase matters for models that work
+// on a coarser grid (a U-Net downsampling by 4 leaves a faint period-4
+// texture, and aligned tile edges all sit on the same phase of it). A
+// seamless image scores about 1; seams push it up.
 func SeamScore(img []float32, c, h, w int, g *stages.TileGrid) float64 {
+	period := max(g.Align, 1)
 	rows, cols := map[int]bool{}, map[int]bool{}
 	for _, t := range g.Tiles {
 		for _, y := range []int{t.Y0 + g.Halo, t.Y0 + t.Height - g.Halo} {
@@ -45,35 +49,54 @@ func SeamScore(img []float32, c, h, w int, g *stages.TileGrid) float64 {
 			}
 		}
 	}
-	var seam, other float64
-	var ns, no int
+	// Sums and counts of |difference| per phase, at edges and elsewhere,
+	// for the two directions separately.
+	type acc struct {
+		edge, other []float64
+		ne, no      []int
+	}
+	newAcc := func() *acc {
+		return &acc{make([]float64, period), make([]float64, period), make([]int, period), make([]int, period)}
+	}
+	hx, hy := newAcc(), newAcc()
 	for ch := 0; ch < c; ch++ {
 		p := img[ch*h*w : (ch+1)*h*w]
 		for y := 0; y < h; y++ {
 			for x := 1; x < w; x++ {
 				d := math.Abs(float64(p[y*w+x] - p[y*w+x-1]))
-				if cols[x] {
-					seam, ns = seam+d, ns+1
+				if r := x % period; cols[x] {
+					hx.edge[r], hx.ne[r] = hx.edge[r]+d, hx.ne[r]+1
 				} else {
-					other, no = other+d, no+1
+					hx.other[r], hx.no[r] = hx.other[r]+d, hx.no[r]+1
 				}
 			}
 		}
 		for y := 1; y < h; y++ {
 			for x := 0; x < w; x++ {
 				d := math.Abs(float64(p[y*w+x] - p[(y-1)*w+x]))
-				if rows[y] {
-					seam, ns = seam+d, ns+1
+				if r := y % period; rows[y] {
+					hy.edge[r], hy.ne[r] = hy.edge[r]+d, hy.ne[r]+1
 				} else {
-					other, no = other+d, no+1
+					hy.other[r], hy.no[r] = hy.other[r]+d, hy.no[r]+1
 				}
 			}
 		}
 	}
-	if ns == 0 || other == 0 {
+	// Observed edge differences over what the same phase shows elsewhere.
+	var observed, expected float64
+	for _, a := range []*acc{hx, hy} {
+		for r := 0; r < period; r++ {
+			if a.ne[r] == 0 || a.no[r] == 0 {
+				continue
+			}
+			observed += a.edge[r]
+			expected += float64(a.ne[r]) * a.other[r] / float64(a.no[r])
+		}
+	}
+	if expected == 0 {
 		return 1
 	}
-	return (seam / float64(ns)) / (other / float64(no))
+	return observed / expected
 }
 
 // Grid returns the tile grid a stage of a plan uses.

@@ -48,6 +48,7 @@ type TileGrid struct {
 	Height, Width         int // canvas
 	TileHeight, TileWidth int // model input size, a multiple of the size multiple
 	Overlap, Halo         int
+	Align                 int // origins are multiples of it (see TileOptions.Align); 1 = none
 	Pad                   PadMode
 	Rows, Cols            int // tiles along y and x
 	Tiles                 []Tile
@@ -102,7 +103,7 @@ func NewTileGrid(height, width int, o TileOptions) (*TileGrid, error) {
 	xs, wx := tileAxis(width, size, o.Overlap, o.Halo, o.Align)
 	g := &TileGrid{
 		Height: height, Width: width, TileHeight: size, TileWidth: size,
-		Overlap: o.Overlap, Halo: o.Halo, Pad: o.Pad, Rows: len(ys), Cols: len(xs),
+		Overlap: o.Overlap, Halo: o.Halo, Align: max(o.Align, 1), Pad: o.Pad, Rows: len(ys), Cols: len(xs),
 	}
 	for i, y0 := range ys {
 		for j, x0 := range xs {
