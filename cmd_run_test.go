@@ -494,3 +494,45 @@ func TestRunBadJobFiles(t *testing.T) {
 	}
 	e.checkOutputs(t, good)
 }
+
+// TestRunPermanentFailures: invalid input fails its item at once, with the
+// reason and without retries, while the other items are made.
+func TestRunPermanentFailures(t *testing.T) {
+	e := newRunEnv(t, "")
+	if err := os.WriteFile(filepath.Join(e.dir, "broken.png"), []byte("\x89PNG\r\n\x1a\nthis is not the rest of a PNG"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	job := filepath.Join(e.dir, "mixed.yaml")
+	body := `version: 1
+defaults:
+  width: 128
+  height: 128
+  base: {model: oracle-base, steps: 4}
+  sr: {model: oracle-sr, steps: 4, tile: {size: 48, overlap: 8}}
+items:
+  - {seed: 1}
+  - {seed: 2, image: broken.png, scale: 4, width: 0, height: 0}
+  - {seed: 3, base: {model: oracle-sr}}
+`
+	if err := os.WriteFile(job, []byte(body), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	r := e.tessera(t, "run", "-q", job)
+	if r.code != 1 || !strings.Contains(r.stdout, "1 images made, 0 already done, 2 failed") {
+		t.Fatalf("run: %+v", r)
+	}
+	for _, want := range []string{"broken.png", "oracle-sr is a sr model"} {
+		if !strings.Contains(r.stdout, want) {
+			t.Errorf("summary lacks %q:\n%s", want, r.stdout)
+		}
+	}
+	st := e.status(t)
+	if st.Counts["cancelled"] != 2 || st.Counts["completed"] != 1 || len(st.Failures) != 2 {
+		t.Fatalf("status: %+v", st)
+	}
+	for _, f := range st.Failures {
+		if f.Attempt != 1 || f.Error == "" {
+			t.Errorf("failure retried or without reason: %+v", f)
+		}
+	}
+}

@@ -2,6 +2,7 @@ package jobs
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"os"
 	"unicode/utf8"
@@ -9,9 +10,9 @@ import (
 	"tessera/config"
 )
 
-// LoadChecked is Load followed by a check that every model the file names
-// exists: exists returns an error for a reference that names no model. Each
-// unknown model is a problem of the file, named by its field path
+// LoadChecked is Load followed by the checks of CheckBytes: every model the
+// file names must exist (exists returns an error for a reference that names
+// no model), each unknown model reported with its field path
 // (defaults.base.model, items[2].sr.model).
 func LoadChecked(path string, cfg config.Config, exists func(ref string) error) (*Job, error) {
 	if st, err := os.Stat(path); err == nil && st.Size() <= cfg.Limits.MaxJobBytes {
@@ -19,49 +20,100 @@ func LoadChecked(path string, cfg config.Config, exists func(ref string) error) 
 		if err != nil {
 			return nil, fmt.Errorf("job file %s: %w", path, err)
 		}
-		if len(bytes.TrimSpace(data)) == 0 {
-			return nil, fmt.Errorf("job file %s: empty", path)
-		}
-		if !utf8.Valid(data) {
-			off := 0
-			for off < len(data) {
-				r, n := utf8.DecodeRune(data[off:])
-				if r == utf8.RuneError && n <= 1 {
-					break
-				}
-				off += n
-			}
-			return nil, fmt.Errorf("job file %s: line %d: not valid UTF-8 (byte %d)", path, 1+bytes.Count(data[:off], []byte("\n")), off)
+		if err := checkEncoding(path, data); err != nil {
+			return nil, err
 		}
 	}
 	job, err := Load(path, cfg)
-	if err != nil || exists == nil {
-		return job, err
+	if err != nil {
+		return nil, err
 	}
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("job file %s: %w", path, err)
 	}
-	if problems := checkModels(path, data, cfg, exists); len(problems) > 0 {
-		return nil, &ValidationError{File: path, Problems: problems}
+	if err := CheckBytes(path, data, cfg, exists); err != nil {
+		return nil, err
 	}
 	return job, nil
 }
 
-// checkModels lists the model fields of a job file that name no model,
-// and explicit counts of zero (which Parse cannot tell from an absent count).
-func checkModels(name string, data []byte, cfg config.Config, exists func(ref string) error) []string {
+// CheckBytes checks what Parse does not about a job file's bytes: that it
+// is not empty, is valid UTF-8 (JSON would silently replace bad bytes),
+// sets no count to zero explicitly (Parse cannot tell it from an absent
+// one), and, with exists set, names only models that exist.
+func CheckBytes(path string, data []byte, cfg config.Config, exists func(ref string) error) error {
+	if err := checkEncoding(path, data); err != nil {
+		return err
+	}
+	problems := checkCounts(path, data, cfg)
+	if exists != nil {
+		problems = append(problems, checkModels(path, data, exists)...)
+	}
+	if len(problems) > 0 {
+		return &ValidationError{File: path, Problems: problems}
+	}
+	return nil
+}
+
+func checkEncoding(path string, data []byte) error {
+	if len(bytes.TrimSpace(data)) == 0 {
+		return fmt.Errorf("job file %s: empty", path)
+	}
+	if utf8.Valid(data) {
+		return nil
+	}
+	off := 0
+	for off < len(data) {
+		r, n := utf8.DecodeRune(data[off:])
+		if r == utf8.RuneError && n <= 1 {
+			break
+		}
+		off += n
+	}
+	return fmt.Errorf("job file %s: line %d: not valid UTF-8 (byte %d)", path, 1+bytes.Count(data[:off], []byte("\n")), off)
+}
+
+// specs calls fn with the path and raw mapping of defaults and each item.
+func specs(name string, data []byte, fn func(path string, m map[string]any)) error {
 	generic, err := decodeStrict(name, data)
 	if err != nil {
-		return []string{err.Error()}
+		return err
 	}
-	root := generic.(map[string]any)
+	root, ok := generic.(map[string]any)
+	if !ok {
+		return errors.New("the top level must be a mapping")
+	}
+	if m, ok := root["defaults"].(map[string]any); ok {
+		fn("defaults", m)
+	}
+	items, _ := root["items"].([]any)
+	for i, it := range items {
+		if m, ok := it.(map[string]any); ok {
+			fn(fmt.Sprintf("items[%d]", i), m)
+		}
+	}
+	return nil
+}
+
+// checkCounts lists explicit counts of zero.
+func checkCounts(name string, data []byte, cfg config.Config) []string {
 	var problems []string
-	check := func(path string, spec any) {
-		m, _ := spec.(map[string]any)
+	err := specs(name, data, func(path string, m map[string]any) {
 		if c, ok := m["count"]; ok && fmt.Sprint(c) == "0" {
 			problems = append(problems, fmt.Sprintf("%s.count: must be between 1 and %d, got 0", path, cfg.Limits.MaxItems))
 		}
+	})
+	if err != nil {
+		return []string{err.Error()}
+	}
+	return problems
+}
+
+// checkModels lists the model fields of a job file that name no model.
+func checkModels(name string, data []byte, exists func(ref string) error) []string {
+	var problems []string
+	err := specs(name, data, func(path string, m map[string]any) {
 		for _, stage := range []string{"base", "sr"} {
 			sm, _ := m[stage].(map[string]any)
 			ref, ok := sm["model"].(string)
@@ -72,11 +124,9 @@ func checkModels(name string, data []byte, cfg config.Config, exists func(ref st
 				problems = append(problems, fmt.Sprintf("%s.%s.model: %v", path, stage, err))
 			}
 		}
-	}
-	check("defaults", root["defaults"])
-	items, _ := root["items"].([]any)
-	for i, it := range items {
-		check(fmt.Sprintf("items[%d]", i), it)
+	})
+	if err != nil {
+		return []string{err.Error()}
 	}
 	return problems
 }
