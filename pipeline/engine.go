@@ -116,8 +116,7 @@ func (e *Engine) runner(ref string) (*runner, error) {
 	if m.Manifest == nil {
 		return nil, fmt.Errorf("model %s has no tessera.yaml manifest: the pipeline needs its schedule and prediction type", ref)
 	}
-	sched, err := scheduleOf(m)
-	if err != nil {
+	if _, err := scheduleOf(m, "ddim"); err != nil { // reject a bad schedule before any work
 		return nil, fmt.Errorf("model %s: %w", ref, err)
 	}
 	concurrent := min(max(e.opts.Workers, 1), 2)
@@ -129,7 +128,7 @@ func (e *Engine) runner(ref string) (*runner, error) {
 		return nil, err
 	}
 	r := &runner{
-		ref: ref, model: m, sess: sess, sched: sched, channels: m.Channels(),
+		ref: ref, model: m, sess: sess, channels: m.Channels(),
 		reqs: make(chan *request, 64), logger: e.logger, bindings: map[bindKey]*boundBatch{},
 	}
 	if t := m.Input(onnx.RoleTimestep); t != nil {
@@ -151,24 +150,28 @@ func (e *Engine) runner(ref string) (*runner, error) {
 	return r, nil
 }
 
-// scheduleOf builds the model's noise schedule from its manifest (or the
-// diffusers scheduler_config.json it names).
-func scheduleOf(m *onnx.Model) (*stages.Schedule, error) {
+// scheduleOf builds the model's noise schedule for a sampler from its
+// manifest (or the diffusers scheduler_config.json it names), over the
+// defaults of the diffusers scheduler class that sampler stands for.
+func scheduleOf(m *onnx.Model, sampler string) (*stages.Schedule, error) {
 	man := m.Manifest
-	sampler := stages.ClassDDIM
+	class, err := stages.SamplerClass(samplerKind(sampler))
+	if err != nil {
+		return nil, err
+	}
 	if man.SchedulerConfig != "" {
 		data, err := os.ReadFile(man.SchedulerConfig)
 		if err != nil {
 			return nil, fmt.Errorf("scheduler_config: %w", err)
 		}
-		cfg, err := stages.ParseSchedulerConfig(data)
+		cfg, err := stages.ParseSchedulerConfigAs(data, class)
 		if err != nil {
 			return nil, fmt.Errorf("scheduler_config %s: %w", man.SchedulerConfig, err)
 		}
 		cfg.PredictionType = man.Prediction
 		return cfg.Schedule()
 	}
-	cfg, err := stages.SchedulerDefaults(sampler)
+	cfg, err := stages.SchedulerDefaults(class)
 	if err != nil {
 		return nil, err
 	}
@@ -235,7 +238,9 @@ func (e *Engine) Plan(it Item) (Plan, error) {
 		if bm.Kind != onnx.KindBase {
 			return p, fmt.Errorf("base.model: %s is a %s model", it.Base.Model, bm.Kind)
 		}
-		mult := lcm(bm.SizeMultiple, 1)
+		// Every later canvas is the base times a power of the scale; a base on
+		// both models' size multiples keeps all of them on theirs.
+		mult := lcm(bm.SizeMultiple, srMan.SizeMultiple)
 		w, h, k = baseSize(it.Width, it.Height, bm.NativeSize[1], bm.NativeSize[0], scale, mult)
 		sp, err := planStage(onnx.KindBase, it.Base, baseRunner.model, w, h)
 		if err != nil {
@@ -371,14 +376,17 @@ func (e *Engine) Generate(ctx context.Context, it Item, progress func(Progress))
 func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r *runner, lowres []float32, report func(stage, step, steps, tiles int)) ([]float32, error) {
 	c, H, W := r.channels, sp.Height, sp.Width
 	n := c * H * W
-	sched := *r.sched
+	sched, err := scheduleOf(r.model, sp.Sampler)
+	if err != nil {
+		return nil, err
+	}
 	sched.Shift = sp.Shift
 	stream := stages.StreamBase
 	if sp.Kind == onnx.KindSR {
 		stream = stages.StreamSR
 	}
 	etaNoise := stages.Noise{Seed: it.Seed, Stream: stages.StageStream(stages.StreamEta, si)}
-	sampler, err := stages.NewSampler(samplerKind(sp.Sampler), &sched, stages.SamplerOptions{
+	sampler, err := stages.NewSampler(samplerKind(sp.Sampler), sched, stages.SamplerOptions{
 		Steps: sp.Steps, Strength: sp.Strength, Eta: sp.Eta,
 		EtaNoise: func(i int, dst []float32) error { return etaNoise.Fill(dst, i, c, 0, 0, H, W) },
 	})
@@ -406,7 +414,7 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 		if err := (stages.Noise{Seed: it.Seed, Stream: stages.StageStream(stages.StreamAug, si)}).Fill(cond, 0, c, 0, 0, H, W); err != nil {
 			return nil, err
 		}
-		if err := stages.NoiseAugment(cond, lowres, cond, r.sched.AlphasCumprod, sp.NoiseLevel); err != nil {
+		if err := stages.NoiseAugment(cond, lowres, cond, sched.AlphasCumprod, sp.NoiseLevel); err != nil {
 			return nil, err
 		}
 	}

@@ -82,11 +82,12 @@ func maxAbsDiff(a, b []float32) float64 {
 func TestOracleCascadeReturnsKnownImage(t *testing.T) {
 	e := newEngine(t, Options{Batch: 3})
 	table := [][3]float32{{0.5, -0.25, 0}, {-0.5, 0.5, 0.25}, {0.75, 0.75, -0.75}, {-0.25, -0.5, 0.5}}
-	for _, class := range []int{0, 2} {
+	for i, sampler := range []string{"ddim", "euler", "dpm++2m"} {
+		class := []int{0, 2, 3}[i]
 		it := Item{
 			Seed: 11, Width: 128, Height: 128, Class: class,
-			Base: StageParams{Model: "oracle-base", Steps: 12},
-			SR:   StageParams{Model: "oracle-sr", Steps: 10, Strength: 1, Tile: Tiling{Size: 48, Overlap: 8, Halo: intp(4)}},
+			Base: StageParams{Model: "oracle-base", Steps: 12, Sampler: sampler},
+			SR:   StageParams{Model: "oracle-sr", Steps: 10, Strength: 1, Sampler: sampler, Tile: Tiling{Size: 48, Overlap: 8, Halo: intp(4)}},
 		}
 		res, err := e.Generate(context.Background(), it, nil)
 		if err != nil {
@@ -100,7 +101,7 @@ func TestOracleCascadeReturnsKnownImage(t *testing.T) {
 		for ch := 0; ch < 3; ch++ {
 			for i := 0; i < plane; i++ {
 				if d := math.Abs(float64(res.Image[ch*plane+i] - table[class][ch])); d > 1e-4 {
-					t.Fatalf("class %d channel %d pixel %d: %g, want %g", class, ch, i, res.Image[ch*plane+i], table[class][ch])
+					t.Fatalf("%s, class %d, channel %d, pixel %d: %g, want %g", sampler, class, ch, i, res.Image[ch*plane+i], table[class][ch])
 				}
 			}
 		}

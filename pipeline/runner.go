@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"tessera/onnx"
-	"tessera/stages"
 )
 
 // request is one tile (several rows for a classifier-free guidance pair)
@@ -46,7 +45,6 @@ type runner struct {
 	ref      string
 	model    *onnx.Model
 	sess     *onnx.Session
-	sched    *stages.Schedule
 	channels int
 	reqs     chan *request
 	logger   *slog.Logger
