@@ -57,7 +57,7 @@ models upscale it tile by tile into one seamless picture.`,
 		return nil
 	}
 	root.AddCommand(newVersionCmd(a), newInspectCmd(a), newRunCmd(a), newBenchCmd(a),
-		newSubmitCmd(a), newStatusCmd(a), newRetryCmd(a), newCancelCmd(a))
+		newSubmitCmd(a), newStatusCmd(a), newRetryCmd(a), newCancelCmd(a), newServeCmd(a))
 	return root
 }
 

@@ -1,0 +1,254 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"tessera/config"
+	"tessera/jobs"
+	"tessera/metrics"
+	"tessera/models"
+	"tessera/onnx"
+	"tessera/pipeline"
+)
+
+func newServeCmd(a *app) *cobra.Command {
+	var qf queueFlags
+	cmd := &cobra.Command{
+		Use:   "serve",
+		Short: "Work the queue, watch directories, fire schedules and serve /metrics",
+		Long: `Serve works the durable queue (queue.url) with the configured workers until
+stopped. It also takes job files dropped into the watched directories
+(watch), enqueues the jobs of the cron schedules (schedules) and serves
+/healthz and /metrics on server.addr.
+
+A dropped file is taken once complete (unchanged for watch[i].settle) and
+moved to accepted/ beside NAME.ids.json, or to rejected/ beside
+NAME.error.txt. A schedule firing at time T parses its job file with
+{date} and {time} of T; several serve processes on one PostgreSQL queue
+enqueue each firing once between them.
+
+On SIGINT or SIGTERM serve takes no new file, firing or item, lets running
+items finish within --grace, puts the rest back in the queue and exits 0.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			return a.serve(ctx, stop, qf)
+		},
+	}
+	f := cmd.Flags()
+	f.String("out", "", "output root directory (config output.root)")
+	f.Int("workers", 0, "items worked at once (config workers)")
+	f.String("addr", "", "address of /healthz and /metrics (config server.addr)")
+	f.DurationVar(&qf.grace, "grace", 30*time.Second, "on SIGINT or SIGTERM, how long running items may take to finish before they are put back in the queue")
+	f.DurationVar(&qf.rescueAfter, "rescue-after", time.Hour, "River's backstop: an item running longer than this and its timeout is retried")
+	f.DurationVar(&qf.reapEvery, "reap-every", 2*time.Second, "how often items held by stopped processes are put back in the queue")
+	bindQueueFlag(a, f)
+	a.flags = append(a.flags,
+		config.Flag{Key: "output.root", Flag: f.Lookup("out")},
+		config.Flag{Key: "workers", Flag: f.Lookup("workers")},
+		config.Flag{Key: "server.addr", Flag: f.Lookup("addr")},
+	)
+	return cmd
+}
+
+// serve runs until ctx ends, then stops gracefully. stop restores the
+// default signal handling, so that a second signal kills.
+func (a *app) serve(ctx context.Context, stop func(), qf queueFlags) error {
+	cfg, log := a.cfg, a.logger
+	for i, w := range cfg.Watch {
+		if w.Recursive {
+			return fmt.Errorf("watch[%d].recursive: not supported; list each directory under watch", i)
+		}
+	}
+	m := metrics.New()
+	if n, err := jobs.RemoveStaleTemps(cfg.Output.Root); err == nil && n > 0 {
+		log.Info("removed temp files left by an interrupted run", "count", n, "dir", cfg.Output.Root)
+	}
+
+	var eng *pipeline.Engine
+	runner := func(ctx context.Context, job string, it pipeline.Item) error {
+		start := time.Now()
+		stages := m.StageTimer(it.Image != "")
+		err := makeItem(ctx, eng, job, it, stages.Step)
+		if err == nil {
+			stages.Done()
+		}
+		m.ObserveItem(time.Since(start), err)
+		if err != nil && ctx.Err() == nil {
+			log.Warn("item failed", "job", job, "item", it.Index, "output", it.Output, "err", err)
+		} else if err == nil {
+			log.Debug("item done", "job", job, "item", it.Index, "output", it.Output, "seconds", time.Since(start).Seconds())
+		}
+		return err
+	}
+	q, err := a.openQueue(context.WithoutCancel(ctx), runner, qf)
+	if err != nil {
+		return err
+	}
+	defer q.Close()
+	m.AddQueue(q.Counts)
+
+	exists := modelExists(models.Resolver{Dirs: cfg.Models.Dirs, AllowPaths: cfg.Models.AllowPaths})
+	sched, err := jobs.NewScheduler(jobs.SchedulerOptions{
+		Schedules: cfg.Schedules, Queue: q, Logger: log,
+		Load: func(path string, now time.Time) (*jobs.Job, error) { return jobs.LoadAt(path, cfg, now, exists) },
+	})
+	if err != nil {
+		return err
+	}
+	m.AddScheduler(sched)
+	var watchers []*jobs.Watcher
+	for i, wc := range cfg.Watch {
+		w, err := jobs.NewWatcher(jobs.WatchOptions{
+			Dir: wc.Dir, Settle: wc.Settle, Rescan: wc.Rescan, Logger: log,
+			Load: func(path string) (*jobs.Job, error) { return jobs.LoadAt(path, cfg, time.Now(), exists) },
+			Enqueue: func(ctx context.Context, job *jobs.Job) ([]int64, error) {
+				res, err := q.Enqueue(ctx, job)
+				if err != nil {
+					return nil, err
+				}
+				ids := make([]int64, len(res))
+				for i, r := range res {
+					ids[i] = r.ID
+				}
+				return ids, nil
+			},
+		})
+		if err != nil {
+			return fmt.Errorf("watch[%d].dir: %w", i, err)
+		}
+		m.AddWatcher(w)
+		watchers = append(watchers, w)
+	}
+
+	env, err := onnx.Open(cfg.Runtime, log)
+	if err != nil {
+		return err
+	}
+	defer env.Close()
+	eng = pipeline.New(env, models.Resolver{Dirs: cfg.Models.Dirs, AllowPaths: cfg.Models.AllowPaths}, pipeline.Options{Workers: cfg.Workers, MemoryBudget: cfg.Memory.Budget}, log)
+	defer eng.Close()
+	m.AddEngine(eng.Stats, cfg.Runtime.Providers[0])
+
+	var stopping atomic.Bool
+	ln, err := net.Listen("tcp", cfg.Server.Addr)
+	if err != nil {
+		return fmt.Errorf("server.addr: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", m.Handler())
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
+		health(w, r, q, &stopping)
+	})
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	srvErr := make(chan error, 1)
+	go func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			srvErr <- err
+		}
+	}()
+	defer srv.Close()
+
+	if err := q.Start(ctx); err != nil {
+		return err
+	}
+	triggers, stopTriggers := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopTriggers()
+	var wg sync.WaitGroup
+	watchErr := make(chan error, len(watchers))
+	for _, w := range watchers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := w.Run(triggers); err != nil {
+				watchErr <- err
+			}
+		}()
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		sched.Run(triggers)
+	}()
+	log.Info("serving", "addr", ln.Addr().String(), "queue", cfg.Queue.URL, "workers", cfg.Workers,
+		"watch", len(watchers), "schedules", len(cfg.Schedules))
+
+	var failure error
+	select {
+	case <-ctx.Done():
+	case failure = <-srvErr:
+		failure = fmt.Errorf("server: %w", failure)
+	case failure = <-watchErr:
+	}
+	stop() // a second signal now kills; the next process reclaims its items
+	stopping.Store(true)
+	log.Info("stopping: no new files, firings or items; running items may finish", "grace", qf.grace)
+	stopTriggers()
+	wg.Wait()
+	if err := q.Stop(context.Background(), qf.grace); err != nil {
+		log.Warn("stop the queue", "err", err)
+	}
+	shut, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	srv.Shutdown(shut)
+	cancel()
+	log.Info("stopped")
+	return failure
+}
+
+// makeItem makes and writes one item, as tessera run does.
+func makeItem(ctx context.Context, eng *pipeline.Engine, job string, it pipeline.Item, step func(pipeline.Progress)) error {
+	if it.Image != "" {
+		if _, _, _, err := pipeline.LoadImage(it.Image); err != nil {
+			return jobs.Permanent(fmt.Errorf("image %s: %w", it.Image, err))
+		}
+	} else {
+		plan, err := eng.Plan(it)
+		if err != nil {
+			return jobs.Permanent(err)
+		}
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, jobs.ItemTimeout(plan.TileSteps()))
+		defer cancel()
+	}
+	res, err := eng.Generate(ctx, it, step)
+	if err != nil {
+		return err
+	}
+	return jobs.Write(job, it, res, version)
+}
+
+// health answers /healthz: 200 while the queue database answers, 503 when
+// it does not or the process is stopping.
+func health(w http.ResponseWriter, r *http.Request, q *jobs.Queue, stopping *atomic.Bool) {
+	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+	defer cancel()
+	body := map[string]any{"status": "ok"}
+	code := http.StatusOK
+	counts, err := q.Counts(ctx)
+	switch {
+	case err != nil:
+		code, body["status"], body["error"] = http.StatusServiceUnavailable, "unhealthy", "queue: "+err.Error()
+	case stopping.Load():
+		code, body["status"] = http.StatusServiceUnavailable, "stopping"
+	}
+	if err == nil {
+		body["queue"] = counts
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	json.NewEncoder(w).Encode(body)
+}
