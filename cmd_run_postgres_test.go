@@ -61,9 +61,14 @@ var madeRE = regexp.MustCompile(`(\d+) images made, (\d+) already done, (\d+) fa
 
 // TestPostgresTwoWorkers has two processes share one batch through
 // PostgreSQL: every item is made exactly once, by one of them.
-func TestPostgresTwoWorkers(t *testing.T) {
+func TestPostgresTwoWorkers(t *testing.T) { testTwoWorkers(t, postgresSchemaURL(t)) }
+
+// TestSQLiteTwoWorkers is the same on one machine's SQLite file.
+func TestSQLiteTwoWorkers(t *testing.T) { testTwoWorkers(t, "") }
+
+func testTwoWorkers(t *testing.T, url string) {
 	const items = 16
-	e := newRunEnv(t, postgresSchemaURL(t))
+	e := newRunEnv(t, url)
 	job := e.jobFile(t, "shared", items, 30)
 	a := e.startRun(t, "-q", job)
 	b := e.startRun(t, "-q", job)
