@@ -104,6 +104,24 @@ type QueueOptions struct {
 
 // Queue is the durable queue of work items, in River on SQLite or
 // PostgreSQL.
+//
+// One queue job per item, unique by (ItemHash, output path) in every state
+// but cancelled and discarded, so that submitting a file again adds nothing
+// while a failed or cancelled item can be submitted anew. A worker first
+// checks the output (Done): an item whose PNG and sidecar exist and agree
+// completes without work. Failures wrapped with Permanent cancel the item
+// with their reason; others are retried with backoff (1s, 4s, 9s, ... at
+// most a minute apart) up to MaxAttempts.
+//
+// Crashes: the output is written atomically and its sidecar last, so a
+// killed process leaves at most a temp file (removed by the next run) and a
+// job left "running". Each working process holds a liveness lock for its
+// life (an flock on PATH.workers/ID.lock beside the SQLite file, or a
+// PostgreSQL session advisory lock keyed by its River client ID); Reap,
+// run at Start and every ReapEvery by every working process, puts items of
+// clients whose lock is free back in the queue at once. River's own rescuer
+// (RescueAfter, and the item's timeout) is the backstop for anything else,
+// such as a lost machine whose connection the server has not yet dropped.
 type Queue struct {
 	opts     QueueOptions
 	client   riverClient
