@@ -1,0 +1,339 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// serveWatchFiles is how many good job files TestServeWatch drops at once
+// (100 with -short).
+func serveWatchFiles() int {
+	if testing.Short() {
+		return 100
+	}
+	return 500
+}
+
+// serveEnv is a working directory for `tessera serve`: a config with the
+// oracle test models, JSON logs, a free port and extra config lines.
+type serveEnv struct {
+	dir, cfg, out, addr string
+}
+
+func newServeEnv(t *testing.T, queueURL, extra string) serveEnv {
+	t.Helper()
+	dir := t.TempDir()
+	models, _ := filepath.Abs(filepath.Join("testdata", "models"))
+	lib, _ := filepath.Abs(filepath.Join(".ort", "libonnxruntime.so.1"))
+	e := serveEnv{dir: dir, cfg: filepath.Join(dir, "tessera.yaml"), out: filepath.Join(dir, "out"), addr: serveFreeAddr(t)}
+	if queueURL == "" {
+		queueURL = "sqlite://" + filepath.Join(dir, "queue.db")
+	}
+	cfg := fmt.Sprintf("models: {dirs: [%q]}\noutput: {root: %q}\nqueue: {url: %q}\nruntime: {threads: 1, library: %q}\n"+
+		"log: {level: info, format: json}\nserver: {addr: %q}\n%s", models, e.out, queueURL, lib, e.addr, extra)
+	if err := os.WriteFile(e.cfg, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return e
+}
+
+func serveFreeAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// tinyJob is a job file of n 64x64 items made with the oracle models.
+func tinyJob(name, output string, n, seed int) string {
+	return fmt.Sprintf(`version: 1
+name: %s
+output: %q
+defaults: {width: 64, height: 64, base: {model: oracle-base, steps: 4}, sr: {model: oracle-sr, steps: 2, tile: {size: 48, overlap: 8}}}
+items: [{count: %d, seed: %d}]
+`, name, output, n, seed)
+}
+
+// serveDaemon is a running `tessera serve`; its JSON log lines are collected.
+type serveDaemon struct {
+	cmd  *exec.Cmd
+	mu   sync.Mutex
+	logs []map[string]any
+	raw  bytes.Buffer
+	done chan struct{}
+	code int
+}
+
+func (e serveEnv) start(t *testing.T, args ...string) *serveDaemon {
+	t.Helper()
+	d := &serveDaemon{done: make(chan struct{})}
+	d.cmd = exec.Command(tesseraBin, append([]string{"--config", e.cfg, "serve"}, args...)...)
+	d.cmd.Dir = e.dir
+	stderr, _ := d.cmd.StderrPipe()
+	if err := d.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		sc.Buffer(make([]byte, 1<<20), 1<<20)
+		for sc.Scan() {
+			var m map[string]any
+			d.mu.Lock()
+			d.raw.Write(sc.Bytes())
+			d.raw.WriteByte('\n')
+			if json.Unmarshal(sc.Bytes(), &m) == nil {
+				d.logs = append(d.logs, m)
+			}
+			d.mu.Unlock()
+		}
+		d.cmd.Wait()
+		d.code = d.cmd.ProcessState.ExitCode()
+		close(d.done)
+	}()
+	t.Cleanup(func() {
+		select {
+		case <-d.done:
+		default:
+			d.cmd.Process.Kill()
+			<-d.done
+		}
+		if t.Failed() {
+			t.Logf("serve log:\n%s", d.log())
+		}
+	})
+	serveWaitFor(t, 20*time.Second, "serve to listen", func() bool {
+		select {
+		case <-d.done:
+			t.Fatalf("serve exited with %d:\n%s", d.code, d.log())
+		default:
+		}
+		_, err := http.Get("http://" + e.addr + "/healthz")
+		return err == nil
+	})
+	return d
+}
+
+func (d *serveDaemon) log() string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.raw.String()
+}
+
+// messages returns the log records whose msg is msg.
+func (d *serveDaemon) messages(msg string) []map[string]any {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var out []map[string]any
+	for _, m := range d.logs {
+		if m["msg"] == msg {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// stop sends SIGTERM and returns the exit code and how long the exit took.
+func (d *serveDaemon) stop(t *testing.T) (int, time.Duration) {
+	t.Helper()
+	start := time.Now()
+	d.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-d.done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("serve did not stop within 30s of SIGTERM")
+	}
+	return d.code, time.Since(start)
+}
+
+func serveWaitFor(t *testing.T, limit time.Duration, what string, ok func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(limit)
+	for !ok() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", limit, what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// health fetches /healthz.
+func getHealth(t *testing.T, addr string) (int, map[string]any) {
+	t.Helper()
+	resp, err := http.Get("http://" + addr + "/healthz")
+	if err != nil {
+		return 0, nil
+	}
+	defer resp.Body.Close()
+	var body map[string]any
+	json.NewDecoder(resp.Body).Decode(&body)
+	return resp.StatusCode, body
+}
+
+func queueCount(body map[string]any, state string) int {
+	q, _ := body["queue"].(map[string]any)
+	n, _ := q[state].(float64)
+	return int(n)
+}
+
+// metric returns the value of the first sample of /metrics whose line
+// starts with prefix (name and labels).
+func serveMetric(t *testing.T, addr, prefix string) float64 {
+	t.Helper()
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	for _, l := range strings.Split(string(body), "\n") {
+		if strings.HasPrefix(l, prefix) {
+			var v float64
+			fmt.Sscanf(l[strings.LastIndexByte(l, ' ')+1:], "%g", &v)
+			return v
+		}
+	}
+	return -1
+}
+
+func serveCountFiles(t *testing.T, dir, suffix string) int {
+	t.Helper()
+	n := 0
+	filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
+		if err == nil && !d.IsDir() && strings.HasSuffix(p, suffix) {
+			n++
+		}
+		return nil
+	})
+	return n
+}
+
+// TestServeWatch drops many job files at once into a watched directory of
+// a running serve: written at once, written slowly in pieces, renamed in,
+// and bad ones. Every good file is accepted and made, every bad one is
+// rejected with its reason, and dropping files again adds no item.
+func TestServeWatch(t *testing.T) {
+	good, bad := serveWatchFiles(), 20
+	e := newServeEnv(t, "", "workers: 2\nwatch: [{dir: in, settle: 300ms, rescan: 2s}]\n")
+	in := filepath.Join(e.dir, "in")
+	d := e.start(t)
+
+	start := time.Now()
+	var wg sync.WaitGroup
+	for i := range good {
+		name := fmt.Sprintf("w%03d.yaml", i)
+		body := tinyJob(fmt.Sprintf("w%03d", i), "{job}/{index}.png", 1, i+1)
+		switch {
+		case i%10 == 1: // written slowly in three pieces
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				f, err := os.Create(filepath.Join(in, name))
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				defer f.Close()
+				third := len(body) / 3
+				for _, piece := range []string{body[:third], body[third : 2*third], body[2*third:]} {
+					f.WriteString(piece)
+					time.Sleep(150 * time.Millisecond)
+				}
+			}()
+		case i%10 == 2: // written elsewhere under a temp name and renamed in
+			tmp := filepath.Join(in, name+".tmp")
+			os.WriteFile(tmp, []byte(body), 0o644)
+			os.Rename(tmp, filepath.Join(in, name))
+		default:
+			os.WriteFile(filepath.Join(in, name), []byte(body), 0o644)
+		}
+	}
+	badBodies := []string{
+		"garbage: [",
+		"",
+		strings.Replace(tinyJob("b", "{job}/{index}.png", 1, 1), "oracle-base", "no-such-model", 1),
+		strings.Replace(tinyJob("b", "{job}/{index}.png", 1, 1), "width: 64", "width: 63", 1),
+		strings.Replace(tinyJob("b", "{job}/{index}.png", 1, 1), "version: 1", "version: 2", 1),
+		tinyJob("b", "{job}/{index}.png", 1, 1) + "colour: red\n",
+		tinyJob("b", "/abs/{index}.png", 1, 1),
+	}
+	for i := range bad {
+		os.WriteFile(filepath.Join(in, fmt.Sprintf("bad%02d.yaml", i)), []byte(badBodies[i%len(badBodies)]), 0o644)
+	}
+	wg.Wait()
+
+	var midItems float64
+	serveWaitFor(t, 60*time.Second, "every item made", func() bool {
+		if midItems <= 0 {
+			midItems = serveMetric(t, e.addr, `tessera_item_duration_seconds_count{outcome="ok"}`)
+		}
+		_, body := getHealth(t, e.addr)
+		return queueCount(body, "completed") == good
+	})
+	took := time.Since(start)
+	if got := serveCountFiles(t, filepath.Join(in, "accepted"), ".ids.json"); got != good {
+		t.Errorf("%d files accepted, want %d", got, good)
+	}
+	serveWaitFor(t, 10*time.Second, "bad files rejected", func() bool {
+		return serveCountFiles(t, filepath.Join(in, "rejected"), ".error.txt") == bad
+	})
+	for i := range bad {
+		reason, err := os.ReadFile(filepath.Join(in, "rejected", fmt.Sprintf("bad%02d.yaml.error.txt", i)))
+		if err != nil || len(bytes.TrimSpace(reason)) == 0 {
+			t.Errorf("bad%02d: no reason (%v)", i, err)
+		}
+	}
+	if got := serveCountFiles(t, e.out, ".png"); got != good {
+		t.Errorf("%d images, want %d", got, good)
+	}
+	if left, _ := filepath.Glob(filepath.Join(in, "*.yaml")); len(left) != 0 {
+		t.Errorf("files left in the watched directory: %v", left)
+	}
+	endItems := serveMetric(t, e.addr, `tessera_item_duration_seconds_count{outcome="ok"}`)
+	if endItems != float64(good) || midItems >= endItems {
+		t.Errorf("item counter %v during the run, %v at the end; want it moving up to %d", midItems, endItems, good)
+	}
+	for prefix, want := range map[string]float64{"tessera_watch_accepted_total": float64(good), "tessera_watch_rejected_total": float64(bad)} {
+		if got := serveMetric(t, e.addr, prefix); got != want {
+			t.Errorf("%s = %v, want %v", prefix, got, want)
+		}
+	}
+	if got := serveMetric(t, e.addr, "tessera_tiles_total"); got <= 0 {
+		t.Errorf("tessera_tiles_total = %v", got)
+	}
+	t.Logf("%d files (%d bad) dropped at once: all images made in %s", good+bad, bad, took.Round(10*time.Millisecond))
+
+	// The same files dropped again: accepted, nothing new queued.
+	for i := range 5 {
+		os.WriteFile(filepath.Join(in, fmt.Sprintf("w%03d.yaml", i)), []byte(tinyJob(fmt.Sprintf("w%03d", i), "{job}/{index}.png", 1, i+1)), 0o644)
+	}
+	serveWaitFor(t, 10*time.Second, "files dropped again taken", func() bool {
+		return serveMetric(t, e.addr, "tessera_watch_accepted_total") == float64(good+5)
+	})
+	_, body := getHealth(t, e.addr)
+	total := 0
+	for _, n := range body["queue"].(map[string]any) {
+		total += int(n.(float64))
+	}
+	if total != good {
+		t.Errorf("queue holds %d items after dropping files again, want %d", total, good)
+	}
+	if code, _ := d.stop(t); code != 0 {
+		t.Errorf("exit %d after SIGTERM", code)
+	}
+}
