@@ -337,3 +337,114 @@ func TestServeWatch(t *testing.T) {
 		t.Errorf("exit %d after SIGTERM", code)
 	}
 }
+
+// firings returns the firing times logged by daemons, and fails on a time
+// fired twice.
+func firings(t *testing.T, ds ...*serveDaemon) map[string]bool {
+	t.Helper()
+	at := map[string]bool{}
+	for _, d := range ds {
+		for _, m := range d.messages("schedule: fired") {
+			s, _ := m["at"].(string)
+			if at[s] {
+				t.Errorf("firing at %s made twice", s)
+			}
+			at[s] = true
+		}
+	}
+	return at
+}
+
+const tickSchedule = "schedules: [{name: tick, cron: \"@every 1s\", job: tick.yaml}]\n"
+
+// TestServeScheduleAcrossRestart fires a schedule every second, restarts
+// serve and fires on: every second the daemon ran fires once, none twice,
+// and each firing's outputs are under its own {time}.
+func TestServeScheduleAcrossRestart(t *testing.T) {
+	e := newServeEnv(t, "", tickSchedule)
+	os.WriteFile(filepath.Join(e.dir, "tick.yaml"), []byte(tinyJob("tick", "{job}/{date}/{time}/{index}.png", 1, 7)), 0o644)
+	var ds []*serveDaemon
+	var ran time.Duration
+	for range 2 {
+		d := e.start(t)
+		start := time.Now()
+		time.Sleep(3500 * time.Millisecond)
+		if code, _ := d.stop(t); code != 0 {
+			t.Fatalf("exit %d", code)
+		}
+		ran += time.Since(start)
+		ds = append(ds, d)
+		if n := len(d.messages("schedule: fired")); n < 2 || n > 5 {
+			t.Errorf("%d firings in 3.5s", n)
+		}
+		if n := len(d.messages("schedule: skipped; an earlier firing is unfinished")); n > 0 {
+			t.Logf("%d firings skipped (an earlier one was unfinished)", n)
+		}
+	}
+	at := firings(t, ds...)
+	dirs, _ := filepath.Glob(filepath.Join(e.out, "tick", "*", "*"))
+	if len(dirs) != len(at) {
+		t.Errorf("%d output directories for %d firings", len(dirs), len(at))
+	}
+	t.Logf("%d firings in %s of two runs", len(at), ran.Round(100*time.Millisecond))
+}
+
+// TestServeScheduleTwoProcessesPostgres runs two serve processes with the
+// same schedule on one PostgreSQL queue: each time fires once between them.
+func TestServeScheduleTwoProcessesPostgres(t *testing.T) {
+	url := postgresSchemaURL(t)
+	a := newServeEnv(t, url, tickSchedule)
+	b := newServeEnv(t, url, tickSchedule)
+	b.out = a.out
+	cfg, _ := os.ReadFile(b.cfg)
+	os.WriteFile(b.cfg, bytes.Replace(cfg, []byte(filepath.Join(b.dir, "out")), []byte(a.out), 1), 0o644)
+	for _, e := range []serveEnv{a, b} {
+		os.WriteFile(filepath.Join(e.dir, "tick.yaml"), []byte(tinyJob("tick", "{job}/{date}/{time}/{index}.png", 1, 7)), 0o644)
+	}
+	da, db := a.start(t), b.start(t)
+	time.Sleep(4 * time.Second)
+	for _, d := range []*serveDaemon{da, db} {
+		if code, _ := d.stop(t); code != 0 {
+			t.Errorf("exit %d", code)
+		}
+	}
+	at := firings(t, da, db)
+	dupes := len(da.messages("schedule: this firing was already queued (by another process or before a restart)")) +
+		len(db.messages("schedule: this firing was already queued (by another process or before a restart)"))
+	skips := len(da.messages("schedule: skipped; an earlier firing is unfinished")) + len(db.messages("schedule: skipped; an earlier firing is unfinished"))
+	dirs, _ := filepath.Glob(filepath.Join(a.out, "tick", "*", "*"))
+	if len(at) < 2 || len(dirs) != len(at) {
+		t.Errorf("%d firings, %d output directories", len(at), len(dirs))
+	}
+	t.Logf("%d firings between two processes; the other process found %d already queued and skipped %d", len(at), dupes, skips)
+}
+
+// TestServeSIGTERM stops serve while it works: it exits 0 within the grace
+// period, the items it did not finish stay queued, and a restarted serve
+// makes them.
+func TestServeSIGTERM(t *testing.T) {
+	e := newServeEnv(t, "", "watch: [{dir: in, settle: 100ms}]\n")
+	const n = 12
+	job := strings.Replace(strings.Replace(tinyJob("slow", "{job}/{index}.png", n, 1), "width: 64, height: 64", "width: 128, height: 128", 1), "steps: 4", "steps: 30", 1)
+	d := e.start(t, "--grace", "300ms")
+	os.WriteFile(filepath.Join(e.dir, "in", "slow.yaml"), []byte(job), 0o644)
+	serveWaitFor(t, 30*time.Second, "a first image", func() bool { return serveCountFiles(t, e.out, ".png") > 0 })
+	code, took := d.stop(t)
+	made := serveCountFiles(t, e.out, ".png")
+	if code != 0 || took > 5*time.Second {
+		t.Fatalf("exit %d after %s", code, took)
+	}
+	if made >= n {
+		t.Skipf("all %d items finished before the stop; nothing to resume", n)
+	}
+	d = e.start(t)
+	serveWaitFor(t, 60*time.Second, "every item made after the restart", func() bool {
+		_, body := getHealth(t, e.addr)
+		return queueCount(body, "completed") == n
+	})
+	if got := serveCountFiles(t, e.out, ".png"); got != n {
+		t.Errorf("%d images, want %d", got, n)
+	}
+	d.stop(t)
+	t.Logf("SIGTERM with %d of %d made: exit 0 in %s; the rest made after a restart", made, n, took.Round(10*time.Millisecond))
+}
