@@ -87,7 +87,9 @@ func (a *app) run(ctx context.Context, stop func(), files []string, stdout, stde
 
 	var eng *pipeline.Engine
 	var prog *progress
-	runner := func(ctx context.Context, job string, it pipeline.Item) error {
+	runner := func(ctx context.Context, job string, it pipeline.Item) (err error) {
+		prog.start(it)
+		defer func() { prog.finish(it, err) }()
 		if it.Image != "" {
 			if _, _, _, err := pipeline.LoadImage(it.Image); err != nil {
 				return jobs.Permanent(fmt.Errorf("image %s: %w", it.Image, err))
@@ -101,13 +103,11 @@ func (a *app) run(ctx context.Context, stop func(), files []string, stdout, stde
 			ctx, cancel = context.WithTimeout(ctx, jobs.ItemTimeout(plan.TileSteps()))
 			defer cancel()
 		}
-		prog.start(it)
 		res, err := eng.Generate(ctx, it, prog.step)
-		if err == nil {
-			err = jobs.Write(job, it, res, version)
+		if err != nil {
+			return err
 		}
-		prog.finish(it, err)
-		return err
+		return jobs.Write(job, it, res, version)
 	}
 	q, err := a.openQueue(context.WithoutCancel(ctx), runner, qf)
 	if err != nil {

@@ -497,7 +497,7 @@ func infoOf(row *rivertype.JobRow) JobInfo {
 		j.Worker = row.AttemptedBy[n-1]
 	}
 	if n := len(row.Errors); n > 0 {
-		j.Error = row.Errors[n-1].Error
+		j.Error = strings.TrimPrefix(row.Errors[n-1].Error, "JobCancelError: ")
 	}
 	if out := row.Output(); len(out) > 0 {
 		var o itemOutput
