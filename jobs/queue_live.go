@@ -7,6 +7,7 @@ import (
 	"hash/fnv"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 
 	"github.com/jackc/pgx/v5"
@@ -41,7 +42,19 @@ func newFileLiveness(dir, id string) (*fileLiveness, error) {
 		f.Close()
 		return nil, fmt.Errorf("liveness lock %s: %w", path, err)
 	}
-	return &fileLiveness{dir: dir, own: f, path: path}, nil
+	l := &fileLiveness{dir: dir, own: f, path: path}
+	l.sweep(id)
+	return l, nil
+}
+
+// sweep removes the lock files of processes that are gone.
+func (l *fileLiveness) sweep(self string) {
+	names, _ := filepath.Glob(filepath.Join(l.dir, "*.lock"))
+	for _, p := range names {
+		if id := strings.TrimSuffix(filepath.Base(p), ".lock"); id != self {
+			l.alive(context.Background(), id)
+		}
+	}
 }
 
 func (l *fileLiveness) alive(ctx context.Context, id string) (bool, error) {

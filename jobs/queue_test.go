@@ -354,6 +354,16 @@ func testReap(t *testing.T, b backend) {
 		t.Fatalf("reaped job: %+v", j)
 	}
 	close(release)
+	if b.name == "sqlite" {
+		// A lock file of a dead process is swept by the next one to open.
+		dir := strings.TrimPrefix(s.url, "sqlite://") + ".workers"
+		stale := filepath.Join(dir, "tessera-1-dead.lock")
+		os.WriteFile(stale, nil, 0o644)
+		open(t, s.url, writeImage)
+		if _, err := os.Stat(stale); !os.IsNotExist(err) {
+			t.Errorf("stale lock file not swept: %v", err)
+		}
+	}
 }
 
 func testConcurrentOpen(t *testing.T, b backend) {
