@@ -143,7 +143,7 @@ func (e runEnv) status(t *testing.T) queueStatus {
 // restarting it each time, and checks that the batch ends with every image
 // made exactly once and no temp file left.
 func TestRunCrashResume(t *testing.T) {
-	const items, minKills = 36, 10
+	const items, minKills = 40, 12
 	e := newRunEnv(t, "")
 	job := e.jobFile(t, "crash", items, 40)
 	seed := time.Now().UnixNano()
