@@ -448,3 +448,61 @@ func TestServeSIGTERM(t *testing.T) {
 	d.stop(t)
 	t.Logf("SIGTERM with %d of %d made: exit 0 in %s; the rest made after a restart", made, n, took.Round(10*time.Millisecond))
 }
+
+// TestServeHealthzQueueUnreachable reaches PostgreSQL through a proxy
+// that the test then cuts: /healthz turns 503 and /metrics says
+// tessera_queue_up 0.
+func TestServeHealthzQueueUnreachable(t *testing.T) {
+	url := postgresSchemaURL(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var conns []net.Conn
+	cut := false
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			up, err := net.Dial("tcp", "127.0.0.1:5432")
+			mu.Lock()
+			if err != nil || cut {
+				mu.Unlock()
+				c.Close()
+				continue
+			}
+			conns = append(conns, c, up)
+			mu.Unlock()
+			go func() { io.Copy(up, c); up.Close() }()
+			go func() { io.Copy(c, up); c.Close() }()
+		}
+	}()
+	defer ln.Close()
+	proxied := strings.Replace(url, "127.0.0.1:5432", ln.Addr().String(), 1)
+	e := newServeEnv(t, proxied, "")
+	d := e.start(t)
+	if code, body := getHealth(t, e.addr); code != http.StatusOK || body["status"] != "ok" {
+		t.Fatalf("healthz %d %v with the database up", code, body)
+	}
+	// Cut once River's producer has started: a database lost during its
+	// start-up made serve exit in one of four tries (not yet understood).
+	time.Sleep(1500 * time.Millisecond)
+	mu.Lock()
+	cut = true
+	ln.Close()
+	for _, c := range conns {
+		c.Close()
+	}
+	mu.Unlock()
+	serveWaitFor(t, 10*time.Second, "healthz to report the database down", func() bool {
+		code, body := getHealth(t, e.addr)
+		return code == http.StatusServiceUnavailable && body["status"] == "unhealthy"
+	})
+	if up := serveMetric(t, e.addr, "tessera_queue_up"); up != 0 {
+		t.Errorf("tessera_queue_up = %v with the database down", up)
+	}
+	d.cmd.Process.Kill()
+}
