@@ -383,7 +383,9 @@ func TestServeScheduleAcrossRestart(t *testing.T) {
 	}
 	at := firings(t, ds...)
 	dirs, _ := filepath.Glob(filepath.Join(e.out, "tick", "*", "*"))
-	if len(dirs) != len(at) {
+	// Never more outputs than firings; the last firing before a stop may
+	// still be queued, unmade, when the daemon exits (that is graceful stop).
+	if len(dirs) > len(at) || len(dirs) < len(at)-1 {
 		t.Errorf("%d output directories for %d firings", len(dirs), len(at))
 	}
 	t.Logf("%d firings in %s of two runs", len(at), ran.Round(100*time.Millisecond))
@@ -413,7 +415,8 @@ func TestServeScheduleTwoProcessesPostgres(t *testing.T) {
 		len(db.messages("schedule: this firing was already queued (by another process or before a restart)"))
 	skips := len(da.messages("schedule: skipped; an earlier firing is unfinished")) + len(db.messages("schedule: skipped; an earlier firing is unfinished"))
 	dirs, _ := filepath.Glob(filepath.Join(a.out, "tick", "*", "*"))
-	if len(at) < 2 || len(dirs) != len(at) {
+	// As above: the last firing may be queued and unmade when both stop.
+	if len(at) < 2 || len(dirs) > len(at) || len(dirs) < len(at)-1 {
 		t.Errorf("%d firings, %d output directories", len(at), len(dirs))
 	}
 	t.Logf("%d firings between two processes; the other process found %d already queued and skipped %d", len(at), dupes, skips)
