@@ -5,10 +5,8 @@ import (
 	"fmt"
 	"io"
 	"net/url"
-	"os"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -58,30 +56,11 @@ func (a *app) loadJobFiles(files []string, stderr io.Writer) (loaded []*jobs.Job
 }
 
 // modelExists reports whether a model reference would resolve, without
-// loading it: the same order as models.Resolver.Resolve (embedded name,
-// models.dirs, then a path where allowed).
+// loading ONNX Runtime.
 func modelExists(r models.Resolver) func(string) error {
 	return func(ref string) error {
-		if _, ok := models.Lookup(ref); ok {
-			return nil
-		}
-		if ref != "" && !strings.ContainsAny(ref, `/\`) && ref != "." && ref != ".." {
-			for _, dir := range r.Dirs {
-				for _, p := range []string{filepath.Join(dir, ref, "model.onnx"), filepath.Join(dir, ref+".onnx")} {
-					if _, err := os.Stat(p); err == nil {
-						return nil
-					}
-				}
-			}
-		}
-		if _, err := os.Stat(ref); err == nil {
-			if !r.AllowPaths {
-				return fmt.Errorf("model %q: paths to models are not allowed here (set models.allow_paths, or put it in a directory of models.dirs)", ref)
-			}
-			return nil
-		}
-		return fmt.Errorf("unknown model %q: not an embedded model (%s), not found in models.dirs (%s), and no such file",
-			ref, strings.Join(models.Names(), ", "), strings.Join(r.Dirs, ", "))
+		_, _, err := r.Find(ref)
+		return err
 	}
 }
 

@@ -49,31 +49,44 @@ type Resolver struct {
 	AllowPaths bool     // whether a reference may be a file system path
 }
 
-// Resolve describes the model ref names. A ref is, in order: an embedded
-// model's name, a directory <dir>/<ref>/ holding model.onnx, or a file
+// Find locates the model ref names without loading it: the embedded model
+// of that name, or the file to load. A ref is, in order: an embedded model's
+// name, a directory <dir>/<ref>/ holding model.onnx, or a file
 // <dir>/<ref>.onnx in a configured directory, or (when paths are allowed) a
 // path to a model file or its directory.
-func (r Resolver) Resolve(env *onnx.Env, ref string) (*onnx.Model, error) {
-	if e, ok := embedded[ref]; ok {
-		return env.LoadModelBytes(e.Name, e.ONNX, e.Manifest)
+func (r Resolver) Find(ref string) (embedded *Embedded, path string, err error) {
+	if e, ok := Lookup(ref); ok {
+		return &e, "", nil
 	}
 	if isPlainName(ref) {
 		for _, dir := range r.Dirs {
 			for _, p := range []string{filepath.Join(dir, ref, "model.onnx"), filepath.Join(dir, ref+".onnx")} {
 				if _, err := os.Stat(p); err == nil {
-					return env.LoadModel(p)
+					return nil, p, nil
 				}
 			}
 		}
 	}
 	if _, err := os.Stat(ref); err == nil {
 		if !r.AllowPaths {
-			return nil, fmt.Errorf("model %q: paths to models are not allowed here (set models.allow_paths, or put it in a directory of models.dirs)", ref)
+			return nil, "", fmt.Errorf("model %q: paths to models are not allowed here (set models.allow_paths, or put it in a directory of models.dirs)", ref)
 		}
-		return env.LoadModel(ref)
+		return nil, ref, nil
 	}
-	return nil, fmt.Errorf("%w %q: not an embedded model (%s), not found in models.dirs (%s), and no such file",
+	return nil, "", fmt.Errorf("%w %q: not an embedded model (%s), not found in models.dirs (%s), and no such file",
 		ErrUnknownModel, ref, strings.Join(Names(), ", "), strings.Join(r.Dirs, ", "))
+}
+
+// Resolve finds the model ref names (see Find) and describes it.
+func (r Resolver) Resolve(env *onnx.Env, ref string) (*onnx.Model, error) {
+	e, path, err := r.Find(ref)
+	if err != nil {
+		return nil, err
+	}
+	if e != nil {
+		return env.LoadModelBytes(e.Name, e.ONNX, e.Manifest)
+	}
+	return env.LoadModel(path)
 }
 
 func isPlainName(ref string) bool {
