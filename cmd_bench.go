@@ -9,7 +9,6 @@ import (
 	"math"
 	"os"
 	"path/filepath"
-	"runtime/pprof"
 	"strconv"
 	"strings"
 	"time"
@@ -60,7 +59,7 @@ type benchReport struct {
 
 func newBenchCmd(a *app) *cobra.Command {
 	var asJSON, memory bool
-	var image, cpuprofile string
+	var image string
 	cmd := &cobra.Command{
 		Use:   "bench",
 		Short: "Measure the pipeline on a fixed workload with the demo models",
@@ -74,14 +73,6 @@ the original next to Lanczos and bicubic. --memory adds a 4096² item with one
 SR step per stage to report peak RSS at that size.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if cpuprofile != "" {
-				f, err := os.Create(cpuprofile)
-				if err != nil {
-					return err
-				}
-				pprof.StartCPUProfile(f)
-				defer pprof.StopCPUProfile()
-			}
 			rep, err := a.bench(cmd.Context(), image, memory, cmd.ErrOrStderr())
 			if err != nil {
 				return err
@@ -96,7 +87,6 @@ SR step per stage to report peak RSS at that size.`,
 		},
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
-	cmd.Flags().StringVar(&cpuprofile, "cpuprofile", "", "write a CPU profile")
 	cmd.Flags().BoolVar(&memory, "memory", false, "add a 4096² item to measure peak memory")
 	cmd.Flags().StringVar(&image, "image", filepath.Join("testdata", "images", "chelsea-256.png"), "photograph for the upscaling measurement (\"\" skips it)")
 	return cmd

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"runtime/pprof"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
@@ -39,7 +40,20 @@ models upscale it tile by tile into one seamless picture.`,
 	pf.StringSlice("providers", nil, "execution providers in order, e.g. cuda,cpu (config runtime.providers)")
 	pf.Bool("fallback", false, "fall back to the next provider when one cannot attach (config runtime.fallback)")
 	pf.Int("threads", 0, "intra-op threads for ONNX Runtime, 0 = all cores (config runtime.threads)")
+	var cpuprofile string
+	pf.StringVar(&cpuprofile, "cpuprofile", "", "write a CPU profile of the command to this file")
+	pf.MarkHidden("cpuprofile")
+	root.PersistentPostRun = func(cmd *cobra.Command, args []string) { pprof.StopCPUProfile() }
 	root.PersistentPreRunE = func(cmd *cobra.Command, args []string) error {
+		if cpuprofile != "" {
+			f, err := os.Create(cpuprofile)
+			if err != nil {
+				return err
+			}
+			if err := pprof.StartCPUProfile(f); err != nil {
+				return err
+			}
+		}
 		cfg, err := config.Load(a.configFile, append([]config.Flag{
 			{Key: "log.level", Flag: pf.Lookup("log-level")},
 			{Key: "log.format", Flag: pf.Lookup("log-format")},
