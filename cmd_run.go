@@ -90,24 +90,7 @@ func (a *app) run(ctx context.Context, stop func(), files []string, stdout, stde
 	runner := func(ctx context.Context, job string, it pipeline.Item) (err error) {
 		prog.start(it)
 		defer func() { prog.finish(it, err) }()
-		if it.Image != "" {
-			if _, _, _, err := pipeline.LoadImage(it.Image); err != nil {
-				return jobs.Permanent(fmt.Errorf("image %s: %w", it.Image, err))
-			}
-		} else {
-			plan, err := eng.Plan(it)
-			if err != nil {
-				return jobs.Permanent(err)
-			}
-			var cancel context.CancelFunc
-			ctx, cancel = context.WithTimeout(ctx, jobs.ItemTimeout(plan.TileSteps()))
-			defer cancel()
-		}
-		res, err := eng.Generate(ctx, it, prog.step)
-		if err != nil {
-			return err
-		}
-		return jobs.Write(job, it, res, version)
+		return makeItem(ctx, eng, job, it, prog.step)
 	}
 	q, err := a.openQueue(context.WithoutCancel(ctx), runner, qf)
 	if err != nil {
