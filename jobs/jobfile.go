@@ -139,6 +139,9 @@ func Parse(name string, data []byte, cfg config.Config, now time.Time) (*Job, er
 			index++
 			tmpl := firstNonEmpty(spec.Output, f.Output, DefaultOutput)
 			out, err := resolveOutput(tmpl, cfg.Output.Root, f.Name, it, now)
+			if err == nil {
+				err = insideRoot(cfg.Output.Root, out)
+			}
 			if err != nil {
 				bad(path+".output", "%v", err)
 				continue
@@ -343,6 +346,37 @@ func resolveOutput(tmpl, root, job string, it pipeline.Item, now time.Time) (str
 		clean += ".png"
 	}
 	return filepath.Join(root, clean), nil
+}
+
+// insideRoot checks that out, once symbolic links in the part of its
+// directory that exists are followed, still lies under root: a link inside
+// the output root must not lead outside it. A root that does not exist yet
+// has no links to follow.
+func insideRoot(root, out string) error {
+	realRoot, err := filepath.EvalSymlinks(root)
+	if err != nil {
+		return nil
+	}
+	dir := filepath.Dir(out)
+	for {
+		if _, err := os.Lstat(dir); err == nil {
+			break
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return nil
+		}
+		dir = parent
+	}
+	realDir, err := filepath.EvalSymlinks(dir)
+	if err != nil {
+		return fmt.Errorf("%s: %v", dir, err)
+	}
+	rel, err := filepath.Rel(realRoot, realDir)
+	if err != nil || rel == ".." || strings.HasPrefix(rel, ".."+string(filepath.Separator)) {
+		return fmt.Errorf("%s leaves output.root through a symbolic link (it leads to %s)", out, realDir)
+	}
+	return nil
 }
 
 // decodeStrict decodes into a generic tree, rejecting unknown keys by

@@ -152,3 +152,28 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+func TestOutputThroughSymlinkRejected(t *testing.T) {
+	root := filepath.Join(t.TempDir(), "out")
+	elsewhere := t.TempDir()
+	os.MkdirAll(filepath.Join(root, "inside"), 0o755)
+	if err := os.Symlink(elsewhere, filepath.Join(root, "escape")); err != nil {
+		t.Skip("no symlinks here:", err)
+	}
+	os.Symlink(filepath.Join(root, "inside"), filepath.Join(root, "alias"))
+	cfg := config.Default()
+	cfg.Output.Root = root
+	body := func(out string) []byte {
+		return []byte("version: 1\noutput: " + out + "\ndefaults: {width: 64, height: 64, base: {model: b}, sr: {model: s}}\nitems: [{}]\n")
+	}
+	_, err := Parse("a.yaml", body("escape/x/{seed}.png"), cfg, now)
+	if err == nil || !strings.Contains(err.Error(), "items[0].output") || !strings.Contains(err.Error(), "symbolic link") {
+		t.Fatalf("escape through a link: %v", err)
+	}
+	// A link that stays inside the root is fine, as is a directory not made yet.
+	for _, out := range []string{"alias/{seed}.png", "new/dir/{seed}.png"} {
+		if _, err := Parse("a.yaml", body(out), cfg, now); err != nil {
+			t.Errorf("%s: %v", out, err)
+		}
+	}
+}
