@@ -142,7 +142,7 @@ func (a *app) serve(ctx context.Context, stop func(), qf queueFlags) error {
 	defer env.Close()
 	eng = pipeline.New(env, models.Resolver{Dirs: cfg.Models.Dirs, AllowPaths: cfg.Models.AllowPaths}, pipeline.Options{Workers: cfg.Workers, MemoryBudget: cfg.Memory.Budget}, log)
 	defer eng.Close()
-	m.AddEngine(eng.Stats, cfg.Runtime.Providers[0])
+	m.AddEngine(eng.ModelStats)
 
 	var stopping atomic.Bool
 	ln, err := net.Listen("tcp", cfg.Server.Addr)

@@ -313,8 +313,13 @@ func TestServeWatch(t *testing.T) {
 			t.Errorf("%s = %v, want %v", prefix, got, want)
 		}
 	}
-	if got := serveMetric(t, e.addr, "tessera_tiles_total"); got <= 0 {
-		t.Errorf("tessera_tiles_total = %v", got)
+	// 64x64 items are the base stage alone: the base model worked, the SR
+	// model is loaded (for planning) and idle.
+	if got := serveMetric(t, e.addr, `tessera_tiles_total{model="oracle-base",provider="cpu"}`); got <= 0 {
+		t.Errorf("base model tiles = %v", got)
+	}
+	if got := serveMetric(t, e.addr, `tessera_tiles_total{model="oracle-sr",provider="cpu"}`); got != 0 {
+		t.Errorf("SR model tiles = %v, want 0", got)
 	}
 	t.Logf("%d files (%d bad) dropped at once: all images made in %s", good+bad, bad, took.Round(10*time.Millisecond))
 

@@ -157,19 +157,32 @@ func (c *queueCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(depthDesc, prometheus.GaugeValue, float64(depth))
 }
 
-// AddEngine exports ONNX Runtime's time and the tile rows evaluated. The
-// engine sums every model, so model is "all"; provider is the first
-// configured execution provider.
-func (m *Metrics) AddEngine(stats func() pipeline.Stats, provider string) {
-	labels := prometheus.Labels{"model": "all", "provider": provider}
-	m.reg.MustRegister(
-		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "tessera_ort_run_seconds_total", Help: "Time inside ONNX Runtime Run.", ConstLabels: labels},
-			func() float64 { return stats().RunSeconds }),
-		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "tessera_ort_runs_total", Help: "ONNX Runtime Run calls.", ConstLabels: labels},
-			func() float64 { return float64(stats().Runs) }),
-		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "tessera_tiles_total", Help: "Tile rows evaluated (one per tile per step).", ConstLabels: labels},
-			func() float64 { return float64(stats().Rows) }),
-	)
+// AddEngine exports ONNX Runtime's time, Run calls and the tile rows
+// evaluated, by model and execution provider, read at scrape time.
+func (m *Metrics) AddEngine(stats func() []pipeline.ModelStats) {
+	m.reg.MustRegister(engineCollector(stats))
+}
+
+var (
+	ortSecondsDesc = prometheus.NewDesc("tessera_ort_run_seconds_total", "Time inside ONNX Runtime Run.", []string{"model", "provider"}, nil)
+	ortRunsDesc    = prometheus.NewDesc("tessera_ort_runs_total", "ONNX Runtime Run calls.", []string{"model", "provider"}, nil)
+	tilesDesc      = prometheus.NewDesc("tessera_tiles_total", "Tile rows evaluated (one per tile per step).", []string{"model", "provider"}, nil)
+)
+
+type engineCollector func() []pipeline.ModelStats
+
+func (c engineCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- ortSecondsDesc
+	ch <- ortRunsDesc
+	ch <- tilesDesc
+}
+
+func (c engineCollector) Collect(ch chan<- prometheus.Metric) {
+	for _, s := range c() {
+		ch <- prometheus.MustNewConstMetric(ortSecondsDesc, prometheus.CounterValue, s.RunSeconds, s.Model, s.Provider)
+		ch <- prometheus.MustNewConstMetric(ortRunsDesc, prometheus.CounterValue, float64(s.Runs), s.Model, s.Provider)
+		ch <- prometheus.MustNewConstMetric(tilesDesc, prometheus.CounterValue, float64(s.Rows), s.Model, s.Provider)
+	}
 }
 
 // AddWatcher exports the files a watcher accepted and rejected.

@@ -83,6 +83,26 @@ type Stats struct {
 	Runs       int64
 }
 
+// ModelStats are one model's counters.
+type ModelStats struct {
+	Model    string
+	Provider string
+	Stats
+}
+
+// ModelStats returns the counters of each model the engine has loaded.
+func (e *Engine) ModelStats() []ModelStats {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	out := make([]ModelStats, 0, len(e.runners))
+	for ref, r := range e.runners {
+		out = append(out, ModelStats{Model: ref, Provider: r.sess.Provider(), Stats: Stats{
+			RunSeconds: time.Duration(r.runNanos.Load()).Seconds(), Rows: r.rowsRun.Load(), Runs: r.runs.Load(),
+		}})
+	}
+	return out
+}
+
 // Stats sums the counters of every model.
 func (e *Engine) Stats() Stats {
 	e.mu.Lock()
