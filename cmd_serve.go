@@ -163,8 +163,22 @@ func (a *app) serve(ctx context.Context, stop func(), qf queueFlags) error {
 	}()
 	defer srv.Close()
 
-	if err := q.Start(ctx); err != nil {
-		return err
+	// A daemon outlives its database's hiccups: when the queue cannot be
+	// started (the database went away just now), keep serving /healthz
+	// (which says 503) and try again with growing pauses.
+	for attempt := 0; ; attempt++ {
+		err := q.Start(ctx)
+		if err == nil {
+			break
+		}
+		wait := min(time.Second<<min(attempt, 5), 30*time.Second)
+		log.Warn("queue could not start; retrying", "err", err, "in", wait)
+		select {
+		case <-ctx.Done():
+			log.Info("stopped before the queue started")
+			return nil
+		case <-time.After(wait):
+		}
 	}
 	triggers, stopTriggers := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopTriggers()
