@@ -139,9 +139,11 @@ func (e *Engine) runner(ref string) (*runner, error) {
 	if _, err := scheduleOf(m, "ddim"); err != nil { // reject a bad schedule before any work
 		return nil, fmt.Errorf("model %s: %w", ref, err)
 	}
-	concurrent := min(max(e.opts.Workers, 1), 2)
-	if e.opts.Workers <= 1 {
-		concurrent = 1
+	// With several items in flight a base and an SR session may run at once;
+	// they share the CPU threads between them.
+	concurrent := 1
+	if e.opts.Workers > 1 {
+		concurrent = 2
 	}
 	sess, err := e.env.NewSession(m, onnx.SessionOptions{Concurrent: concurrent})
 	if err != nil {
@@ -482,7 +484,10 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 			stages.ScaleInput(scaled, x, s)
 			xin = scaled
 		}
-		for {
+		for attempt := 0; ; attempt++ {
+			if i > 0 || attempt > 0 {
+				acc.Reset() // a new accumulator is already zero
+			}
 			err := fuseStep(ctx, r, grid, acc, xin, cond, stepInputs{t: t, noiseLevel: float32(sp.NoiseLevel), classes: classes, guidance: guidance})
 			if err == nil {
 				break
@@ -532,11 +537,11 @@ type stepInputs struct {
 // fuseStep sends every tile of the canvas xin to the model's batcher (the
 // tiler) and adds each prediction, guided where there is a pair, to acc with
 // the tile's window (the stitcher), the two joined by the reply channel.
+// acc must be empty.
 func fuseStep(ctx context.Context, r *runner, grid *stages.TileGrid, acc *stages.Accumulator, xin, cond []float32, in stepInputs) error {
 	c := r.channels
 	tileLen := c * grid.TileHeight * grid.TileWidth
 	t, classes, guidance := in.t, in.classes, in.guidance
-	acc.Reset()
 	replies := make(chan response, len(grid.Tiles))
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { // tiler
