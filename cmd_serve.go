@@ -69,11 +69,6 @@ items finish within --grace, puts the rest back in the queue and exits 0.`,
 // default signal handling, so that a second signal kills.
 func (a *app) serve(ctx context.Context, stop func(), qf queueFlags) error {
 	cfg, log := a.cfg, a.logger
-	for i, w := range cfg.Watch {
-		if w.Recursive {
-			return fmt.Errorf("watch[%d].recursive: not supported; list each directory under watch", i)
-		}
-	}
 	m := metrics.New()
 	if n, err := jobs.RemoveStaleTemps(cfg.Output.Root); err == nil && n > 0 {
 		log.Info("removed temp files left by an interrupted run", "count", n, "dir", cfg.Output.Root)
@@ -114,7 +109,7 @@ func (a *app) serve(ctx context.Context, stop func(), qf queueFlags) error {
 	var watchers []*jobs.Watcher
 	for i, wc := range cfg.Watch {
 		w, err := jobs.NewWatcher(jobs.WatchOptions{
-			Dir: wc.Dir, Settle: wc.Settle, Rescan: wc.Rescan, Logger: log,
+			Dir: wc.Dir, Settle: wc.Settle, Rescan: wc.Rescan, Recursive: wc.Recursive, Logger: log,
 			Load: func(path string) (*jobs.Job, error) { return jobs.LoadAt(path, cfg, time.Now(), exists) },
 			Enqueue: func(ctx context.Context, job *jobs.Job) ([]int64, error) {
 				res, err := q.Enqueue(ctx, job)

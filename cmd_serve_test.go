@@ -343,6 +343,51 @@ func TestServeWatch(t *testing.T) {
 	}
 }
 
+// TestServeWatchRecursive watches a directory with recursive: true: job
+// files dropped into nested subdirectories made while serve runs are taken
+// and made, and moved under accepted/ and rejected/ with their relative
+// paths, equal file names in different subdirectories included.
+func TestServeWatchRecursive(t *testing.T) {
+	e := newServeEnv(t, "", "workers: 2\nwatch: [{dir: in, recursive: true, settle: 200ms, rescan: 1s}]\n")
+	in := filepath.Join(e.dir, "in")
+	d := e.start(t)
+	drop := func(rel, body string) {
+		p := filepath.Join(in, filepath.FromSlash(rel))
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	drop("a/b/job.yaml", tinyJob("r1", "{job}/{index}.png", 1, 1))
+	drop("c/job.yaml", tinyJob("r2", "{job}/{index}.png", 1, 2))
+	drop("c/bad.yaml", "garbage: [")
+	drop(".hidden/job.yaml", tinyJob("r3", "{job}/{index}.png", 1, 3))
+	serveWaitFor(t, 30*time.Second, "both items made", func() bool {
+		_, body := getHealth(t, e.addr)
+		return queueCount(body, "completed") == 2
+	})
+	serveWaitFor(t, 10*time.Second, "the bad file rejected", func() bool {
+		return serveMetric(t, e.addr, "tessera_watch_rejected_total") == 1
+	})
+	for _, rel := range []string{"accepted/a/b/job.yaml", "accepted/a/b/job.yaml.ids.json", "accepted/c/job.yaml",
+		"accepted/c/job.yaml.ids.json", "rejected/c/bad.yaml", "rejected/c/bad.yaml.error.txt", ".hidden/job.yaml"} {
+		if _, err := os.Stat(filepath.Join(in, filepath.FromSlash(rel))); err != nil {
+			t.Error(err)
+		}
+	}
+	if got := serveMetric(t, e.addr, "tessera_watch_accepted_total"); got != 2 {
+		t.Errorf("tessera_watch_accepted_total = %v, want 2", got)
+	}
+	if got := serveCountFiles(t, e.out, ".png"); got != 2 {
+		t.Errorf("%d images, want 2", got)
+	}
+	if code, _ := d.stop(t); code != 0 {
+		t.Errorf("exit %d after SIGTERM", code)
+	}
+}
+
 // firings returns the firing times logged by daemons, and fails on a time
 // fired twice.
 func firings(t *testing.T, ds ...*serveDaemon) map[string]bool {

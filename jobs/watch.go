@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -22,6 +23,11 @@ import (
 // rejected/ beside NAME.error.txt, which says why. Dotfiles and temporary
 // names (*.tmp, *.part, NAME~, .#NAME) are left alone.
 //
+// With Recursive, files in subdirectories at any depth are taken too (but
+// never those under the watcher's own accepted/ and rejected/, nor under
+// dot-directories), and a file keeps its path relative to the watched
+// directory: a/b/job.yaml moves to accepted/a/b/job.yaml.
+//
 // Taking a file is idempotent: a file taken twice (after a crash between
 // enqueueing and moving it, or dropped again) adds no item the queue
 // already holds.
@@ -30,7 +36,9 @@ type Watcher struct {
 	accepted atomic.Int64
 	rejected atomic.Int64
 	rescans  atomic.Int64
-	pending  map[string]fileState
+	pending  map[string]fileState // by path relative to Dir
+	fw       *fsnotify.Watcher    // while Run runs
+	dirs     map[string]bool      // watched subdirectories (Recursive), relative to Dir
 }
 
 // WatchOptions configure a Watcher.
@@ -42,6 +50,9 @@ type WatchOptions struct {
 	// Rescan is how often the directory is listed as a fallback for missed
 	// events (0 = DefaultRescan).
 	Rescan time.Duration
+	// Recursive takes files in subdirectories too, at any depth, except
+	// accepted/, rejected/ and dot-directories.
+	Recursive bool
 	// Load reads and checks a job file; its error rejects the file.
 	Load func(path string) (*Job, error)
 	// Enqueue inserts the job's items and returns their queue job ids; its
@@ -98,7 +109,7 @@ func NewWatcher(opts WatchOptions) (*Watcher, error) {
 			return nil, fmt.Errorf("watch %s: %w", opts.Dir, err)
 		}
 	}
-	return &Watcher{opts: opts, pending: map[string]fileState{}}, nil
+	return &Watcher{opts: opts, pending: map[string]fileState{}, dirs: map[string]bool{}}, nil
 }
 
 // Dir is the watched directory, absolute.
@@ -131,6 +142,8 @@ func (w *Watcher) Run(ctx context.Context) error {
 	if err := fw.Add(w.opts.Dir); err != nil {
 		return fmt.Errorf("watch %s: %w", w.opts.Dir, err)
 	}
+	w.fw = fw
+	defer func() { w.fw = nil; clear(w.dirs) }()
 	w.rescan()
 	tick := time.NewTicker(max(w.opts.Settle/4, 10*time.Millisecond))
 	defer tick.Stop()
@@ -163,32 +176,122 @@ func (w *Watcher) Run(ctx context.Context) error {
 	}
 }
 
-// event notes a change to one file of the directory.
+// event notes a change to one file of the directory (or, with Recursive,
+// of its tree).
 func (w *Watcher) event(ev fsnotify.Event) {
-	if filepath.Dir(ev.Name) != w.opts.Dir {
+	rel, ok := w.rel(ev.Name)
+	if !ok {
 		return
 	}
-	name := filepath.Base(ev.Name)
 	if ev.Has(fsnotify.Remove) || ev.Has(fsnotify.Rename) {
-		delete(w.pending, name)
+		delete(w.pending, rel)
+		if w.dirs[rel] {
+			w.forgetDir(rel)
+		}
 		return
 	}
-	w.observe(name, time.Now())
+	if w.opts.Recursive && ev.Has(fsnotify.Create) {
+		if st, err := os.Lstat(ev.Name); err == nil && st.IsDir() {
+			// A new subdirectory (made here or renamed in): watch it and
+			// note what it holds already, written before its watch began.
+			if !w.skipDir(rel) {
+				w.walk(rel, time.Now(), nil)
+			}
+			return
+		}
+	}
+	w.observe(rel, time.Now())
 }
 
-// rescan lists the directory and notes every file in it.
+// rel is the path of a file of the watched tree relative to Dir; ok is
+// false for paths outside it (or, without Recursive, not directly in it).
+func (w *Watcher) rel(path string) (string, bool) {
+	if !w.opts.Recursive {
+		if filepath.Dir(path) != w.opts.Dir {
+			return "", false
+		}
+		return filepath.Base(path), true
+	}
+	rel, err := filepath.Rel(w.opts.Dir, path)
+	if err != nil || rel == "." || rel == ".." || strings.HasPrefix(rel, ".."+string(filepath.Separator)) {
+		return "", false
+	}
+	if d := filepath.Dir(rel); d != "." && w.skipDir(d) {
+		return "", false
+	}
+	return rel, true
+}
+
+// skipDir reports whether a subdirectory (relative to Dir) is never
+// descended into: accepted/, rejected/ and dot-directories, or one under
+// them.
+func (w *Watcher) skipDir(rel string) bool {
+	parts := strings.Split(rel, string(filepath.Separator))
+	if parts[0] == AcceptedDir || parts[0] == RejectedDir {
+		return true
+	}
+	for _, p := range parts {
+		if strings.HasPrefix(p, ".") {
+			return true
+		}
+	}
+	return false
+}
+
+// forgetDir drops the watches and pending files of a subdirectory that was
+// removed or renamed away (nothing when rel is not a watched directory).
+func (w *Watcher) forgetDir(rel string) {
+	prefix := rel + string(filepath.Separator)
+	for d := range w.dirs {
+		if d == rel || strings.HasPrefix(d, prefix) {
+			if w.fw != nil {
+				w.fw.Remove(filepath.Join(w.opts.Dir, d)) // gone already, mostly
+			}
+			delete(w.dirs, d)
+		}
+	}
+	for name := range w.pending {
+		if strings.HasPrefix(name, prefix) {
+			delete(w.pending, name)
+		}
+	}
+}
+
+// rescan lists the directory (with Recursive, its tree) and notes every
+// file in it.
 func (w *Watcher) rescan() {
 	w.rescans.Add(1)
-	entries, err := os.ReadDir(w.opts.Dir)
-	if err != nil {
-		w.opts.Logger.Warn("watch: list directory", "dir", w.opts.Dir, "err", err)
-		return
-	}
 	now := time.Now()
-	present := make(map[string]bool, len(entries))
-	for _, e := range entries {
-		present[e.Name()] = true
-		w.observe(e.Name(), now)
+	var present map[string]bool
+	if w.opts.Recursive {
+		present = map[string]bool{}
+		seenDirs := map[string]bool{}
+		if err := w.walk(".", now, func(rel string, dir bool) {
+			if dir {
+				seenDirs[rel] = true
+			} else {
+				present[rel] = true
+			}
+		}); err != nil {
+			w.opts.Logger.Warn("watch: list directory", "dir", w.opts.Dir, "err", err)
+			return
+		}
+		for d := range w.dirs {
+			if !seenDirs[d] {
+				w.forgetDir(d)
+			}
+		}
+	} else {
+		entries, err := os.ReadDir(w.opts.Dir)
+		if err != nil {
+			w.opts.Logger.Warn("watch: list directory", "dir", w.opts.Dir, "err", err)
+			return
+		}
+		present = make(map[string]bool, len(entries))
+		for _, e := range entries {
+			present[e.Name()] = true
+			w.observe(e.Name(), now)
+		}
 	}
 	for name := range w.pending {
 		if !present[name] {
@@ -197,10 +300,54 @@ func (w *Watcher) rescan() {
 	}
 }
 
+// walk notes every file under the subdirectory start (relative to Dir, "."
+// for Dir itself) and watches every subdirectory not skipped; seen, when
+// not nil, is told each file and subdirectory found. Subdirectories that
+// cannot be listed or watched are logged and passed over.
+func (w *Watcher) walk(start string, now time.Time, seen func(rel string, dir bool)) error {
+	return filepath.WalkDir(filepath.Join(w.opts.Dir, start), func(path string, d fs.DirEntry, err error) error {
+		rel, rerr := filepath.Rel(w.opts.Dir, path)
+		if rerr != nil {
+			return nil
+		}
+		if err != nil {
+			if rel == start {
+				return err
+			}
+			w.opts.Logger.Warn("watch: list directory", "dir", path, "err", err)
+			return nil
+		}
+		if rel == "." {
+			return nil
+		}
+		if d.IsDir() {
+			if w.skipDir(rel) {
+				return filepath.SkipDir
+			}
+			if seen != nil {
+				seen(rel, true)
+			}
+			if !w.dirs[rel] && w.fw != nil {
+				if err := w.fw.Add(path); err != nil {
+					w.opts.Logger.Warn("watch: watch subdirectory", "dir", path, "err", err)
+				} else {
+					w.dirs[rel] = true
+				}
+			}
+			return nil
+		}
+		if seen != nil {
+			seen(rel, false)
+		}
+		w.observe(rel, now)
+		return nil
+	})
+}
+
 // observe records a file's size and modification time; a change restarts
-// its settle period.
+// its settle period. name is relative to Dir.
 func (w *Watcher) observe(name string, now time.Time) {
-	if Ignored(name) {
+	if Ignored(filepath.Base(name)) {
 		return
 	}
 	st, err := os.Lstat(filepath.Join(w.opts.Dir, name))
@@ -283,12 +430,14 @@ type acceptRecord struct {
 }
 
 // moveAside writes the note NAME+suffix into sub/ and then renames the file
-// there, under a name not yet taken (NAME, NAME.1, ...).
-func (w *Watcher) moveAside(name, sub, suffix string, note []byte) error {
-	dir := filepath.Join(w.opts.Dir, sub)
+// there, under a name not yet taken (NAME, NAME.1, ...). A file of a
+// subdirectory (rel a/b/NAME) goes to sub/a/b/.
+func (w *Watcher) moveAside(rel, sub, suffix string, note []byte) error {
+	dir := filepath.Join(w.opts.Dir, sub, filepath.Dir(rel))
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
+	name := filepath.Base(rel)
 	target := name
 	for i := 1; ; i++ {
 		_, err1 := os.Lstat(filepath.Join(dir, target))
@@ -301,7 +450,7 @@ func (w *Watcher) moveAside(name, sub, suffix string, note []byte) error {
 	if err := writeFileSync(filepath.Join(dir, target+suffix), note); err != nil {
 		return err
 	}
-	return os.Rename(filepath.Join(w.opts.Dir, name), filepath.Join(dir, target))
+	return os.Rename(filepath.Join(w.opts.Dir, rel), filepath.Join(dir, target))
 }
 
 // writeFileSync writes a file through a temp name, synced before rename.
