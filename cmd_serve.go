@@ -9,6 +9,8 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -110,7 +112,9 @@ func (a *app) serve(ctx context.Context, stop func(), qf queueFlags) error {
 	for i, wc := range cfg.Watch {
 		w, err := jobs.NewWatcher(jobs.WatchOptions{
 			Dir: wc.Dir, Settle: wc.Settle, Rescan: wc.Rescan, Recursive: wc.Recursive, Logger: log,
-			Load: func(path string) (*jobs.Job, error) { return jobs.LoadAt(path, cfg, time.Now(), exists) },
+			Load: func(path string) (*jobs.Job, error) {
+				return jobs.LoadCheckedAt(path, watchedJobName(wc.Dir, path), cfg, time.Now(), exists)
+			},
 			Enqueue: func(ctx context.Context, job *jobs.Job) ([]int64, error) {
 				res, err := q.Enqueue(ctx, job)
 				if err != nil {
@@ -216,6 +220,34 @@ func (a *app) serve(ctx context.Context, stop func(), qf queueFlags) error {
 	cancel()
 	log.Info("stopped")
 	return failure
+}
+
+// watchedJobName is the job name of a file without `name:` found in a
+// subdirectory of a watched directory: its relative path with the
+// separators as dashes (a/b/job.yaml is "a-b-job"), so that files of the
+// same name in different subdirectories do not share outputs. A file at the
+// top keeps its stem (""). Characters a job name may not hold become "_".
+func watchedJobName(root, path string) string {
+	if r, err := filepath.Abs(root); err == nil {
+		root = r
+	}
+	if p, err := filepath.Abs(path); err == nil {
+		path = p
+	}
+	rel, err := filepath.Rel(root, path)
+	if err != nil || filepath.Dir(rel) == "." {
+		return ""
+	}
+	name := strings.TrimSuffix(rel, filepath.Ext(rel))
+	return strings.Map(func(r rune) rune {
+		switch {
+		case r == filepath.Separator:
+			return '-'
+		case r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z', r >= '0' && r <= '9', r == '.', r == '_', r == '-':
+			return r
+		}
+		return '_'
+	}, name)
 }
 
 // makeItem makes and writes one item, as tessera run does.

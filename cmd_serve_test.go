@@ -360,8 +360,13 @@ func TestServeWatchRecursive(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	drop("a/b/job.yaml", tinyJob("r1", "{job}/{index}.png", 1, 1))
-	drop("c/job.yaml", tinyJob("r2", "{job}/{index}.png", 1, 2))
+	// Two files of the same name and no `name:` in different subdirectories:
+	// their jobs are named after their relative paths, so outputs differ.
+	unnamed := func(seed int) string {
+		return strings.Replace(tinyJob("x", "{job}/{index}.png", 1, seed), "name: x\n", "", 1)
+	}
+	drop("a/b/job.yaml", unnamed(1))
+	drop("c/job.yaml", unnamed(2))
 	drop("c/bad.yaml", "garbage: [")
 	drop(".hidden/job.yaml", tinyJob("r3", "{job}/{index}.png", 1, 3))
 	serveWaitFor(t, 30*time.Second, "both items made", func() bool {
@@ -383,8 +388,26 @@ func TestServeWatchRecursive(t *testing.T) {
 	if got := serveCountFiles(t, e.out, ".png"); got != 2 {
 		t.Errorf("%d images, want 2", got)
 	}
+	for _, p := range []string{"a-b-job/0.png", "c-job/0.png"} {
+		if _, err := os.Stat(filepath.Join(e.out, p)); err != nil {
+			t.Error(err)
+		}
+	}
 	if code, _ := d.stop(t); code != 0 {
 		t.Errorf("exit %d after SIGTERM", code)
+	}
+}
+
+func TestWatchedJobName(t *testing.T) {
+	for path, want := range map[string]string{
+		"/in/job.yaml":          "",
+		"/in/a/b/job.yaml":      "a-b-job",
+		"/in/my photos/x.json":  "my_photos-x",
+		"/in/2026/11/night.yml": "2026-11-night",
+	} {
+		if got := watchedJobName("/in", path); got != want {
+			t.Errorf("watchedJobName(%q) = %q, want %q", path, got, want)
+		}
 	}
 }
 

@@ -72,6 +72,15 @@ func (e *ValidationError) Error() string {
 // paths are taken relative to the job file's directory; outputs are
 // resolved under outputRoot.
 func Load(path string, cfg config.Config) (*Job, error) {
+	data, err := readJobFile(path, cfg)
+	if err != nil {
+		return nil, err
+	}
+	return Parse(path, data, cfg, time.Now())
+}
+
+// readJobFile reads a job file whose size is within limits.max_job_bytes.
+func readJobFile(path string, cfg config.Config) ([]byte, error) {
 	st, err := os.Stat(path)
 	if err != nil {
 		return nil, fmt.Errorf("job file %s: %w", path, err)
@@ -83,13 +92,20 @@ func Load(path string, cfg config.Config) (*Job, error) {
 	if err != nil {
 		return nil, fmt.Errorf("job file %s: %w", path, err)
 	}
-	return Parse(path, data, cfg, time.Now())
+	return data, nil
 }
 
 // Parse decodes job file bytes (format by the extension of name: .yaml,
 // .yml, .json, .toml) strictly, merges each item over the defaults,
 // validates everything and expands counts, seed lists and image globs.
+// A file without a name is named after its stem.
 func Parse(name string, data []byte, cfg config.Config, now time.Time) (*Job, error) {
+	return ParseAs(name, "", data, cfg, now)
+}
+
+// ParseAs is Parse with the name a file without `name:` takes; "" means
+// the file's stem.
+func ParseAs(name, defaultJob string, data []byte, cfg config.Config, now time.Time) (*Job, error) {
 	generic, err := decodeStrict(name, data)
 	if err != nil {
 		return nil, fmt.Errorf("job file %s: %w", name, err)
@@ -104,6 +120,9 @@ func Parse(name string, data []byte, cfg config.Config, now time.Time) (*Job, er
 	}
 	if f.Version != 1 {
 		bad("version", "%d is not supported (want 1)", f.Version)
+	}
+	if f.Name == "" {
+		f.Name = defaultJob
 	}
 	if f.Name == "" {
 		f.Name = strings.TrimSuffix(filepath.Base(name), filepath.Ext(name))

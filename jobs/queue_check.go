@@ -4,7 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"os"
+	"time"
 	"unicode/utf8"
 
 	"tessera/config"
@@ -15,22 +15,24 @@ import (
 // no model), each unknown model reported with its field path
 // (defaults.base.model, items[2].sr.model).
 func LoadChecked(path string, cfg config.Config, exists func(ref string) error) (*Job, error) {
-	if st, err := os.Stat(path); err == nil && st.Size() <= cfg.Limits.MaxJobBytes {
-		data, err := os.ReadFile(path)
-		if err != nil {
-			return nil, fmt.Errorf("job file %s: %w", path, err)
-		}
-		if err := checkEncoding(path, data); err != nil {
-			return nil, err
-		}
-	}
-	job, err := Load(path, cfg)
+	return LoadCheckedAt(path, "", cfg, time.Now(), exists)
+}
+
+// LoadCheckedAt is LoadChecked with the time that fills {date} and {time}
+// and the name a file without `name:` takes ("" = its stem). The file is
+// read once.
+func LoadCheckedAt(path, defaultJob string, cfg config.Config, now time.Time, exists func(ref string) error) (*Job, error) {
+	data, err := readJobFile(path, cfg)
 	if err != nil {
 		return nil, err
 	}
-	data, err := os.ReadFile(path)
+	// Invalid UTF-8 first: JSON decoding would silently replace bad bytes.
+	if err := checkEncoding(path, data); err != nil {
+		return nil, err
+	}
+	job, err := ParseAs(path, defaultJob, data, cfg, now)
 	if err != nil {
-		return nil, fmt.Errorf("job file %s: %w", path, err)
+		return nil, err
 	}
 	if err := CheckBytes(path, data, cfg, exists); err != nil {
 		return nil, err

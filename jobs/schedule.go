@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -254,12 +253,5 @@ func (s *Scheduler) fire(ctx context.Context, e *scheduleEntry, at time.Time) {
 // nil, checks that each model it names resolves), with now filling the
 // {date} and {time} fields of its outputs.
 func LoadAt(path string, cfg config.Config, now time.Time, exists func(ref string) error) (*Job, error) {
-	if _, err := LoadChecked(path, cfg, exists); err != nil {
-		return nil, err
-	}
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("job file %s: %w", path, err)
-	}
-	return Parse(path, data, cfg, now)
+	return LoadCheckedAt(path, "", cfg, now, exists)
 }
