@@ -259,6 +259,9 @@ func makeItem(ctx context.Context, eng *pipeline.Engine, job string, it pipeline
 	} else {
 		plan, err := eng.Plan(it)
 		if err != nil {
+			if pipeline.Transient(err) {
+				return err // retried with backoff
+			}
 			return jobs.Permanent(err)
 		}
 		var cancel context.CancelFunc

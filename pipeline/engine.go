@@ -83,6 +83,25 @@ type Stats struct {
 	Runs       int64
 }
 
+// SessionError is a model's session that could not be created. Unless it
+// wraps an *onnx.ProviderError (the configured providers cannot attach),
+// it may pass (a device short of memory, say), so callers retry the item.
+type SessionError struct {
+	Model string
+	Err   error
+}
+
+func (e *SessionError) Error() string { return e.Err.Error() }
+func (e *SessionError) Unwrap() error { return e.Err }
+
+// Transient reports whether err is worth retrying later: a session that
+// could not be created for a reason other than the providers.
+func Transient(err error) bool {
+	var se *SessionError
+	var pe *onnx.ProviderError
+	return errors.As(err, &se) && !errors.As(err, &pe)
+}
+
 // ModelStats are one model's counters.
 type ModelStats struct {
 	Model    string
@@ -147,7 +166,7 @@ func (e *Engine) runner(ref string) (*runner, error) {
 	}
 	sess, err := e.env.NewSession(m, onnx.SessionOptions{Concurrent: concurrent})
 	if err != nil {
-		return nil, err
+		return nil, &SessionError{Model: ref, Err: err}
 	}
 	r := &runner{
 		ref: ref, model: m, sess: sess, channels: m.Channels(),

@@ -311,3 +311,15 @@ func TestOutOfMemoryHalvesBatchThenTile(t *testing.T) {
 		t.Fatalf("err = %v", err)
 	}
 }
+
+func TestSessionErrorsAreTransientUnlessProviders(t *testing.T) {
+	if Transient(errors.New("size 0x0")) {
+		t.Error("a plain error counted as transient")
+	}
+	if !Transient(fmt.Errorf("base.model: %w", &SessionError{Model: "m", Err: errors.New("failed to allocate memory")})) {
+		t.Error("a session that failed for memory is not transient")
+	}
+	if Transient(&SessionError{Model: "m", Err: &onnx.ProviderError{Provider: "cuda", Reason: "no library"}}) {
+		t.Error("a provider that cannot attach counted as transient")
+	}
+}
