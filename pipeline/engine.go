@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"math"
 	"os"
+	"runtime"
 	"runtime/debug"
 	"sync"
 	"time"
@@ -389,7 +390,7 @@ func (e *Engine) Generate(ctx context.Context, it Item, progress func(Progress))
 			img, err = e.runStage(ctx, it, si, sp, r, nil, report)
 		} else {
 			up := make([]float32, c*sp.Height*sp.Width)
-			if err := stages.Resample(up, img, c, h, w, sp.Height, sp.Width, stages.Filter(sp.Filter)); err != nil {
+			if err := resample(up, img, c, h, w, sp.Height, sp.Width, stages.Filter(sp.Filter)); err != nil {
 				return nil, fmt.Errorf("stage %d: upsample: %w", si, err)
 			}
 			img, err = e.runStage(ctx, it, si, sp, r, up, report)
@@ -401,7 +402,7 @@ func (e *Engine) Generate(ctx context.Context, it Item, progress func(Progress))
 	}
 	if plan.Resample {
 		out := make([]float32, c*it.Height*it.Width)
-		if err := stages.Resample(out, img, c, h, w, it.Height, it.Width, stages.FilterLanczos); err != nil {
+		if err := resample(out, img, c, h, w, it.Height, it.Width, stages.FilterLanczos); err != nil {
 			return nil, fmt.Errorf("final resample: %w", err)
 		}
 		img = out
@@ -437,25 +438,42 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 	// The initial noise is drawn straight into x and the augmentation noise
 	// into cond, and both are combined in place (the updates are elementwise),
 	// so that no canvas-sized noise buffer outlives this setup.
+	// The two noise canvases are independent streams: draw them at once.
 	x := make([]float32, n)
-	if err := (stages.Noise{Seed: it.Seed, Stream: stages.StageStream(stream, si)}).Fill(x, 0, c, 0, 0, H, W); err != nil {
+	var cond []float32 // the augmented conditioning the model sees
+	var setup errgroup.Group
+	setup.Go(func() error {
+		return (stages.Noise{Seed: it.Seed, Stream: stages.StageStream(stream, si)}).Fill(x, 0, c, 0, 0, H, W)
+	})
+	if lowres != nil {
+		cond = make([]float32, n)
+		setup.Go(func() error {
+			return (stages.Noise{Seed: it.Seed, Stream: stages.StageStream(stages.StreamAug, si)}).Fill(cond, 0, c, 0, 0, H, W)
+		})
+	}
+	if err := setup.Wait(); err != nil {
 		return nil, err
 	}
-	var cond []float32 // the augmented conditioning the model sees
 	if lowres == nil {
 		s := float32(sampler.InitNoiseSigma())
 		for i := range x {
 			x[i] *= s
 		}
 	} else {
-		if err := sampler.AddNoise(x, lowres, x); err != nil {
-			return nil, err
-		}
-		cond = make([]float32, n)
-		if err := (stages.Noise{Seed: it.Seed, Stream: stages.StageStream(stages.StreamAug, si)}).Fill(cond, 0, c, 0, 0, H, W); err != nil {
-			return nil, err
-		}
-		if err := stages.NoiseAugment(cond, lowres, cond, sched.AlphasCumprod, sp.NoiseLevel); err != nil {
+		// Both are elementwise: each band of rows (in every channel) on its own core.
+		err := inBands(H, func(y0, y1 int) error {
+			for ch := 0; ch < c; ch++ {
+				lo, hi := ch*H*W+y0*W, ch*H*W+y1*W
+				if err := sampler.AddNoise(x[lo:hi], lowres[lo:hi], x[lo:hi]); err != nil {
+					return err
+				}
+				if err := stages.NoiseAugment(cond[lo:hi], lowres[lo:hi], cond[lo:hi], sched.AlphasCumprod, sp.NoiseLevel); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
 			return nil, err
 		}
 	}
@@ -504,8 +522,10 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 			xin = scaled
 		}
 		for attempt := 0; ; attempt++ {
-			if i > 0 || attempt > 0 {
-				acc.Reset() // a new accumulator is already zero
+			if i > 0 || attempt > 0 { // a new accumulator is already zero
+				if err := inBands(H, func(y0, y1 int) error { acc.ResetRows(y0, y1); return nil }); err != nil {
+					return nil, err
+				}
 			}
 			err := fuseStep(ctx, r, grid, acc, xin, cond, stepInputs{t: t, noiseLevel: float32(sp.NoiseLevel), classes: classes, guidance: guidance})
 			if err == nil {
@@ -527,10 +547,20 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 		// The raw predictions are fused first and converted to x0 once for the
 		// whole canvas: the conversion is affine in the prediction and the
 		// window weights sum to one, so this equals fusing converted tiles.
-		if err := acc.Result(x0); err != nil {
-			return nil, err
-		}
-		if err := stages.PredToX0(pt, lv, xin, x0, x0); err != nil {
+		// Between steps the model is idle, so the canvas passes use every core.
+		err := inBands(H, func(y0, y1 int) error {
+			if err := acc.ResultRows(x0, y0, y1); err != nil {
+				return err
+			}
+			for ch := 0; ch < c; ch++ {
+				lo, hi := ch*H*W+y0*W, ch*H*W+y1*W
+				if err := stages.PredToX0(pt, lv, xin[lo:hi], x0[lo:hi], x0[lo:hi]); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
 			return nil, err
 		}
 		if err := sampler.Step(i, x, x0); err != nil {
@@ -543,6 +573,36 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 		x[i] = float32(math.Max(-1, math.Min(1, float64(v))))
 	}
 	return x, nil
+}
+
+// resample is stages.Resample with the channels, which are independent,
+// resampled at the same time.
+func resample(dst, src []float32, c, h, w, dh, dw int, f stages.Filter) error {
+	if len(src) != c*h*w || len(dst) != c*dh*dw {
+		return stages.Resample(dst, src, c, h, w, dh, dw, f) // reports the mismatch
+	}
+	var g errgroup.Group
+	for ch := 0; ch < c; ch++ {
+		g.Go(func() error {
+			return stages.Resample(dst[ch*dh*dw:(ch+1)*dh*dw], src[ch*h*w:(ch+1)*h*w], 1, h, w, dh, dw, f)
+		})
+	}
+	return g.Wait()
+}
+
+// inBands runs fn over row bands [y0, y1) of an h-row canvas, one band per
+// core, at the same time. fn must only touch its own rows.
+func inBands(h int, fn func(y0, y1 int) error) error {
+	bands := min(runtime.NumCPU(), 8, max(h/64, 1))
+	if bands == 1 {
+		return fn(0, h)
+	}
+	var g errgroup.Group
+	for b := 0; b < bands; b++ {
+		y0, y1 := b*h/bands, (b+1)*h/bands
+		g.Go(func() error { return fn(y0, y1) })
+	}
+	return g.Wait()
 }
 
 // stepInputs are what every tile of one step shares.

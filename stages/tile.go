@@ -248,9 +248,16 @@ func NewAccumulator(c, height, width int) *Accumulator {
 }
 
 // Reset clears the sums for the next step.
-func (a *Accumulator) Reset() {
-	clear(a.sum)
-	clear(a.weight)
+func (a *Accumulator) Reset() { a.ResetRows(0, a.Height) }
+
+// ResetRows clears the sums of canvas rows [y0, y1), so that a caller may
+// clear disjoint bands at the same time.
+func (a *Accumulator) ResetRows(y0, y1 int) {
+	n, w := a.Height*a.Width, a.Width
+	for ch := 0; ch < a.C; ch++ {
+		clear(a.sum[ch*n+y0*w : ch*n+y1*w])
+	}
+	clear(a.weight[y0*w : y1*w])
 }
 
 // Add adds a tile's output (C×t.Height×t.Width) with the tile's window.
@@ -293,20 +300,29 @@ func (a *Accumulator) Add(t Tile, data []float32) error {
 
 // Result writes sum/weight into dst (C×Height×Width). It fails if a pixel
 // has no weight, which means the tiles did not cover the canvas.
-func (a *Accumulator) Result(dst []float32) error {
+func (a *Accumulator) Result(dst []float32) error { return a.ResultRows(dst, 0, a.Height) }
+
+// ResultRows is Result for canvas rows [y0, y1) only (dst is still the
+// whole C×Height×Width canvas), so that a caller may normalise disjoint
+// bands at the same time.
+func (a *Accumulator) ResultRows(dst []float32, y0, y1 int) error {
 	if len(dst) != len(a.sum) {
 		return fmt.Errorf("accumulator result: dst has %d values, want %d", len(dst), len(a.sum))
 	}
-	n := a.Height * a.Width
-	for i, w := range a.weight {
+	if y0 < 0 || y1 > a.Height || y0 > y1 {
+		return fmt.Errorf("accumulator result: rows [%d, %d) outside [0, %d)", y0, y1, a.Height)
+	}
+	n, lo, hi := a.Height*a.Width, y0*a.Width, y1*a.Width
+	weight := a.weight[lo:hi]
+	for i, w := range weight {
 		if !(w > 0) {
-			return fmt.Errorf("accumulator result: pixel (%d, %d) has no weight", i/a.Width, i%a.Width)
+			return fmt.Errorf("accumulator result: pixel (%d, %d) has no weight", (lo+i)/a.Width, (lo+i)%a.Width)
 		}
 	}
 	for ch := 0; ch < a.C; ch++ {
-		s := a.sum[ch*n : (ch+1)*n]
-		d := dst[ch*n : (ch+1)*n]
-		for i, w := range a.weight {
+		s := a.sum[ch*n+lo : ch*n+hi]
+		d := dst[ch*n+lo : ch*n+hi]
+		for i, w := range weight {
 			d[i] = float32(s[i] / w)
 		}
 	}

@@ -286,3 +286,42 @@ func BenchmarkTileExtractStitch(b *testing.B) {
 	b.ReportMetric(float64(b.N)*float64(len(g.Tiles)*g.TileHeight*g.TileWidth)/sec/1e6, "tileMpx/s")
 	b.ReportMetric(float64(b.N)*float64(h*w)/sec/1e6, "canvasMpx/s")
 }
+
+func TestAccumulatorRowBandsEqualWhole(t *testing.T) {
+	g, err := NewTileGrid(37, 29, TileOptions{Size: 16, Overlap: 4, Halo: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	whole, bands := NewAccumulator(2, 37, 29), NewAccumulator(2, 37, 29)
+	for k, tl := range g.Tiles {
+		data := make([]float32, 2*tl.Height*tl.Width)
+		for i := range data {
+			data[i] = float32((i*31+k*7)%19) / 9
+		}
+		whole.Add(tl, data)
+		bands.Add(tl, data)
+	}
+	want := make([]float32, 2*37*29)
+	if err := whole.Result(want); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]float32, len(want))
+	for _, b := range [][2]int{{20, 37}, {0, 11}, {11, 20}} {
+		if err := bands.ResultRows(got, b[0], b[1]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Fatalf("value %d: bands %g, whole %g", i, got[i], want[i])
+		}
+	}
+	bands.ResetRows(0, 20)
+	bands.ResetRows(20, 37)
+	if err := bands.ResultRows(got, 0, 1); err == nil {
+		t.Fatal("rows cleared in bands still have weight")
+	}
+	if err := bands.ResultRows(got, 5, 40); err == nil {
+		t.Fatal("rows beyond the canvas accepted")
+	}
+}
