@@ -72,9 +72,12 @@ type runner struct {
 	intT                 bool
 }
 
-type bindKey struct{ h, w, n int }
+type bindKey struct{ h, w, n, slot int }
 
 type boundBatch struct {
+	key    bindKey
+	h, w   int // tile shape and rows of the batch it was last filled with
+	rows   int
 	bind   *onnx.Binding
 	sample []float32
 	lowres []float32
@@ -102,9 +105,27 @@ func (r *runner) key(q *request) groupKey {
 	return k
 }
 
-// loop serves requests until ctx ends.
+// flight is a batch whose Run is executing on its own goroutine.
+type flight struct {
+	batch []*request
+	b     *boundBatch
+	done  chan error
+}
+
+// loop serves requests until ctx ends. It keeps one Run in flight while it
+// fills the next batch into the other binding of that shape, so the copies
+// into the batch buffers overlap the model's work.
 func (r *runner) loop(ctx context.Context) error {
+	var fl *flight
+	land := func() { // wait for the batch in flight and answer it
+		err := <-fl.done
+		r.deliver(ctx, fl.batch, fl.b, err)
+		fl = nil
+	}
 	defer func() {
+		if fl != nil {
+			land()
+		}
 		for _, b := range r.bindings {
 			b.bind.Close()
 		}
@@ -112,11 +133,19 @@ func (r *runner) loop(ctx context.Context) error {
 	var pending []*request
 	for {
 		if len(pending) == 0 {
+			var landed chan error
+			if fl != nil {
+				landed = fl.done
+			}
 			select {
 			case <-ctx.Done():
 				return nil
 			case q := <-r.reqs:
 				pending = append(pending, q)
+			case err := <-landed:
+				r.deliver(ctx, fl.batch, fl.b, err)
+				fl = nil
+				continue
 			}
 		}
 		// Take whatever else is already queued, without waiting for more.
@@ -132,6 +161,9 @@ func (r *runner) loop(ctx context.Context) error {
 		k := r.key(pending[0])
 		limit := int(r.maxBatch.Load())
 		if r.auto && !r.probed[[2]int{k.h, k.w}] {
+			if fl != nil {
+				land()
+			}
 			r.probe(ctx, pending[0])
 			pending = pending[1:]
 			continue
@@ -147,27 +179,34 @@ func (r *runner) loop(ctx context.Context) error {
 			rest = append(rest, q)
 		}
 		pending = rest
-		r.serve(ctx, batch)
+		var busy *boundBatch
+		if fl != nil {
+			busy = fl.b
+		}
+		b, err := r.prepare(batch, busy)
+		if fl != nil {
+			land()
+		}
+		if err != nil {
+			r.deliver(ctx, batch, nil, err)
+			continue
+		}
+		fl = &flight{batch: batch, b: b, done: make(chan error, 1)}
+		go func(f *flight) { f.done <- r.execute(ctx, f.b) }(fl)
 	}
 }
 
-// serve runs a batch and replies to each request; a Run that fails for
-// lack of memory is retried in halves, and the batch limit is lowered.
-func (r *runner) serve(ctx context.Context, batch []*request) {
-	preds, err := r.runBatch(ctx, batch)
+// deliver answers the requests of a batch that ran (b) or failed (err). A
+// Run that failed for lack of memory is retried in halves, and the batch
+// limit is lowered.
+func (r *runner) deliver(ctx context.Context, batch []*request, b *boundBatch, err error) {
 	if err != nil && isOutOfMemory(err) && len(batch) > 1 {
-		half := len(batch) / 2
-		rows := 0
-		for _, q := range batch[:half] {
-			rows += q.rows()
-		}
-		if r.maxBatch.Load() > int64(rows) {
-			r.maxBatch.Store(int64(max(rows, 1)))
-			r.logger.Warn("model ran out of memory; batch halved", "model", r.ref, "batch", rows, "err", err)
-		}
-		r.serve(ctx, batch[:half])
-		r.serve(ctx, batch[half:])
+		r.splitServe(ctx, batch, err)
 		return
+	}
+	var preds [][]float32
+	if err == nil {
+		preds = r.collect(batch, b)
 	}
 	for i, q := range batch {
 		resp := response{req: q, err: err}
@@ -176,6 +215,31 @@ func (r *runner) serve(ctx context.Context, batch []*request) {
 		}
 		q.reply <- resp // the reply channel is buffered for every tile of the step
 	}
+}
+
+// serve runs a batch now, on the loop's goroutine, and answers it.
+func (r *runner) serve(ctx context.Context, batch []*request) {
+	b, err := r.prepare(batch, nil)
+	if err == nil {
+		err = r.execute(ctx, b)
+	}
+	r.deliver(ctx, batch, b, err)
+}
+
+// splitServe serves a batch that ran out of memory as two halves, and
+// lowers the batch limit to the first half's rows.
+func (r *runner) splitServe(ctx context.Context, batch []*request, err error) {
+	half := len(batch) / 2
+	rows := 0
+	for _, q := range batch[:half] {
+		rows += q.rows()
+	}
+	if r.maxBatch.Load() > int64(rows) {
+		r.maxBatch.Store(int64(max(rows, 1)))
+		r.logger.Warn("model ran out of memory; batch halved", "model", r.ref, "batch", rows, "err", err)
+	}
+	r.serve(ctx, batch[:half])
+	r.serve(ctx, batch[half:])
 }
 
 // probe serves one request alone and sets the batch limit from how much the
@@ -201,17 +265,20 @@ func isOutOfMemory(err error) bool {
 	return strings.Contains(s, "out of memory") || strings.Contains(s, "failed to allocate") || strings.Contains(s, "bad_alloc")
 }
 
-// runBatch evaluates the requests in one Run and returns each one's rows.
-func (r *runner) runBatch(ctx context.Context, batch []*request) ([][]float32, error) {
+// prepare fills the binding for the batch's shape and size with the
+// batch's tiles and per-row inputs. It alternates between two bindings per
+// shape, so that it may fill one while busy (the one in flight) runs.
+func (r *runner) prepare(batch []*request, busy *boundBatch) (*boundBatch, error) {
 	q0 := batch[0]
 	n := 0
 	for _, q := range batch {
 		n += q.rows()
 	}
-	b, err := r.bound(q0.h, q0.w, n)
+	b, err := r.bound(q0.h, q0.w, n, busy)
 	if err != nil {
 		return nil, err
 	}
+	b.h, b.w, b.rows = q0.h, q0.w, n
 	plane := r.channels * q0.h * q0.w
 	row := 0
 	for _, q := range batch {
@@ -257,28 +324,40 @@ func (r *runner) runBatch(ctx context.Context, batch []*request) ([][]float32, e
 			row++
 		}
 	}
+	return b, nil
+}
+
+// execute runs a prepared binding. It touches nothing but b and the
+// counters, so it may run on its own goroutine.
+func (r *runner) execute(ctx context.Context, b *boundBatch) error {
 	if r.inject != nil {
-		if err := r.inject(q0.h, q0.w, n); err != nil {
-			return nil, err
+		if err := r.inject(b.h, b.w, b.rows); err != nil {
+			return err
 		}
 	}
 	start := time.Now()
-	err = b.bind.Run(ctx)
+	err := b.bind.Run(ctx)
 	r.runNanos.Add(int64(time.Since(start)))
 	if err != nil {
-		return nil, err
+		return err
 	}
 	r.runs.Add(1)
-	r.rowsRun.Add(int64(n))
+	r.rowsRun.Add(int64(b.rows))
+	return nil
+}
+
+// collect copies each request's rows out of a binding that has run.
+func (r *runner) collect(batch []*request, b *boundBatch) [][]float32 {
+	plane := r.channels * b.h * b.w
 	out := make([][]float32, len(batch))
-	row = 0
+	row := 0
 	for i, q := range batch {
 		k := q.rows()
 		out[i] = r.predBuffer(k * plane)
 		copy(out[i], b.out[row*plane:(row+k)*plane])
 		row += k
 	}
-	return out, nil
+	return out
 }
 
 // predBuffer returns a buffer of n values, recycled where one is free.
@@ -294,9 +373,13 @@ func (r *runner) release(buf []float32) {
 	r.preds.Put(&buf)
 }
 
-// bound returns the prepared binding for n rows of h×w tiles.
-func (r *runner) bound(h, w, n int) (*boundBatch, error) {
-	key := bindKey{h, w, n}
+// bound returns a prepared binding for n rows of h×w tiles: of the two kept
+// for that shape, the one that is not busy (in flight).
+func (r *runner) bound(h, w, n int, busy *boundBatch) (*boundBatch, error) {
+	key := bindKey{h, w, n, 0}
+	if busy != nil && busy.key == key {
+		key.slot = 1
+	}
 	if b, ok := r.bindings[key]; ok {
 		return b, nil
 	}
@@ -333,11 +416,13 @@ func (r *runner) bound(h, w, n int) (*boundBatch, error) {
 		bind.Close()
 		return nil, fmt.Errorf("model %s: prediction output has %d values, want %d", r.ref, len(out.Float), n*plane)
 	}
-	b.bind, b.out = bind, out.Float
-	if len(r.bindings) > 8 {
+	b.bind, b.out, b.key = bind, out.Float, key
+	if len(r.bindings) > 16 {
 		for k, old := range r.bindings {
-			old.bind.Close()
-			delete(r.bindings, k)
+			if old != busy {
+				old.bind.Close()
+				delete(r.bindings, k)
+			}
 		}
 	}
 	r.bindings[key] = b
