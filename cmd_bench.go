@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -9,7 +8,6 @@ import (
 	"math"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"time"
 
@@ -149,7 +147,7 @@ func (a *app) bench(ctx context.Context, image string, memory bool, log io.Write
 // measure runs one item and reads the engine's Run time and the process's
 // peak RSS around it.
 func measure(ctx context.Context, eng *pipeline.Engine, name string, it pipeline.Item) (*benchItem, *pipeline.Result, error) {
-	resetPeakRSS()
+	pipeline.ResetPeakResident()
 	before := eng.Stats()
 	start := time.Now()
 	res, err := eng.Generate(ctx, it, nil)
@@ -160,7 +158,7 @@ func measure(ctx context.Context, eng *pipeline.Engine, name string, it pipeline
 	after := eng.Stats()
 	run := after.RunSeconds - before.RunSeconds
 	bi := &benchItem{Name: name, Width: res.Width, Height: res.Height, WallSeconds: wall, RunSeconds: run,
-		TileSteps: int(after.Rows - before.Rows), PeakRSSMiB: peakRSSMiB()}
+		TileSteps: int(after.Rows - before.Rows), PeakRSSMiB: float64(pipeline.PeakResidentBytes()) / (1 << 20)}
 	if run > 0 {
 		bi.Overhead = wall / run
 	}
@@ -237,28 +235,6 @@ func crop(img []float32, w, h, fullW int) []float32 {
 		}
 	}
 	return out
-}
-
-// resetPeakRSS resets the kernel's peak-RSS counter (VmHWM) where Linux allows it.
-func resetPeakRSS() { os.WriteFile("/proc/self/clear_refs", []byte("5"), 0) }
-
-// peakRSSMiB reads the process's peak resident set size.
-func peakRSSMiB() float64 {
-	f, err := os.Open("/proc/self/status")
-	if err != nil {
-		return math.NaN()
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if rest, ok := strings.CutPrefix(sc.Text(), "VmHWM:"); ok {
-			kb, err := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 64)
-			if err == nil {
-				return kb / 1024
-			}
-		}
-	}
-	return math.NaN()
 }
 
 func printBench(w io.Writer, r *benchReport) {

@@ -43,6 +43,14 @@ func memoryBudget(configured int64) int64 {
 // residentBytes is the process's resident set size now.
 func residentBytes() int64 { return procStatus("/proc/self/status", "VmRSS:") }
 
+// PeakResidentBytes is the process's peak resident set size (VmHWM), 0
+// where the system does not say.
+func PeakResidentBytes() int64 { return procStatus("/proc/self/status", "VmHWM:") }
+
+// ResetPeakResident restarts the peak count from the present resident set,
+// where Linux allows it, so that PeakResidentBytes measures what follows.
+func ResetPeakResident() { os.WriteFile("/proc/self/clear_refs", []byte("5"), 0) }
+
 func meminfo(key string) int64 { return procStatus("/proc/meminfo", key) }
 
 // procStatus reads a "Key:   N kB" line of a /proc file, in bytes; 0 when absent.
