@@ -86,13 +86,14 @@ func (e *Env) LoadModel(path string) (*Model, error) {
 		dir = path
 		path = filepath.Join(path, "model.onnx")
 	}
-	// The header parse must see the graph's initializers to list external
-	// data, so it reads the file; large weights live in external data.
-	data, err := os.ReadFile(path)
+	// The header parse walks the graph's initializers to list external data
+	// but skips their contents, so the file is mapped rather than read.
+	data, unmap, err := mapFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("load model %q: %w", path, err)
 	}
-	hdr, err := ParseModelHeader(data)
+	hdr, err := ParseModelHeader(data) // copies every string it keeps
+	unmap()
 	if err != nil {
 		return nil, fmt.Errorf("load model %q: %w", path, err)
 	}

@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"sync"
@@ -180,15 +181,20 @@ func (e *Env) tryProvider(m *Model, rt config.Runtime, p string, threads, concur
 }
 
 func optimizedCachePath(m *Model, rt config.Runtime) (string, error) {
-	data := m.data
-	if data == nil {
-		var err error
-		if data, err = os.ReadFile(m.Path); err != nil {
+	h := sha256.New()
+	if m.data != nil {
+		h.Write(m.data)
+	} else {
+		f, err := os.Open(m.Path)
+		if err != nil {
+			return "", err
+		}
+		_, err = io.Copy(h, f)
+		f.Close()
+		if err != nil {
 			return "", err
 		}
 	}
-	h := sha256.New()
-	h.Write(data)
 	fmt.Fprintf(h, "|%s|%s", rt.Optimization, ort.GetVersion())
 	if err := os.MkdirAll(rt.OptimizedCache, 0o755); err != nil {
 		return "", fmt.Errorf("runtime.optimized_cache: %w", err)
