@@ -253,8 +253,9 @@ func watchedJobName(root, path string) string {
 // makeItem makes and writes one item, as tessera run does.
 func makeItem(ctx context.Context, eng *pipeline.Engine, job string, it pipeline.Item, step func(pipeline.Progress)) error {
 	if it.Image != "" {
-		if _, _, _, err := pipeline.LoadImage(it.Image); err != nil {
-			return jobs.Permanent(fmt.Errorf("image %s: %w", it.Image, err))
+		// The header is enough to fail a bad file for good; Generate decodes it.
+		if _, _, err := pipeline.CheckImage(it.Image); err != nil {
+			return jobs.Permanent(err)
 		}
 	} else {
 		plan, err := eng.Plan(it)
