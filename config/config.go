@@ -71,6 +71,11 @@ type Runtime struct {
 	Threads int `mapstructure:"threads"`
 	// InterThreads is the inter-op thread count per session; 0 = 1 (sequential execution).
 	InterThreads int `mapstructure:"inter_threads"`
+	// Lanes is how many Runs of one SR model may execute at once on the CPU,
+	// each with its share of the threads; 0 = auto (one per thread, at most 4).
+	// Many small single-threaded Runs keep the cores busier than one Run
+	// split across them. GPU sessions and base models always use one lane.
+	Lanes int `mapstructure:"lanes"`
 	// Optimization is the graph optimisation level: disabled, basic, extended, all.
 	Optimization string `mapstructure:"optimization"`
 	// OptimizedCache is a directory where optimised models are cached; "" disables it.
@@ -387,6 +392,9 @@ func (c *Config) Validate() error {
 	}
 	if r.InterThreads < 0 {
 		add("runtime.inter_threads", "must be 0 or positive, got %d", r.InterThreads)
+	}
+	if r.Lanes < 0 {
+		add("runtime.lanes", "must be 0 (auto) or positive, got %d", r.Lanes)
 	}
 	if !oneOf(r.Optimization, "disabled", "basic", "extended", "all") {
 		add("runtime.optimization", "%q: want disabled, basic, extended or all", r.Optimization)

@@ -188,3 +188,16 @@ func fastLog(x float64) float64 {
 func (n Noise) CanvasFiller(c, h, w int) func(step int, dst []float32) error {
 	return func(step int, dst []float32) error { return n.Fill(dst, step, c, 0, 0, h, w) }
 }
+
+// RowsFiller returns a function that fills rows [y0, y1) of every channel
+// of a c×h×w canvas (c×(y1−y0)×w values) with the normals of a step, the
+// same values CanvasFiller puts there, in the form
+// SamplerOptions.EtaNoiseRows takes.
+func (n Noise) RowsFiller(c, w int) func(step int, dst []float32, y0, y1 int) error {
+	return func(step int, dst []float32, y0, y1 int) error {
+		if y1 < y0 {
+			return fmt.Errorf("noise fill: rows [%d, %d)", y0, y1)
+		}
+		return n.Fill(dst, step, c, y0, 0, y1-y0, w)
+	}
+}

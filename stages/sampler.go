@@ -133,6 +133,14 @@ type Sampler interface {
 	// Step advances x from step i to step i+1 in place, given the fused
 	// prediction of x0 for the whole canvas.
 	Step(i int, x, x0 []float32) error
+	// StepRows is Step for rows [y0, y1) of every channel of the planar
+	// c×h×w canvas x only, given x0 for those rows (x and x0 are whole
+	// canvases; nothing outside the rows is read or written). Each row must
+	// be stepped once per step, in step order, but different rows may be at
+	// different steps: a tiled pipeline steps the part of the canvas whose
+	// tiles are done while the model works on the rest. Stepping every row
+	// gives exactly what Step gives. Not safe for concurrent use.
+	StepRows(i int, x, x0 []float32, c, h, w, y0, y1 int) error
 	// Reset forgets the history of multistep samplers.
 	Reset()
 }
@@ -153,9 +161,24 @@ type SamplerOptions struct {
 	Strength float64
 	// Eta is DDIM's stochasticity (0 = deterministic).
 	Eta float64
-	// EtaNoise fills dst (canvas-sized) with unit normals for step i; DDIM
-	// calls it when Eta > 0. Use Noise{Seed, StreamEta}.CanvasFiller(c, h, w).
+	// EtaNoise fills dst (canvas-sized) with unit normals for step i; DDIM's
+	// Step calls it when Eta > 0. Use Noise{Seed, StreamEta}.CanvasFiller(c, h, w).
 	EtaNoise func(i int, dst []float32) error
+	// EtaNoiseRows fills dst with the same normals for rows [y0, y1) of
+	// every channel (c×(y1−y0)×w values); DDIM's StepRows calls it when
+	// Eta > 0. Use Noise{Seed, StreamEta}.RowsFiller(c, w).
+	EtaNoiseRows func(i int, dst []float32, y0, y1 int) error
+}
+
+// checkRows validates a StepRows call and returns the plane size.
+func checkRows(name string, x, x0 []float32, c, h, w, y0, y1 int) error {
+	if c < 1 || h < 1 || w < 1 || len(x) != c*h*w || len(x0) != len(x) {
+		return fmt.Errorf("%s: canvas %d×%d×%d with %d and %d values", name, c, h, w, len(x), len(x0))
+	}
+	if y0 < 0 || y1 > h || y0 > y1 {
+		return fmt.Errorf("%s: rows [%d, %d) outside [0, %d)", name, y0, y1, h)
+	}
+	return nil
 }
 
 // Img2ImgStart returns the index of the first step to run for an img2img
@@ -215,8 +238,9 @@ func checkCanvas(name string, xs ...[]float32) error {
 type DDIM struct {
 	plan
 	eta      float64
-	etaNoise func(int, []float32) error
-	noise    []float32
+	etaNoise     func(int, []float32) error
+	etaNoiseRows func(int, []float32, int, int) error
+	noise        []float32
 }
 
 // NewDDIM returns a DDIM sampler over s. The previous level of the step at
@@ -229,7 +253,7 @@ func NewDDIM(s *Schedule, o SamplerOptions) (*DDIM, error) {
 	if o.Eta < 0 {
 		return nil, fmt.Errorf("ddim: eta %g, want >= 0", o.Eta)
 	}
-	if o.Eta > 0 && o.EtaNoise == nil {
+	if o.Eta > 0 && o.EtaNoise == nil && o.EtaNoiseRows == nil {
 		return nil, fmt.Errorf("ddim: eta %g needs an EtaNoise source", o.Eta)
 	}
 	T := s.T()
@@ -266,7 +290,7 @@ func NewDDIM(s *Schedule, o SamplerOptions) (*DDIM, error) {
 		p.abar = append(p.abar, a)
 	}
 	// p.abar now holds the current levels followed by the previous levels.
-	d := &DDIM{plan: p, eta: o.Eta, etaNoise: o.EtaNoise}
+	d := &DDIM{plan: p, eta: o.Eta, etaNoise: o.EtaNoise, etaNoiseRows: o.EtaNoiseRows}
 	return d, nil
 }
 
@@ -299,17 +323,63 @@ func (d *DDIM) Step(i int, x, x0 []float32) error {
 	if err := checkCanvas("ddim", x, x0); err != nil {
 		return err
 	}
+	var noise []float32
+	if d.eta > 0 {
+		if d.etaNoise == nil {
+			return fmt.Errorf("ddim: eta %g needs an EtaNoise source for Step", d.eta)
+		}
+		noise = d.noiseBuffer(len(x))
+		if err := d.etaNoise(i, noise); err != nil {
+			return fmt.Errorf("ddim: eta noise at step %d: %w", i, err)
+		}
+	}
+	d.step(i, x, x0, noise)
+	return nil
+}
+
+// StepRows is Step for rows [y0, y1) of every channel.
+func (d *DDIM) StepRows(i int, x, x0 []float32, c, h, w, y0, y1 int) error {
+	if i < 0 || i >= len(d.ts) {
+		return fmt.Errorf("ddim: step %d outside [0, %d)", i, len(d.ts))
+	}
+	if err := checkRows("ddim", x, x0, c, h, w, y0, y1); err != nil {
+		return err
+	}
+	band := (y1 - y0) * w
+	var noise []float32
+	if d.eta > 0 {
+		if d.etaNoiseRows == nil {
+			return fmt.Errorf("ddim: eta %g needs an EtaNoiseRows source for StepRows", d.eta)
+		}
+		noise = d.noiseBuffer(c * band)
+		if err := d.etaNoiseRows(i, noise, y0, y1); err != nil {
+			return fmt.Errorf("ddim: eta noise at step %d: %w", i, err)
+		}
+	}
+	for ch := 0; ch < c; ch++ {
+		lo := ch*h*w + y0*w
+		var z []float32
+		if noise != nil {
+			z = noise[ch*band : (ch+1)*band]
+		}
+		d.step(i, x[lo:lo+band], x0[lo:lo+band], z)
+	}
+	return nil
+}
+
+func (d *DDIM) noiseBuffer(n int) []float32 {
+	if cap(d.noise) < n {
+		d.noise = make([]float32, n)
+	}
+	return d.noise[:n]
+}
+
+// step updates x elementwise; noise is nil when eta is 0.
+func (d *DDIM) step(i int, x, x0, noise []float32) {
 	at, ap := d.abar[i], d.prevAlphaBar(i)
 	std := 0.0
 	if d.eta > 0 {
 		std = d.eta * math.Sqrt((1-ap)/(1-at)*(1-at/ap))
-		if cap(d.noise) < len(x) {
-			d.noise = make([]float32, len(x))
-		}
-		d.noise = d.noise[:len(x)]
-		if err := d.etaNoise(i, d.noise); err != nil {
-			return fmt.Errorf("ddim: eta noise at step %d: %w", i, err)
-		}
 	}
 	sa, sb := math.Sqrt(at), math.Sqrt(1-at)
 	cx0 := float32(math.Sqrt(ap))
@@ -318,6 +388,7 @@ func (d *DDIM) Step(i int, x, x0 []float32) error {
 	clip := d.sched.ClipSample
 	lo, hi := float32(-d.sched.ClipSampleRange), float32(d.sched.ClipSampleRange)
 	fstd := float32(std)
+	x0 = x0[:len(x)]
 	for j := range x {
 		p0 := x0[j]
 		eps := (x[j] - ia*p0) * rb
@@ -326,11 +397,10 @@ func (d *DDIM) Step(i int, x, x0 []float32) error {
 		}
 		v := cx0*p0 + ceps*eps
 		if std > 0 {
-			v += fstd * d.noise[j]
+			v += fstd * noise[j]
 		}
 		x[j] = v
 	}
-	return nil
 }
 
 // Euler is the Euler discrete sampler in k-diffusion sigma space (diffusers
@@ -405,11 +475,31 @@ func (e *Euler) Step(i int, x, x0 []float32) error {
 	if err := checkCanvas("euler", x, x0); err != nil {
 		return err
 	}
+	e.step(i, x, x0)
+	return nil
+}
+
+// StepRows is Step for rows [y0, y1) of every channel.
+func (e *Euler) StepRows(i int, x, x0 []float32, c, h, w, y0, y1 int) error {
+	if i < 0 || i >= len(e.ts) {
+		return fmt.Errorf("euler: step %d outside [0, %d)", i, len(e.ts))
+	}
+	if err := checkRows("euler", x, x0, c, h, w, y0, y1); err != nil {
+		return err
+	}
+	for ch := 0; ch < c; ch++ {
+		lo, hi := ch*h*w+y0*w, ch*h*w+y1*w
+		e.step(i, x[lo:hi], x0[lo:hi])
+	}
+	return nil
+}
+
+func (e *Euler) step(i int, x, x0 []float32) {
 	r := float32((e.sigmas[i+1] - e.sigmas[i]) / e.sigmas[i])
+	x0 = x0[:len(x)]
 	for j := range x {
 		x[j] += r * (x[j] - x0[j])
 	}
-	return nil
 }
 
 // DPMSolver2M is DPM-Solver++(2M), the multistep second-order solver in
@@ -472,20 +562,59 @@ func (d *DPMSolver2M) Reset() { d.havePrev = false }
 //
 // where h_prev = λ_s − λ_{s−1}.
 func (d *DPMSolver2M) Step(i int, x, x0 []float32) error {
-	if i < 0 || i >= len(d.ts) {
-		return fmt.Errorf("dpm-solver++ 2m: step %d outside [0, %d)", i, len(d.ts))
+	if err := d.check(i); err != nil {
+		return err
 	}
 	if err := checkCanvas("dpm-solver++ 2m", x, x0); err != nil {
 		return err
 	}
+	d.step(i, x, x0, d.prevBuffer(len(x)))
+	return nil
+}
+
+// StepRows is Step for rows [y0, y1) of every channel; the previous x0 is
+// kept per row, so rows may be at different steps.
+func (d *DPMSolver2M) StepRows(i int, x, x0 []float32, c, h, w, y0, y1 int) error {
+	if err := d.check(i); err != nil {
+		return err
+	}
+	if err := checkRows("dpm-solver++ 2m", x, x0, c, h, w, y0, y1); err != nil {
+		return err
+	}
+	prev := d.prevBuffer(len(x))
+	for ch := 0; ch < c; ch++ {
+		lo, hi := ch*h*w+y0*w, ch*h*w+y1*w
+		d.step(i, x[lo:hi], x0[lo:hi], prev[lo:hi])
+	}
+	return nil
+}
+
+func (d *DPMSolver2M) check(i int) error {
+	if i < 0 || i >= len(d.ts) {
+		return fmt.Errorf("dpm-solver++ 2m: step %d outside [0, %d)", i, len(d.ts))
+	}
 	if i > 0 && !d.havePrev {
 		return fmt.Errorf("dpm-solver++ 2m: step %d without step %d before it", i, i-1)
 	}
+	return nil
+}
+
+// prevBuffer is the canvas-sized store of the previous step's x0.
+func (d *DPMSolver2M) prevBuffer(n int) []float32 {
+	if len(d.prev) != n {
+		d.prev = make([]float32, n)
+	}
+	return d.prev
+}
+
+// step updates x elementwise and leaves x0 in prev for the next step.
+func (d *DPMSolver2M) step(i int, x, x0, prev []float32) {
 	ls, lt := LevelFromAlphaBar(d.abar[i]), LevelFromAlphaBar(d.abar[i+1])
 	final := i == len(d.ts)-1
 	// First order on the first step run and on the final one (lower_order_final;
 	// with a zero final sigma diffusers takes it whatever the step count).
 	firstOrder := i == 0 || final
+	x0, prev = x0[:len(x)], prev[:len(x)]
 	if lt.Sigma == 0 {
 		// σ_t = 0: λ_t = ∞, e^{−h} = 0 and the update is x ← x0.
 		copy(x, x0)
@@ -503,18 +632,13 @@ func (d *DPMSolver2M) Step(i int, x, x0 []float32) error {
 			r := (lambda(ls) - lambda(lp)) / h
 			c1 := float32(0.5 / r)
 			for j := range x {
-				d1 := x0[j] - d.prev[j]
+				d1 := x0[j] - prev[j]
 				x[j] = cx*x[j] + c0*(x0[j]+c1*d1)
 			}
 		}
 	}
-	if cap(d.prev) < len(x0) {
-		d.prev = make([]float32, len(x0))
-	}
-	d.prev = d.prev[:len(x0)]
-	copy(d.prev, x0)
+	copy(prev, x0)
 	d.havePrev = true
-	return nil
 }
 
 // addNoise writes the state at step 0 for a clean image and unit noise:

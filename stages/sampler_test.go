@@ -397,3 +397,121 @@ func TestTiledSamplingEqualsUntiled(t *testing.T) {
 		})
 	}
 }
+
+// StepRows over any partition of the rows into bands, with rows of later
+// steps stepped before other rows finish earlier ones (as the pipeline's
+// wavefront does), gives exactly what whole-canvas Step gives, for every
+// sampler, DDIM with eta noise included.
+func TestStepRowsEqualsStep(t *testing.T) {
+	const c, h, w = 3, 23, 7
+	n := c * h * w
+	noise := Noise{Seed: 5, Stream: StreamEta}
+	x0At := func(step int, dst []float32) { // a prediction that depends on the step
+		for j := range dst {
+			dst[j] = float32(0.9 * math.Sin(float64(j)*0.37+float64(step)*1.3))
+		}
+	}
+	for _, kind := range []string{"ddim", "ddim-eta", "euler", "dpm++2m"} {
+		for seed := uint64(0); seed < 8; seed++ {
+			t.Run(fmt.Sprintf("%s/%d", kind, seed), func(t *testing.T) {
+				mk := func() Sampler {
+					o := SamplerOptions{Steps: 12}
+					k := kind
+					if kind == "ddim-eta" {
+						k, o.Eta = "ddim", 0.7
+						o.EtaNoise, o.EtaNoiseRows = noise.CanvasFiller(c, h, w), noise.RowsFiller(c, w)
+					}
+					s, err := NewSampler(k, sd15Schedule(t, PredEpsilon, SpacingTrailing), o)
+					if err != nil {
+						t.Fatal(err)
+					}
+					return s
+				}
+				whole, rows := mk(), mk()
+				want := make([]float32, n)
+				if err := (Noise{Seed: seed}).Fill(want, 0, c, 0, 0, h, w); err != nil {
+					t.Fatal(err)
+				}
+				got := append([]float32(nil), want...)
+				// The final step lands on x0 whatever the history, so stop
+				// one short of it: the state then depends on every step.
+				steps := whole.Len() - 1
+				x0 := make([]float32, n)
+				for i := 0; i < steps; i++ {
+					x0At(i, x0)
+					if err := whole.Step(i, want, x0); err != nil {
+						t.Fatal(err)
+					}
+				}
+				// Per step a random partition into bands; bands run in a random
+				// order that only keeps each row's steps in sequence.
+				rng := rand.New(rand.NewPCG(seed, 99))
+				type band struct{ step, y0, y1 int }
+				queues := make([][]band, steps)
+				for i := range queues {
+					for y := 0; y < h; {
+						y1 := min(h, y+1+rng.IntN(6))
+						queues[i] = append(queues[i], band{i, y, y1})
+						y = y1
+					}
+				}
+				at := make([]int, h) // the step each row is at
+				for left := true; left; {
+					left = false
+					var ready []int
+					for i, q := range queues {
+						if len(q) == 0 {
+							continue
+						}
+						left = true
+						ok := true
+						for y := q[0].y0; y < q[0].y1; y++ {
+							ok = ok && at[y] == i
+						}
+						if ok {
+							ready = append(ready, i)
+						}
+					}
+					if !left {
+						break
+					}
+					if len(ready) == 0 {
+						t.Fatal("no band can run")
+					}
+					i := ready[rng.IntN(len(ready))]
+					b := queues[i][0]
+					queues[i] = queues[i][1:]
+					x0At(i, x0)
+					if err := rows.StepRows(i, got, x0, c, h, w, b.y0, b.y1); err != nil {
+						t.Fatal(err)
+					}
+					for y := b.y0; y < b.y1; y++ {
+						at[y]++
+					}
+				}
+				x0At(steps-1, x0)
+				for j := range want {
+					if math.Abs(float64(want[j]-x0[j])) < 1e-6 {
+						t.Fatalf("value %d is the last prediction: the comparison would not see the history", j)
+					}
+					if got[j] != want[j] {
+						t.Fatalf("value %d: StepRows %v, Step %v", j, got[j], want[j])
+					}
+				}
+			})
+		}
+	}
+}
+
+func TestStepRowsRejectsBadRows(t *testing.T) {
+	s, err := NewSampler("euler", sd15Schedule(t, PredEpsilon, SpacingTrailing), SamplerOptions{Steps: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	x := make([]float32, 2*3*4)
+	for _, tc := range []struct{ c, h, w, y0, y1 int }{{2, 3, 4, 2, 4}, {2, 3, 4, 2, 1}, {2, 4, 4, 0, 1}, {0, 3, 4, 0, 1}} {
+		if err := s.StepRows(0, x, x, tc.c, tc.h, tc.w, tc.y0, tc.y1); err == nil {
+			t.Errorf("StepRows(%+v) accepted", tc)
+		}
+	}
+}
