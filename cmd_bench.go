@@ -8,6 +8,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 	"time"
 
@@ -25,8 +26,9 @@ type benchItem struct {
 	Width       int     `json:"width"`
 	Height      int     `json:"height"`
 	WallSeconds float64 `json:"wall_seconds"`
-	RunSeconds  float64 `json:"run_seconds"` // sum of ONNX Runtime Run time
-	Overhead    float64 `json:"overhead"`    // wall ÷ Run sum
+	RunSeconds  float64 `json:"run_seconds"`  // sum of ONNX Runtime Run time
+	BusySeconds float64 `json:"busy_seconds"` // Run sum ÷ lanes, per model
+	Overhead    float64 `json:"overhead"`     // wall ÷ busy (wall ÷ Run sum with one lane)
 	TileSteps   int     `json:"tile_steps"`
 	TilesPerSec float64 `json:"tiles_per_second"`
 	PeakRSSMiB  float64 `json:"peak_rss_mib"`
@@ -53,6 +55,15 @@ type benchReport struct {
 	TileStepRatio float64        `json:"tile_step_ratio"` // tile-steps(1024²) ÷ tile-steps(512²)
 	Upscale       *upscaleReport `json:"upscale,omitempty"`
 	Memory        *benchItem     `json:"memory,omitempty"`
+	Models        []benchModel   `json:"models"`
+}
+
+// benchModel is how a model's session ran: Runs at once and threads each.
+type benchModel struct {
+	Model    string `json:"model"`
+	Provider string `json:"provider"`
+	Lanes    int    `json:"lanes"`
+	Threads  int    `json:"threads_per_run"`
 }
 
 func newBenchCmd(a *app) *cobra.Command {
@@ -141,6 +152,10 @@ func (a *app) bench(ctx context.Context, image string, memory bool, log io.Write
 		}
 		rep.Memory = bi
 	}
+	for _, m := range eng.ModelStats() {
+		rep.Models = append(rep.Models, benchModel{Model: m.Model, Provider: m.Provider, Lanes: m.Lanes, Threads: m.Threads})
+	}
+	sort.Slice(rep.Models, func(i, j int) bool { return rep.Models[i].Model < rep.Models[j].Model })
 	return rep, nil
 }
 
@@ -156,11 +171,11 @@ func measure(ctx context.Context, eng *pipeline.Engine, name string, it pipeline
 	}
 	wall := time.Since(start).Seconds()
 	after := eng.Stats()
-	run := after.RunSeconds - before.RunSeconds
-	bi := &benchItem{Name: name, Width: res.Width, Height: res.Height, WallSeconds: wall, RunSeconds: run,
+	run, busy := after.RunSeconds-before.RunSeconds, after.BusySeconds-before.BusySeconds
+	bi := &benchItem{Name: name, Width: res.Width, Height: res.Height, WallSeconds: wall, RunSeconds: run, BusySeconds: busy,
 		TileSteps: int(after.Rows - before.Rows), PeakRSSMiB: float64(pipeline.PeakResidentBytes()) / (1 << 20)}
-	if run > 0 {
-		bi.Overhead = wall / run
+	if busy > 0 {
+		bi.Overhead = wall / busy
 	}
 	bi.TilesPerSec = float64(bi.TileSteps) / wall
 	return bi, res, nil
@@ -239,7 +254,10 @@ func crop(img []float32, w, h, fullW int) []float32 {
 
 func printBench(w io.Writer, r *benchReport) {
 	fmt.Fprintf(w, "ONNX Runtime %s on %s\n", r.ONNXRuntime, r.Provider)
-	fmt.Fprintf(w, "%-16s %9s %9s %8s %10s %9s %9s %6s\n", "item", "wall s", "run s", "overhead", "tile-steps", "tiles/s", "peak MiB", "seam")
+	for _, m := range r.Models {
+		fmt.Fprintf(w, "%s: %d lane(s) of %d thread(s)\n", m.Model, m.Lanes, m.Threads)
+	}
+	fmt.Fprintf(w, "%-16s %9s %9s %9s %8s %10s %9s %9s %6s\n", "item", "wall s", "run s", "busy s", "overhead", "tile-steps", "tiles/s", "peak MiB", "seam")
 	rows := r.Items
 	if r.Memory != nil {
 		rows = append(rows, *r.Memory)
@@ -249,7 +267,7 @@ func printBench(w io.Writer, r *benchReport) {
 		if it.SeamScore > 0 {
 			seam = fmt.Sprintf("%.3f", it.SeamScore)
 		}
-		fmt.Fprintf(w, "%-16s %9.2f %9.2f %8.3f %10d %9.1f %9.0f %6s\n", it.Name, it.WallSeconds, it.RunSeconds, it.Overhead, it.TileSteps, it.TilesPerSec, it.PeakRSSMiB, seam)
+		fmt.Fprintf(w, "%-16s %9.2f %9.2f %9.2f %8.3f %10d %9.1f %9.0f %6s\n", it.Name, it.WallSeconds, it.RunSeconds, it.BusySeconds, it.Overhead, it.TileSteps, it.TilesPerSec, it.PeakRSSMiB, seam)
 	}
 	if r.ScalingRatio > 0 {
 		fmt.Fprintf(w, "scaling t(1024²)/t(512²) = %.2f, tile-step ratio %.2f (%.1f%% apart)\n", r.ScalingRatio, r.TileStepRatio, 100*math.Abs(r.ScalingRatio/r.TileStepRatio-1))

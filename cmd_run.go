@@ -229,7 +229,7 @@ func summarize(w io.Writer, outcomes []itemOutcome, badFiles []string, remaining
 	if remaining > 0 {
 		fmt.Fprintf(w, ", %d remain queued", remaining)
 	}
-	fmt.Fprintf(w, " in %s (model time %.1fs, %d tile rows)\n", wall.Round(100*time.Millisecond), st.RunSeconds, st.Rows)
+	fmt.Fprintf(w, " in %s (model busy %.1fs, %d tile rows)\n", wall.Round(100*time.Millisecond), st.BusySeconds, st.Rows)
 	if done+skipped+elsewhere > 0 {
 		abs, _ := filepath.Abs(root)
 		fmt.Fprintf(w, "images are under %s\n", abs)

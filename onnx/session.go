@@ -24,6 +24,11 @@ type SessionOptions struct {
 	// Runtime, when set, replaces the environment's runtime configuration for
 	// this session (providers, fallback, threads, provider options).
 	Runtime *config.Runtime
+	// Lanes is how many Runs the caller makes on this session at once. They
+	// share its intra-op thread pool, whose workers then do not spin
+	// between operators (a spinning worker would hold a core another Run
+	// needs). 0 means 1.
+	Lanes int
 }
 
 // Session runs one model. Its Run is safe for concurrent use by many
@@ -73,7 +78,7 @@ func (e *Env) NewSession(m *Model, o SessionOptions) (*Session, error) {
 	var skipped []*ProviderError
 	for start := 0; start < len(providers); start++ {
 		p := providers[start]
-		sess, err := e.tryProvider(m, rt, p, threads, concurrent)
+		sess, err := e.tryProvider(m, rt, p, threads, concurrent > 1 || o.Lanes > 1)
 		if err == nil {
 			sess.skipped = skipped
 			return sess, nil
@@ -94,7 +99,7 @@ func (e *Env) NewSession(m *Model, o SessionOptions) (*Session, error) {
 // tryProvider builds a session led by provider p (with ONNX Runtime's CPU
 // provider behind it for nodes p cannot run). Failures that are the
 // provider's are returned as *ProviderError.
-func (e *Env) tryProvider(m *Model, rt config.Runtime, p string, threads, concurrent int) (*Session, error) {
+func (e *Env) tryProvider(m *Model, rt config.Runtime, p string, threads int, noSpin bool) (*Session, error) {
 	opts, err := ort.NewSessionOptions()
 	if err != nil {
 		return nil, err
@@ -106,8 +111,9 @@ func (e *Env) tryProvider(m *Model, rt config.Runtime, p string, threads, concur
 	if err := opts.SetInterOpNumThreads(max(rt.InterThreads, 1)); err != nil {
 		return nil, err
 	}
-	if concurrent > 1 {
-		// Spinning workers of several sessions would steal each other's cores.
+	if noSpin {
+		// Spinning workers of several sessions, or of several Runs of one,
+		// would steal each other's cores.
 		if err := opts.AddSessionConfigEntry("session.intra_op.allow_spinning", "0"); err != nil {
 			return nil, err
 		}

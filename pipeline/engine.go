@@ -9,6 +9,7 @@ import (
 	"os"
 	"runtime"
 	"runtime/debug"
+	"sort"
 	"sync"
 	"time"
 
@@ -30,6 +31,8 @@ type Options struct {
 	// MemoryBudget bounds what auto batching may use, in bytes; 0 means
 	// half of the machine's available memory.
 	MemoryBudget int64
+	// Lanes, when positive, overrides runtime.lanes for CPU sessions.
+	Lanes int
 }
 
 // Engine runs items through cascades. It keeps one session and batcher per
@@ -79,9 +82,14 @@ func (e *Engine) Close() error {
 
 // Stats are the engine's totals so far.
 type Stats struct {
-	RunSeconds float64 // time inside ONNX Runtime, all models
-	Rows       int64   // tile rows evaluated
-	Runs       int64
+	RunSeconds float64 // time inside ONNX Runtime, all models, summed over Runs
+	// BusySeconds is RunSeconds with each model's Run time divided by its
+	// lanes: the wall time the models would have taken with every lane busy.
+	// With one lane it is RunSeconds; wall ÷ BusySeconds is the pipeline's
+	// overhead either way.
+	BusySeconds float64
+	Rows        int64 // tile rows evaluated
+	Runs        int64
 }
 
 // SessionError is a model's session that could not be created. Unless it
@@ -107,6 +115,8 @@ func Transient(err error) bool {
 type ModelStats struct {
 	Model    string
 	Provider string
+	Lanes    int // Runs at once
+	Threads  int // intra-op threads of each Run
 	Stats
 }
 
@@ -114,11 +124,31 @@ type ModelStats struct {
 func (e *Engine) ModelStats() []ModelStats {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	out := make([]ModelStats, 0, len(e.runners))
-	for ref, r := range e.runners {
-		out = append(out, ModelStats{Model: ref, Provider: r.sess.Provider(), Stats: Stats{
-			RunSeconds: time.Duration(r.runNanos.Load()).Seconds(), Rows: r.rowsRun.Load(), Runs: r.runs.Load(),
-		}})
+	// A model's solo runner (see stageRunner) counts with its main one.
+	byModel := map[string]*ModelStats{}
+	var order []string
+	for _, r := range e.runners {
+		m, ok := byModel[r.ref]
+		if !ok {
+			m = &ModelStats{Model: r.ref, Provider: r.sess.Provider()}
+			byModel[r.ref] = m
+			order = append(order, r.ref)
+		}
+		if !r.solo {
+			m.Lanes, m.Threads = r.lanes, r.sess.Threads()
+		} else if m.Lanes == 0 {
+			m.Lanes, m.Threads = 1, r.sess.Threads()
+		}
+		rs := r.stats()
+		m.RunSeconds += rs.RunSeconds
+		m.BusySeconds += rs.BusySeconds
+		m.Rows += rs.Rows
+		m.Runs += rs.Runs
+	}
+	sort.Strings(order)
+	out := make([]ModelStats, 0, len(order))
+	for _, ref := range order {
+		out = append(out, *byModel[ref])
 	}
 	return out
 }
@@ -129,21 +159,42 @@ func (e *Engine) Stats() Stats {
 	defer e.mu.Unlock()
 	var s Stats
 	for _, r := range e.runners {
-		s.RunSeconds += time.Duration(r.runNanos.Load()).Seconds()
-		s.Rows += r.rowsRun.Load()
-		s.Runs += r.runs.Load()
+		rs := r.stats()
+		s.RunSeconds += rs.RunSeconds
+		s.BusySeconds += rs.BusySeconds
+		s.Rows += rs.Rows
+		s.Runs += rs.Runs
 	}
 	return s
 }
 
 // runner returns the model's runner, creating its session and batcher on first use.
-func (e *Engine) runner(ref string) (*runner, error) {
+func (e *Engine) runner(ref string) (*runner, error) { return e.runnerFor(ref, false) }
+
+// stageRunner is the runner for a stage: the model's, or where the stage
+// has fewer tiles a step than the model's lanes (a small canvas in one
+// tile), its solo runner, one lane with all of the lanes' threads. A lone
+// single-threaded Run would leave the other lanes' cores idle; on two
+// cores a 256² stage of one tile took twice its Run time.
+func (e *Engine) stageRunner(sp StagePlan) (*runner, error) {
+	r, err := e.runner(sp.Model)
+	if err != nil || r.lanes <= 1 || sp.Tiles >= r.lanes {
+		return r, err
+	}
+	return e.runnerFor(sp.Model, true)
+}
+
+func (e *Engine) runnerFor(ref string, solo bool) (*runner, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.closed {
 		return nil, errors.New("engine closed")
 	}
-	if r, ok := e.runners[ref]; ok {
+	key := ref
+	if solo {
+		key += "\x00solo"
+	}
+	if r, ok := e.runners[key]; ok {
 		return r, nil
 	}
 	m, err := e.resolver.Resolve(e.env, ref)
@@ -165,13 +216,21 @@ func (e *Engine) runner(ref string) (*runner, error) {
 	if e.opts.Workers > 1 {
 		concurrent = 2
 	}
-	sess, err := e.env.NewSession(m, onnx.SessionOptions{Concurrent: concurrent})
+	lanes := 1
+	if !solo {
+		lanes = e.lanes(m, concurrent)
+	}
+	sess, err := e.env.NewSession(m, onnx.SessionOptions{Concurrent: concurrent * lanes, Lanes: lanes})
 	if err != nil {
 		return nil, &SessionError{Model: ref, Err: err}
 	}
+	if sess.Provider() != "cpu" {
+		lanes = 1 // a fallback from a GPU provider keeps the threads it was given
+	}
 	r := &runner{
-		ref: ref, model: m, sess: sess, channels: m.Channels(),
-		reqs: make(chan *request, 64), logger: e.logger, bindings: map[bindKey]*boundBatch{},
+		ref: ref, model: m, sess: sess, channels: m.Channels(), lanes: lanes, solo: solo,
+		reqs: make(chan *request, 64), logger: e.logger,
+		bindings: map[bindKey]*boundBatch{}, busy: map[*boundBatch]bool{},
 	}
 	if t := m.Input(onnx.RoleTimestep); t != nil {
 		r.scalarT = len(t.Shape) == 0 || t.Shape[0] == 1
@@ -186,11 +245,41 @@ func (e *Engine) runner(ref string) (*runner, error) {
 		r.auto, r.budget, r.probed = true, memoryBudget(e.opts.MemoryBudget), map[[2]int]bool{}
 		r.maxBatch.Store(1)
 	}
-	e.runners[ref] = r
+	e.runners[key] = r
 	e.group.Go(func() error { return r.loop(e.ctx) })
-	e.logger.Debug("model session ready", "model", ref, "provider", sess.Provider(), "threads", sess.Threads())
+	e.logger.Debug("model session ready", "model", ref, "provider", sess.Provider(), "lanes", lanes, "threads_per_run", sess.Threads())
 	return r, nil
 }
+
+// lanes is how many Runs of m may execute at once: Options.Lanes, else
+// runtime.lanes, else (auto) on the CPU for an SR model one per thread of
+// its share, at most maxAutoLanes. The Runs share the session's thread
+// pool. On two cores, two Runs at once of demo-sr's 256² tiles did 19–20
+// ms a tile where one Run at a time did 22: a small model's operators are
+// too short to split across threads without the threads waiting on each
+// other, and two Runs fill those waits. A Run alone (a stage of one tile)
+// still has every thread. A base stage has one tile a step, so it keeps
+// one lane; so does a GPU, which runs one kernel stream.
+func (e *Engine) lanes(m *onnx.Model, concurrent int) int {
+	rt := e.env.Config()
+	if len(rt.Providers) > 0 && rt.Providers[0] != "cpu" {
+		return 1
+	}
+	if e.opts.Lanes > 0 {
+		return e.opts.Lanes
+	}
+	if rt.Lanes > 0 {
+		return rt.Lanes
+	}
+	if m.CheckContract().Kind != onnx.KindSR {
+		return 1
+	}
+	return min(max(rt.IntraOpThreads()/concurrent, 1), maxAutoLanes)
+}
+
+// maxAutoLanes bounds auto lanes: each lane needs a tile of its own in
+// flight, and a step's last tiles leave lanes idle at its barrier.
+const maxAutoLanes = 4
 
 // scheduleOf builds the model's noise schedule for a sampler from its
 // manifest (or the diffusers scheduler_config.json it names), over the
@@ -381,7 +470,7 @@ func (e *Engine) Generate(ctx context.Context, it Item, progress func(Progress))
 	c := 3
 	w, h := it.inputW, it.inputH
 	for si, sp := range plan.Stages {
-		r, err := e.runner(sp.Model)
+		r, err := e.stageRunner(sp)
 		if err != nil {
 			return nil, err
 		}
@@ -389,13 +478,38 @@ func (e *Engine) Generate(ctx context.Context, it Item, progress func(Progress))
 		if sp.Kind == onnx.KindBase {
 			img, err = e.runStage(ctx, it, si, sp, r, nil, report)
 		} else {
-			up := make([]float32, c*sp.Height*sp.Width)
-			if err := resample(up, img, c, h, w, sp.Height, sp.Width, stages.Filter(sp.Filter)); err != nil {
-				return nil, fmt.Errorf("stage %d: upsample: %w", si, err)
+			prev, stageStart := img, done
+			for {
+				up := make([]float32, c*sp.Height*sp.Width)
+				if err := resample(up, prev, c, h, w, sp.Height, sp.Width, stages.Filter(sp.Filter)); err != nil {
+					return nil, fmt.Errorf("stage %d: upsample: %w", si, err)
+				}
+				img, err = e.runStage(ctx, it, si, sp, r, up, report)
+				var big *tileTooLarge
+				if !errors.As(err, &big) {
+					break
+				}
+				// Even one tile per Run did not fit: start the stage over
+				// with half the tile. The noise does not depend on the
+				// tiling, so the image is the one that tile would have given.
+				smaller := sp
+				smaller.TileSize = big.tile / 2
+				g, gerr := tileGrid(smaller, r.model.Manifest)
+				if gerr != nil {
+					err = fmt.Errorf("%w (no smaller tile possible)", big.err)
+					break
+				}
+				smaller.Tiles = len(g.Tiles)
+				e.logger.Warn("tile too large for memory; stage restarted with half the tile", "item", it.Index, "stage", si, "tile", g.TileHeight, "tiles", len(g.Tiles), "err", big.err)
+				sp, plan.Stages[si] = smaller, smaller
+				done, total = stageStart, plan.TileSteps()
 			}
-			img, err = e.runStage(ctx, it, si, sp, r, up, report)
 		}
 		if err != nil {
+			var big *tileTooLarge
+			if errors.As(err, &big) {
+				err = fmt.Errorf("%w (no smaller tile possible)", big.err)
+			}
 			return nil, fmt.Errorf("stage %d (%s, %dx%d): %w", si, sp.Kind, sp.Width, sp.Height, err)
 		}
 		w, h = sp.Width, sp.Height
@@ -430,7 +544,7 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 	etaNoise := stages.Noise{Seed: it.Seed, Stream: stages.StageStream(stages.StreamEta, si)}
 	sampler, err := stages.NewSampler(samplerKind(sp.Sampler), sched, stages.SamplerOptions{
 		Steps: sp.Steps, Strength: sp.Strength, Eta: sp.Eta,
-		EtaNoise: func(i int, dst []float32) error { return etaNoise.Fill(dst, i, c, 0, 0, H, W) },
+		EtaNoiseRows: etaNoise.RowsFiller(c, W),
 	})
 	if err != nil {
 		return nil, err
@@ -506,74 +620,35 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 	if len(classes) < 2 {
 		guidance = 1
 	}
-	acc := stages.NewAccumulator(c, H, W)
-	x0 := make([]float32, n)
-	pt := sampler.Prediction()
-	var scaled []float32 // the model input canvas when the sampler scales it
-	for i := 0; i < sampler.Len(); i++ {
-		t := float32(sampler.Timestep(i))
-		lv := sampler.Level(i)
-		xin := x
-		if s := sampler.InputScale(i); s != 1 {
-			if scaled == nil {
-				scaled = make([]float32, n)
-			}
-			stages.ScaleInput(scaled, x, s)
-			xin = scaled
+	in := stepInputs{noiseLevel: float32(sp.NoiseLevel), classes: classes, guidance: guidance}
+	err = wavefront(ctx, r, grid, sampler, x, cond, in, func(step, rows int) { report(si, step, sampler.Len(), rows) })
+	if err != nil {
+		if isOutOfMemory(err) {
+			return nil, &tileTooLarge{tile: grid.TileHeight, err: err}
 		}
-		for attempt := 0; ; attempt++ {
-			if i > 0 || attempt > 0 { // a new accumulator is already zero
-				if err := inBands(H, func(y0, y1 int) error { acc.ResetRows(y0, y1); return nil }); err != nil {
-					return nil, err
-				}
-			}
-			err := fuseStep(ctx, r, grid, acc, xin, cond, stepInputs{t: t, noiseLevel: float32(sp.NoiseLevel), classes: classes, guidance: guidance})
-			if err == nil {
-				break
-			}
-			if !isOutOfMemory(err) {
-				return nil, err
-			}
-			// Even one tile per Run did not fit: halve the tile and retry the step.
-			smaller := sp
-			smaller.TileSize = grid.TileHeight / 2
-			g, gerr := tileGrid(smaller, man)
-			if gerr != nil || sp.Kind == onnx.KindBase {
-				return nil, fmt.Errorf("%w (no smaller tile possible)", err)
-			}
-			e.logger.Warn("tile too large for memory; halved", "item", it.Index, "stage", si, "step", i, "tile", g.TileHeight, "tiles", len(g.Tiles), "err", err)
-			grid = g
-		}
-		// The raw predictions are fused first and converted to x0 once for the
-		// whole canvas: the conversion is affine in the prediction and the
-		// window weights sum to one, so this equals fusing converted tiles.
-		// Between steps the model is idle, so the canvas passes use every core.
-		err := inBands(H, func(y0, y1 int) error {
-			if err := acc.ResultRows(x0, y0, y1); err != nil {
-				return err
-			}
-			for ch := 0; ch < c; ch++ {
-				lo, hi := ch*H*W+y0*W, ch*H*W+y1*W
-				if err := stages.PredToX0(pt, lv, xin[lo:hi], x0[lo:hi], x0[lo:hi]); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
-		if err != nil {
-			return nil, err
-		}
-		if err := sampler.Step(i, x, x0); err != nil {
-			return nil, err
-		}
-		rows := len(grid.Tiles) * max(len(classes), 1)
-		report(si, i+1, sampler.Len(), rows)
+		return nil, err
 	}
-	for i, v := range x {
-		x[i] = float32(math.Max(-1, math.Min(1, float64(v))))
-	}
-	return x, nil
+	err = inBands(H, func(y0, y1 int) error {
+		for ch := 0; ch < c; ch++ {
+			band := x[ch*H*W+y0*W : ch*H*W+y1*W]
+			for i, v := range band {
+				band[i] = min(max(v, -1), 1)
+			}
+		}
+		return nil
+	})
+	return x, err
 }
+
+// tileTooLarge is a stage whose Run ran out of memory with one tile alone:
+// Generate starts the stage over with smaller tiles.
+type tileTooLarge struct {
+	tile int
+	err  error
+}
+
+func (e *tileTooLarge) Error() string { return e.err.Error() }
+func (e *tileTooLarge) Unwrap() error { return e.err }
 
 // resample is stages.Resample with the channels, which are independent,
 // resampled at the same time.
@@ -605,72 +680,184 @@ func inBands(h int, fn func(y0, y1 int) error) error {
 	return g.Wait()
 }
 
-// stepInputs are what every tile of one step shares.
+// stepInputs are what every tile of a stage shares.
 type stepInputs struct {
-	t          float32
 	noiseLevel float32
 	classes    []int64
 	guidance   float64
 }
 
-// fuseStep sends every tile of the canvas xin to the model's batcher (the
-// tiler) and adds each prediction, guided where there is a pair, to acc with
-// the tile's window (the stitcher), the two joined by the reply channel.
-// acc must be empty.
-func fuseStep(ctx context.Context, r *runner, grid *stages.TileGrid, acc *stages.Accumulator, xin, cond []float32, in stepInputs) error {
-	c := r.channels
+// wavefront samples a stage on the canvas x, from its state at step 0 to
+// the last step, with the conditioning cond (nil for a base stage).
+//
+// Every step's tiles go to the model's batcher (the tiler side), each
+// prediction is fused into the accumulator as it lands (the stitcher
+// side), and as soon as a band of rows has every tile of a step fused,
+// that band alone is converted to x0 and stepped. A tile of the next step
+// goes to the model as soon as the rows it sees are stepped, so the model
+// keeps working across step boundaries: a step's first tiles run while its
+// predecessor's last ones do, and one image alone keeps every lane busy
+// except at the end of the stage.
+//
+// Rows [0, edge(k)) are final for a step once its tile rows 0..k are fused,
+// since later tile rows start at or below edge(k). A tile row of step s+1
+// that ends at row e needs step s stepped down to e. Tiles of different
+// steps in flight at once thus never touch the same rows, so one
+// accumulator serves them all, and a band of x is never stepped while a
+// tile that reads it is waiting for the model.
+func wavefront(ctx context.Context, r *runner, grid *stages.TileGrid, smp stages.Sampler, x, cond []float32, in stepInputs, report func(step, rows int)) error {
+	ctx, cancel := context.WithCancel(ctx) // the runner drops what is left when this returns
+	defer cancel()
+	c, H, W := r.channels, grid.Height, grid.Width
+	R, C, L := grid.Rows, grid.Cols, smp.Len()
+	tiles := grid.Tiles
 	tileLen := c * grid.TileHeight * grid.TileWidth
-	t, classes, guidance := in.t, in.classes, in.guidance
-	replies := make(chan response, len(grid.Tiles))
-	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error { // tiler
-		for ti, tile := range grid.Tiles {
-			q := &request{h: grid.TileHeight, w: grid.TileWidth, t: t, noiseLevel: in.noiseLevel, classes: classes, reply: replies, tile: ti}
-			q.fill = func(sample, lowres []float32) error {
-				if err := grid.Extract(sample, xin, c, tile); err != nil {
-					return err
-				}
-				if lowres != nil {
-					return grid.Extract(lowres, cond, c, tile)
-				}
-				return nil
-			}
-			select {
-			case r.reqs <- q:
-			case <-gctx.Done():
-				return gctx.Err()
+	rowY := make([]int, R)
+	for k := range rowY {
+		rowY[k] = tiles[k*C].Y0
+	}
+	edge := func(k int) int {
+		if k+1 < R {
+			return rowY[k+1]
+		}
+		return H
+	}
+	need := make([]int, R) // tile row k of step s+1 waits for step s's tile rows 0..need[k]
+	for k := range need {
+		for end := min(rowY[k]+grid.TileHeight, H); edge(need[k]) < end; {
+			need[k]++
+		}
+	}
+	acc := stages.NewAccumulator(c, H, W)
+	x0 := make([]float32, len(x))
+	pt := smp.Prediction()
+	// The tiles are cut from xin: x itself, or x scaled to the model's
+	// input where the sampler asks for it (Euler), kept band by band.
+	xin := x
+	var scaled []float32
+	scale := func(step, y0, y1 int) {
+		f := float32(smp.InputScale(step))
+		for ch := 0; ch < c; ch++ {
+			lo, hi := ch*H*W+y0*W, ch*H*W+y1*W
+			for j := lo; j < hi; j++ {
+				scaled[j] = f * x[j]
 			}
 		}
-		return nil
-	})
-	g.Go(func() error { // stitcher
-		for range grid.Tiles {
-			var resp response
-			select {
-			case resp = <-replies:
-			case <-gctx.Done():
-				return gctx.Err()
+	}
+	for i := 0; i < L; i++ {
+		if smp.InputScale(i) != 1 {
+			scaled = make([]float32, len(x))
+			xin = scaled
+			scale(0, 0, H)
+			break
+		}
+	}
+	// stepBand converts the fused prediction of rows [y0, y1) to x0 and
+	// steps those rows from step s to s+1.
+	stepBand := func(s, y0, y1 int) error {
+		if err := acc.ResultRows(x0, y0, y1); err != nil {
+			return err
+		}
+		lv := smp.Level(s)
+		for ch := 0; ch < c; ch++ {
+			lo, hi := ch*H*W+y0*W, ch*H*W+y1*W
+			if err := stages.PredToX0(pt, lv, xin[lo:hi], x0[lo:hi], x0[lo:hi]); err != nil {
+				return err
 			}
+		}
+		if err := smp.StepRows(s, x, x0, c, H, W, y0, y1); err != nil {
+			return err
+		}
+		acc.ResetRows(y0, y1)
+		if scaled != nil && s+1 < L {
+			scale(s+1, y0, y1)
+		}
+		return nil
+	}
+	newRequest := func(s, ti int) *request {
+		tile := tiles[ti]
+		q := &request{h: grid.TileHeight, w: grid.TileWidth, t: float32(smp.Timestep(s)), noiseLevel: in.noiseLevel,
+			classes: in.classes, reply: nil, tile: ti, step: s, ctx: ctx}
+		q.fill = func(sample, lowres []float32) error {
+			if err := grid.Extract(sample, xin, c, tile); err != nil {
+				return err
+			}
+			if lowres != nil {
+				return grid.Extract(lowres, cond, c, tile)
+			}
+			return nil
+		}
+		return q
+	}
+	total := L * len(tiles)
+	// At most two steps' tiles are out at once, and the reply channel holds
+	// them all, so the batcher never waits on this item.
+	maxOut := 2 * len(tiles)
+	replies := make(chan response, maxOut)
+	left := make([][]int, L) // per step, tiles of each tile row not yet fused
+	stepped := make([]int, L) // per step, tile rows stepped
+	rowsPerTile := max(len(in.classes), 1)
+	sent, landed := 0, 0
+	for landed < total {
+		var send chan<- *request
+		var q *request
+		if sent < total && sent-landed < maxOut {
+			s, ti := sent/len(tiles), sent%len(tiles)
+			if s == 0 || stepped[s-1] > need[ti/C] {
+				q = newRequest(s, ti)
+				q.reply = replies
+				send = r.reqs
+			}
+		}
+		select {
+		case send <- q:
+			sent++
+		case resp := <-replies:
+			landed++
 			if resp.err != nil {
 				return resp.err
 			}
 			pred := resp.pred[:tileLen]
-			if guidance != 1 {
-				if err := stages.GuidePair(pred, resp.pred[:tileLen], resp.pred[tileLen:2*tileLen], guidance); err != nil {
+			if in.guidance != 1 {
+				if err := stages.GuidePair(pred, resp.pred[:tileLen], resp.pred[tileLen:2*tileLen], in.guidance); err != nil {
 					return err
 				}
 			} else if len(resp.pred) > tileLen {
 				pred = resp.pred[len(resp.pred)-tileLen:]
 			}
-			err := acc.Add(grid.Tiles[resp.req.tile], pred)
+			err := acc.Add(tiles[resp.req.tile], pred)
 			r.release(resp.pred)
 			if err != nil {
 				return err
 			}
+			s := resp.req.step
+			if left[s] == nil {
+				left[s] = make([]int, R)
+				for k := range left[s] {
+					left[s][k] = C
+				}
+			}
+			left[s][resp.req.tile/C]--
+			for stepped[s] < R && left[s][stepped[s]] == 0 {
+				k := stepped[s]
+				y0 := 0
+				if k > 0 {
+					y0 = edge(k - 1)
+				}
+				if err := stepBand(s, y0, edge(k)); err != nil {
+					return err
+				}
+				stepped[s]++
+			}
+			if stepped[s] == R && left[s] != nil {
+				left[s] = nil
+				report(s+1, len(tiles)*rowsPerTile)
+			}
+		case <-ctx.Done():
+			return ctx.Err()
 		}
-		return nil
-	})
-	return g.Wait()
+	}
+	return nil
 }
 
 func samplerKind(s string) string {

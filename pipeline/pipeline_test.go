@@ -10,6 +10,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -166,11 +167,90 @@ func TestTiledEqualsUntiledWithBoundedReceptiveField(t *testing.T) {
 	}
 }
 
+// The wavefront steps each band of rows as soon as its tiles are fused and
+// sends the next step's tiles as soon as their rows are stepped. With a
+// model whose receptive field the halo covers, that must give the untiled
+// image exactly, for every sampler (DDIM's eta noise and DPM-Solver++'s
+// per-row history included) and however many Runs are in flight.
+func TestWavefrontMatchesUntiledForEverySampler(t *testing.T) {
+	in := writeGradient(t, 24, 24)
+	for _, smp := range []struct {
+		name string
+		eta  float64
+	}{{"ddim", 0}, {"ddim", 0.8}, {"euler", 0}, {"dpmpp_2m", 0}} {
+		item := func(tile, overlap, halo int) Item {
+			it := upscaleItem(in, tile, overlap, intp(halo))
+			it.SR.Steps, it.SR.Strength, it.SR.Sampler, it.SR.Eta = 10, 0.8, smp.name, smp.eta
+			return it
+		}
+		untiled, err := newEngine(t, Options{Batch: 1, Lanes: 1}).Generate(context.Background(), item(96, 0, 0), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range []struct{ batch, lanes int }{{1, 1}, {4, 1}, {1, 3}, {2, 2}} {
+			e := newEngine(t, Options{Batch: c.batch, Lanes: c.lanes})
+			tiled, err := e.Generate(context.Background(), item(32, 8, 3), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if st := tiled.Plan.Stages[0]; st.Tiles < 16 {
+				t.Fatalf("only %d tiles", st.Tiles)
+			}
+			if d := maxAbsDiff(tiled.Image, untiled.Image); d > 1e-4 {
+				t.Errorf("%s eta %g, batch %d, %d lanes: max difference %g from untiled", smp.name, smp.eta, c.batch, c.lanes, d)
+			}
+		}
+	}
+}
+
+// The next step's first tiles reach the model before the step before it
+// has finished: the model does not wait on a step barrier.
+func TestWavefrontOverlapsSteps(t *testing.T) {
+	in := writeGradient(t, 24, 24)
+	e := newEngine(t, Options{Batch: 1, Lanes: 2})
+	r, err := e.runner("conv-sr")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var events []string
+	r.trace = func(q *request) {
+		mu.Lock()
+		events = append(events, fmt.Sprintf("run %d", q.step))
+		mu.Unlock()
+	}
+	it := upscaleItem(in, 32, 8, intp(3))
+	_, err = e.Generate(context.Background(), it, func(p Progress) {
+		mu.Lock()
+		events = append(events, fmt.Sprintf("done %d", p.Step-1))
+		mu.Unlock()
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	overlapped := 0
+	for s := 0; ; s++ {
+		done := slices.Index(events, fmt.Sprintf("done %d", s))
+		next := slices.Index(events, fmt.Sprintf("run %d", s+1))
+		if done < 0 || next < 0 {
+			break
+		}
+		if next < done {
+			overlapped++
+		}
+	}
+	if overlapped == 0 {
+		t.Fatalf("no step's tiles ran before the step before it was done: %v", events)
+	}
+}
+
 func TestDeterministicAcrossBatchAndConcurrency(t *testing.T) {
 	in := writeGradient(t, 20, 28)
 	var ref []float32
-	for _, c := range []struct{ batch, inFlight int }{{1, 1}, {4, 1}, {4, 2}, {3, 3}} {
-		e := newEngine(t, Options{Batch: c.batch, Workers: c.inFlight})
+	for _, c := range []struct{ batch, inFlight, lanes int }{{1, 1, 1}, {4, 1, 1}, {4, 2, 1}, {3, 3, 1}, {1, 1, 2}, {1, 3, 2}} {
+		e := newEngine(t, Options{Batch: c.batch, Workers: c.inFlight, Lanes: c.lanes})
 		results := make([][]float32, c.inFlight)
 		var wg sync.WaitGroup
 		for k := 0; k < c.inFlight; k++ {
@@ -191,7 +271,7 @@ func TestDeterministicAcrossBatchAndConcurrency(t *testing.T) {
 				ref = r
 			}
 			if d := maxAbsDiff(r, ref); d > 1.0/255 {
-				t.Errorf("batch %d, %d in flight, item %d: max difference %g", c.batch, c.inFlight, k, d)
+				t.Errorf("batch %d, %d in flight, %d lanes, item %d: max difference %g", c.batch, c.inFlight, c.lanes, k, d)
 			}
 		}
 	}
@@ -261,7 +341,8 @@ func TestAutoBatch(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := newEngine(t, Options{MemoryBudget: 2 << 30})
+	// One lane: with several, the CPU runs a tile per Run on each instead.
+	e := newEngine(t, Options{MemoryBudget: 2 << 30, Lanes: 1})
 	res, err := e.Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil)
 	if err != nil {
 		t.Fatal(err)

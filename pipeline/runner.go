@@ -25,7 +25,10 @@ type request struct {
 	noiseLevel float32
 	classes    []int64 // one row per label; nil means one unlabelled row
 	reply      chan<- response
-	tile       int
+	tile, step int
+	// ctx is the item's: once it ends the request is answered with its
+	// error instead of being run.
+	ctx context.Context
 }
 
 func (q *request) rows() int { return max(len(q.classes), 1) }
@@ -62,11 +65,20 @@ type runner struct {
 	// preds recycles prediction buffers: at a 4096² canvas a step's tiles
 	// would otherwise leave hundreds of megabytes of garbage behind.
 	preds sync.Pool
-	// Per-shape prepared bindings, owned by the loop goroutine.
+	// lanes is how many Runs may execute at once (see config runtime.lanes);
+	// solo marks the one-lane runner a model with lanes keeps for stages of
+	// fewer tiles than lanes (see Engine.stageRunner).
+	lanes int
+	solo  bool
+	// Per-shape prepared bindings, and those in use (filled, or in flight),
+	// owned by the loop goroutine.
 	bindings map[bindKey]*boundBatch
+	busy     map[*boundBatch]bool
 	// inject, when set by tests, fails a Run before it starts (to stand in
 	// for a device running out of memory, which a CPU test cannot cause).
 	inject func(h, w, rows int) error
+	// trace, when set by tests, sees every request as its batch is filled.
+	trace func(q *request)
 	// Fixed per model: whether timestep / noise level are one value per Run.
 	scalarT, scalarNoise bool
 	intT                 bool
@@ -105,95 +117,131 @@ func (r *runner) key(q *request) groupKey {
 	return k
 }
 
-// flight is a batch whose Run is executing on its own goroutine.
+// flight is a batch whose Run is executing (or about to) on its own goroutine.
 type flight struct {
 	batch []*request
 	b     *boundBatch
-	done  chan error
+	err   error
 }
 
-// loop serves requests until ctx ends. It keeps one Run in flight while it
-// fills the next batch into the other binding of that shape, so the copies
-// into the batch buffers overlap the model's work.
+// loop serves requests until ctx ends. It keeps up to lanes Runs in flight,
+// each on its own goroutine and binding, and fills the next batch into a
+// free binding while they run, so that the copies into the batch buffers
+// overlap the model's work and a lane that lands starts again at once.
 func (r *runner) loop(ctx context.Context) error {
-	var fl *flight
-	land := func() { // wait for the batch in flight and answer it
-		err := <-fl.done
-		r.deliver(ctx, fl.batch, fl.b, err)
-		fl = nil
+	lanes := max(r.lanes, 1)
+	landed := make(chan *flight, lanes)
+	inFlight := 0
+	var ready *flight // prepared, waiting for a free lane
+	var pending []*request
+	land := func(f *flight) {
+		inFlight--
+		delete(r.busy, f.b)
+		r.deliver(ctx, f.batch, f.b, f.err)
 	}
 	defer func() {
-		if fl != nil {
-			land()
+		for inFlight > 0 {
+			land(<-landed)
+		}
+		// Whatever was accepted and not run is answered, not dropped.
+		if ready != nil {
+			pending = append(ready.batch, pending...)
+		}
+		for _, q := range pending {
+			q.reply <- response{req: q, err: fmt.Errorf("model %s: engine closed", r.ref)}
 		}
 		for _, b := range r.bindings {
 			b.bind.Close()
 		}
 	}()
-	var pending []*request
 	for {
-		if len(pending) == 0 {
-			var landed chan error
-			if fl != nil {
-				landed = fl.done
-			}
-			select {
-			case <-ctx.Done():
-				return nil
-			case q := <-r.reqs:
-				pending = append(pending, q)
-			case err := <-landed:
-				r.deliver(ctx, fl.batch, fl.b, err)
-				fl = nil
-				continue
-			}
-		}
-		// Take whatever else is already queued, without waiting for more.
-	drain:
-		for len(pending) < 4*int(r.maxBatch.Load()) {
-			select {
-			case q := <-r.reqs:
-				pending = append(pending, q)
-			default:
-				break drain
-			}
-		}
-		k := r.key(pending[0])
-		limit := int(r.maxBatch.Load())
-		if r.auto && !r.probed[[2]int{k.h, k.w}] {
-			if fl != nil {
-				land()
-			}
-			r.probe(ctx, pending[0])
-			pending = pending[1:]
+		if ready != nil && inFlight < lanes {
+			inFlight++
+			go func(f *flight) {
+				f.err = r.execute(ctx, f.b)
+				landed <- f
+			}(ready)
+			ready = nil
 			continue
 		}
-		var batch, rest []*request
-		rows := 0
-		for _, q := range pending {
-			if r.key(q) == k && (rows == 0 || rows+q.rows() <= limit) {
-				batch = append(batch, q)
-				rows += q.rows()
+		if ready == nil && len(pending) > 0 {
+			if pending = r.dropCanceled(pending); len(pending) == 0 {
 				continue
 			}
-			rest = append(rest, q)
-		}
-		pending = rest
-		var busy *boundBatch
-		if fl != nil {
-			busy = fl.b
-		}
-		b, err := r.prepare(batch, busy)
-		if fl != nil {
-			land()
-		}
-		if err != nil {
-			r.deliver(ctx, batch, nil, err)
+			k := r.key(pending[0])
+			if r.auto && !r.probed[[2]int{k.h, k.w}] {
+				for inFlight > 0 { // the probe measures its own Run alone
+					land(<-landed)
+				}
+				r.probe(ctx, pending[0])
+				pending = pending[1:]
+				continue
+			}
+			var batch []*request
+			batch, pending = r.take(pending, k)
+			b, err := r.prepare(batch)
+			if err != nil {
+				r.deliver(ctx, batch, nil, err)
+				continue
+			}
+			r.busy[b] = true
+			ready = &flight{batch: batch, b: b}
 			continue
 		}
-		fl = &flight{batch: batch, b: b, done: make(chan error, 1)}
-		go func(f *flight) { f.done <- r.execute(ctx, f.b) }(fl)
+		// Wait for a Run to land, or for requests while there is room to gather them.
+		var reqs <-chan *request
+		if len(pending) < 4*int(r.maxBatch.Load())*lanes {
+			reqs = r.reqs
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case f := <-landed:
+			land(f)
+		case q := <-reqs:
+			pending = append(pending, q)
+			// Take whatever else is already queued, without waiting for more.
+		drain:
+			for len(pending) < 4*int(r.maxBatch.Load())*lanes {
+				select {
+				case q := <-r.reqs:
+					pending = append(pending, q)
+				default:
+					break drain
+				}
+			}
+		}
 	}
+}
+
+// dropCanceled answers the requests whose item has given up with its
+// error, and returns the others.
+func (r *runner) dropCanceled(pending []*request) []*request {
+	kept := pending[:0]
+	for _, q := range pending {
+		if q.ctx != nil && q.ctx.Err() != nil {
+			q.reply <- response{req: q, err: q.ctx.Err()}
+			continue
+		}
+		kept = append(kept, q)
+	}
+	return kept
+}
+
+// take splits off the next batch: the requests of key k, in order, up to the
+// batch limit in rows (a request is never split, so the first one always goes).
+func (r *runner) take(pending []*request, k groupKey) (batch, rest []*request) {
+	limit := int(r.maxBatch.Load())
+	rows := 0
+	for _, q := range pending {
+		if r.key(q) == k && (rows == 0 || rows+q.rows() <= limit) {
+			batch = append(batch, q)
+			rows += q.rows()
+			continue
+		}
+		rest = append(rest, q)
+	}
+	return batch, rest
 }
 
 // deliver answers the requests of a batch that ran (b) or failed (err). A
@@ -219,9 +267,11 @@ func (r *runner) deliver(ctx context.Context, batch []*request, b *boundBatch, e
 
 // serve runs a batch now, on the loop's goroutine, and answers it.
 func (r *runner) serve(ctx context.Context, batch []*request) {
-	b, err := r.prepare(batch, nil)
+	b, err := r.prepare(batch)
 	if err == nil {
+		r.busy[b] = true
 		err = r.execute(ctx, b)
+		delete(r.busy, b)
 	}
 	r.deliver(ctx, batch, b, err)
 }
@@ -252,6 +302,8 @@ func (r *runner) probe(ctx context.Context, q *request) {
 	limit := maxAutoBatchCPU
 	if r.sess.Provider() != "cpu" {
 		limit = maxAutoBatchGPU
+	} else if r.lanes > 1 {
+		limit = 1 // lanes keep the cores busy; a step's tiles spread evenly over them one by one
 	}
 	n := autoBatch(r.budget, residentBytes(), growth/int64(q.rows()), rowBytes, limit)
 	r.probed[[2]int{q.h, q.w}] = true
@@ -265,16 +317,16 @@ func isOutOfMemory(err error) bool {
 	return strings.Contains(s, "out of memory") || strings.Contains(s, "failed to allocate") || strings.Contains(s, "bad_alloc")
 }
 
-// prepare fills the binding for the batch's shape and size with the
-// batch's tiles and per-row inputs. It alternates between two bindings per
-// shape, so that it may fill one while busy (the one in flight) runs.
-func (r *runner) prepare(batch []*request, busy *boundBatch) (*boundBatch, error) {
+// prepare fills a free binding for the batch's shape and size with the
+// batch's tiles and per-row inputs, so that it may fill one while others
+// (the busy ones) run.
+func (r *runner) prepare(batch []*request) (*boundBatch, error) {
 	q0 := batch[0]
 	n := 0
 	for _, q := range batch {
 		n += q.rows()
 	}
-	b, err := r.bound(q0.h, q0.w, n, busy)
+	b, err := r.bound(q0.h, q0.w, n)
 	if err != nil {
 		return nil, err
 	}
@@ -282,6 +334,9 @@ func (r *runner) prepare(batch []*request, busy *boundBatch) (*boundBatch, error
 	plane := r.channels * q0.h * q0.w
 	row := 0
 	for _, q := range batch {
+		if r.trace != nil {
+			r.trace(q)
+		}
 		for j := 0; j < q.rows(); j++ {
 			var lowres []float32
 			if b.lowres != nil {
@@ -346,6 +401,11 @@ func (r *runner) execute(ctx context.Context, b *boundBatch) error {
 	return nil
 }
 
+func (r *runner) stats() Stats {
+	run := time.Duration(r.runNanos.Load()).Seconds()
+	return Stats{RunSeconds: run, BusySeconds: run / float64(max(r.lanes, 1)), Rows: r.rowsRun.Load(), Runs: r.runs.Load()}
+}
+
 // collect copies each request's rows out of a binding that has run.
 func (r *runner) collect(batch []*request, b *boundBatch) [][]float32 {
 	plane := r.channels * b.h * b.w
@@ -373,15 +433,20 @@ func (r *runner) release(buf []float32) {
 	r.preds.Put(&buf)
 }
 
-// bound returns a prepared binding for n rows of h×w tiles: of the two kept
-// for that shape, the one that is not busy (in flight).
-func (r *runner) bound(h, w, n int, busy *boundBatch) (*boundBatch, error) {
+// bound returns a binding for n rows of h×w tiles that is not busy: of
+// those kept for that shape (one per lane, one being filled and one for a
+// retry), the first free one.
+func (r *runner) bound(h, w, n int) (*boundBatch, error) {
 	key := bindKey{h, w, n, 0}
-	if busy != nil && busy.key == key {
-		key.slot = 1
-	}
-	if b, ok := r.bindings[key]; ok {
-		return b, nil
+	for {
+		b, ok := r.bindings[key]
+		if !ok {
+			break
+		}
+		if !r.busy[b] {
+			return b, nil
+		}
+		key.slot++
 	}
 	m := r.model
 	c := int64(r.channels)
@@ -417,9 +482,9 @@ func (r *runner) bound(h, w, n int, busy *boundBatch) (*boundBatch, error) {
 		return nil, fmt.Errorf("model %s: prediction output has %d values, want %d", r.ref, len(out.Float), n*plane)
 	}
 	b.bind, b.out, b.key = bind, out.Float, key
-	if len(r.bindings) > 16 {
+	if len(r.bindings) > 16+2*r.lanes {
 		for k, old := range r.bindings {
-			if old != busy {
+			if !r.busy[old] {
 				old.bind.Close()
 				delete(r.bindings, k)
 			}
