@@ -74,7 +74,9 @@ func newBenchCmd(a *app) *cobra.Command {
 		Short: "Measure the pipeline on a fixed workload with the demo models",
 		Long: `Bench runs a fixed workload on the demo models (one 512² and one 1024² image,
 10 base steps, 10 SR steps at strength 0.5) and reports wall time, the sum of
-ONNX Runtime Run time, the overhead ratio (wall ÷ Run sum), tiles per second,
+ONNX Runtime Run time, the model's busy time (that sum divided by the Runs a
+model may have in flight at once, its lanes), the overhead ratio (wall ÷
+busy: wall ÷ Run sum with one lane), tiles per second,
 peak RSS, the scaling ratio t(1024²) ÷ t(512²) next to the ratio of
 tile-steps, and the seam score of the 1024² image. It then upscales a
 photograph 4× (downscaled first) tiled and untiled and reports PSNR against

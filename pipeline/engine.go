@@ -239,9 +239,14 @@ func (e *Engine) runnerFor(ref string, solo bool) (*runner, error) {
 	if nl := m.Input(onnx.RoleNoiseLevel); nl != nil {
 		r.scalarNoise = len(nl.Shape) == 0 || nl.Shape[0] == 1
 	}
-	if e.opts.Batch > 0 {
+	switch {
+	case e.opts.Batch > 0:
 		r.maxBatch.Store(int64(e.opts.Batch))
-	} else {
+	case lanes > 1:
+		// Lanes keep the cores busy, and a step's tiles spread evenly over
+		// them one by one: auto is one tile a Run, without a probe.
+		r.maxBatch.Store(1)
+	default:
 		r.auto, r.budget, r.probed = true, memoryBudget(e.opts.MemoryBudget), map[[2]int]bool{}
 		r.maxBatch.Store(1)
 	}
@@ -620,7 +625,7 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 	if len(classes) < 2 {
 		guidance = 1
 	}
-	in := stepInputs{noiseLevel: float32(sp.NoiseLevel), classes: classes, guidance: guidance}
+	in := stepInputs{batch: sp.Batch, noiseLevel: float32(sp.NoiseLevel), classes: classes, guidance: guidance}
 	err = wavefront(ctx, r, grid, sampler, x, cond, in, func(step, rows int) { report(si, step, sampler.Len(), rows) })
 	if err != nil {
 		if isOutOfMemory(err) {
@@ -682,6 +687,7 @@ func inBands(h int, fn func(y0, y1 int) error) error {
 
 // stepInputs are what every tile of a stage shares.
 type stepInputs struct {
+	batch      int // the stage's own batch; 0 = the runner's
 	noiseLevel float32
 	classes    []int64
 	guidance   float64
@@ -774,10 +780,15 @@ func wavefront(ctx context.Context, r *runner, grid *stages.TileGrid, smp stages
 		}
 		return nil
 	}
+	total := L * len(tiles)
+	// At most two steps' tiles are out at once, and the reply channel holds
+	// them all, so the batcher never waits on this item.
+	maxOut := 2 * len(tiles)
+	replies := make(chan response, maxOut)
 	newRequest := func(s, ti int) *request {
 		tile := tiles[ti]
 		q := &request{h: grid.TileHeight, w: grid.TileWidth, t: float32(smp.Timestep(s)), noiseLevel: in.noiseLevel,
-			classes: in.classes, reply: nil, tile: ti, step: s, ctx: ctx}
+			classes: in.classes, reply: replies, tile: ti, step: s, batch: in.batch, ctx: ctx}
 		q.fill = func(sample, lowres []float32) error {
 			if err := grid.Extract(sample, xin, c, tile); err != nil {
 				return err
@@ -789,11 +800,6 @@ func wavefront(ctx context.Context, r *runner, grid *stages.TileGrid, smp stages
 		}
 		return q
 	}
-	total := L * len(tiles)
-	// At most two steps' tiles are out at once, and the reply channel holds
-	// them all, so the batcher never waits on this item.
-	maxOut := 2 * len(tiles)
-	replies := make(chan response, maxOut)
 	left := make([][]int, L) // per step, tiles of each tile row not yet fused
 	stepped := make([]int, L) // per step, tile rows stepped
 	rowsPerTile := max(len(in.classes), 1)
@@ -805,7 +811,6 @@ func wavefront(ctx context.Context, r *runner, grid *stages.TileGrid, smp stages
 			s, ti := sent/len(tiles), sent%len(tiles)
 			if s == 0 || stepped[s-1] > need[ti/C] {
 				q = newRequest(s, ti)
-				q.reply = replies
 				send = r.reqs
 			}
 		}

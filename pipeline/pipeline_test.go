@@ -404,3 +404,55 @@ func TestSessionErrorsAreTransientUnlessProviders(t *testing.T) {
 		t.Error("a provider that cannot attach counted as transient")
 	}
 }
+
+// A stage's own batch (sr.batch in a job file) beats the engine's, and
+// a Run that runs out of memory caps it like any other.
+func TestStageBatchBeatsEngineBatch(t *testing.T) {
+	in := writeGradient(t, 20, 20)
+	ref, err := newEngine(t, Options{Batch: 1, Lanes: 1}).Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := newEngine(t, Options{Batch: 1, Lanes: 1})
+	r, err := e.runner("conv-sr")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	most := 0
+	r.inject = func(h, w, rows int) error {
+		mu.Lock()
+		defer mu.Unlock()
+		most = max(most, rows)
+		return nil
+	}
+	it := upscaleItem(in, 32, 8, intp(3))
+	it.SR.Batch = 3
+	res, err := e.Generate(context.Background(), it, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if most != 3 {
+		t.Fatalf("largest Run had %d rows, want the stage's batch 3", most)
+	}
+	if d := maxAbsDiff(res.Image, ref.Image); d > 1e-5 {
+		t.Fatalf("the stage's batch changed the image by %g", d)
+	}
+	// Runs of more than two rows "run out of memory": the stage's batch is capped at 2 (after the split).
+	most = 0
+	r.inject = func(h, w, rows int) error {
+		mu.Lock()
+		defer mu.Unlock()
+		if rows > 2 {
+			return fmt.Errorf("Failed to allocate memory for requested buffer of size %d", rows*h*w*12)
+		}
+		most = max(most, rows)
+		return nil
+	}
+	if _, err := e.Generate(context.Background(), it, nil); err != nil {
+		t.Fatal(err)
+	}
+	if most != 1 && most != 2 || r.oomCap.Load() > 2 {
+		t.Fatalf("after running out of memory: largest Run %d rows, cap %d", most, r.oomCap.Load())
+	}
+}

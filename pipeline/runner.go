@@ -26,6 +26,9 @@ type request struct {
 	classes    []int64 // one row per label; nil means one unlabelled row
 	reply      chan<- response
 	tile, step int
+	// batch, when positive, is the stage's own batch (sr.batch in the job),
+	// which beats the runner's.
+	batch int
 	// ctx is the item's: once it ends the request is answered with its
 	// error instead of being run.
 	ctx context.Context
@@ -53,6 +56,9 @@ type runner struct {
 	logger   *slog.Logger
 
 	maxBatch atomic.Int64
+	// oomCap is the most rows a Run has fitted since one ran out of memory
+	// (0: none has); it caps a stage's own batch too.
+	oomCap atomic.Int64
 	// auto is set when the batch is chosen from the memory budget by a
 	// probe Run of each new tile shape; probed records the shapes done.
 	auto     bool
@@ -232,6 +238,12 @@ func (r *runner) dropCanceled(pending []*request) []*request {
 // batch limit in rows (a request is never split, so the first one always goes).
 func (r *runner) take(pending []*request, k groupKey) (batch, rest []*request) {
 	limit := int(r.maxBatch.Load())
+	if b := pending[0].batch; b > 0 {
+		limit = b
+		if c := int(r.oomCap.Load()); c > 0 && c < limit {
+			limit = c
+		}
+	}
 	rows := 0
 	for _, q := range pending {
 		if r.key(q) == k && (rows == 0 || rows+q.rows() <= limit) {
@@ -284,6 +296,9 @@ func (r *runner) splitServe(ctx context.Context, batch []*request, err error) {
 	for _, q := range batch[:half] {
 		rows += q.rows()
 	}
+	if c := r.oomCap.Load(); c == 0 || c > int64(rows) {
+		r.oomCap.Store(int64(max(rows, 1)))
+	}
 	if r.maxBatch.Load() > int64(rows) {
 		r.maxBatch.Store(int64(max(rows, 1)))
 		r.logger.Warn("model ran out of memory; batch halved", "model", r.ref, "batch", rows, "err", err)
@@ -302,8 +317,6 @@ func (r *runner) probe(ctx context.Context, q *request) {
 	limit := maxAutoBatchCPU
 	if r.sess.Provider() != "cpu" {
 		limit = maxAutoBatchGPU
-	} else if r.lanes > 1 {
-		limit = 1 // lanes keep the cores busy; a step's tiles spread evenly over them one by one
 	}
 	n := autoBatch(r.budget, residentBytes(), growth/int64(q.rows()), rowBytes, limit)
 	r.probed[[2]int{q.h, q.w}] = true

@@ -13,7 +13,9 @@ are blended into a canvas with per-pixel weights, and the canvas steps once.
 Prints the wall time of the sampling loop (model loading and the upsampling
 excluded) and the time inside the model. Compare with
 
-  bin/tessera run examples/upscale-bench.yaml   (model time and wall in the summary)
+  bin/tessera run examples/upscale-bench.yaml   (wall and model busy time in the
+  summary; the item's own time, session creation included, is "seconds" in
+  its JSON sidecar)
 """
 import argparse
 import math
