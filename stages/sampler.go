@@ -112,7 +112,9 @@ func ScaleInput(dst, x []float32, scale float64) {
 //
 // The canvas x starts as InitNoiseSigma()·noise (txt2img) or AddNoise of an
 // image (img2img, with the Strength option). Step must be called for
-// i = 0, 1, … in order; Reset starts over.
+// i = 0, 1, … in order; Reset starts over. A pipeline that does not wait
+// for a whole step (tessera's wavefront) steps bands of rows with StepRows
+// instead, each row through the steps in order.
 type Sampler interface {
 	// Len is the number of steps to run.
 	Len() int
@@ -237,7 +239,7 @@ func checkCanvas(name string, xs ...[]float32) error {
 // variance-preserving form; the model input is the state itself.
 type DDIM struct {
 	plan
-	eta      float64
+	eta          float64
 	etaNoise     func(int, []float32) error
 	etaNoiseRows func(int, []float32, int, int) error
 	noise        []float32
