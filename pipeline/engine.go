@@ -800,7 +800,7 @@ func wavefront(ctx context.Context, r *runner, grid *stages.TileGrid, smp stages
 		}
 		return q
 	}
-	left := make([][]int, L) // per step, tiles of each tile row not yet fused
+	left := make([][]int, L)  // per step, tiles of each tile row not yet fused
 	stepped := make([]int, L) // per step, tile rows stepped
 	rowsPerTile := max(len(in.classes), 1)
 	sent, landed := 0, 0
