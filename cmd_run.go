@@ -85,12 +85,16 @@ func (a *app) run(ctx context.Context, stop func(), files []string, stdout, stde
 		a.logger.Info("removed temp files left by an interrupted run", "count", n, "dir", cfg.Output.Root)
 	}
 
+	wo, err := writeOptions(cfg)
+	if err != nil {
+		return err
+	}
 	var eng *pipeline.Engine
 	var prog *progress
 	runner := func(ctx context.Context, job string, it pipeline.Item) (err error) {
 		prog.start(it)
 		defer func() { prog.finish(it, err) }()
-		return makeItem(ctx, eng, job, it, prog.step)
+		return makeItem(ctx, eng, job, it, prog.step, wo)
 	}
 	q, err := a.openQueue(context.WithoutCancel(ctx), runner, qf)
 	if err != nil {

@@ -24,6 +24,7 @@ import (
 	"tessera/models"
 	"tessera/onnx"
 	"tessera/pipeline"
+	"tessera/stages"
 )
 
 func newServeCmd(a *app) *cobra.Command {
@@ -76,13 +77,17 @@ func (a *app) serve(ctx context.Context, stop func(), qf queueFlags) error {
 		log.Info("removed temp files left by an interrupted run", "count", n, "dir", cfg.Output.Root)
 	}
 
+	wo, err := writeOptions(cfg)
+	if err != nil {
+		return err
+	}
 	var eng *pipeline.Engine
 	runner := func(ctx context.Context, job string, it pipeline.Item) error {
 		start := time.Now()
-		stages := m.StageTimer(it.Image != "")
-		err := makeItem(ctx, eng, job, it, stages.Step)
+		timer := m.StageTimer(it.Image != "")
+		err := makeItem(ctx, eng, job, it, timer.Step, wo)
 		if err == nil {
-			stages.Done()
+			timer.Done()
 		}
 		m.ObserveItem(time.Since(start), err)
 		if err != nil && ctx.Err() == nil {
@@ -251,7 +256,7 @@ func watchedJobName(root, path string) string {
 }
 
 // makeItem makes and writes one item, as tessera run does.
-func makeItem(ctx context.Context, eng *pipeline.Engine, job string, it pipeline.Item, step func(pipeline.Progress)) error {
+func makeItem(ctx context.Context, eng *pipeline.Engine, job string, it pipeline.Item, step func(pipeline.Progress), wo jobs.WriteOptions) error {
 	if it.Image != "" {
 		// The header is enough to fail a bad file for good; Generate decodes it.
 		if _, _, err := pipeline.CheckImage(it.Image); err != nil {
@@ -273,7 +278,16 @@ func makeItem(ctx context.Context, eng *pipeline.Engine, job string, it pipeline
 	if err != nil {
 		return err
 	}
-	return jobs.Write(job, it, res, version)
+	return jobs.Write(job, it, res, wo)
+}
+
+// writeOptions are how this process writes images.
+func writeOptions(cfg config.Config) (jobs.WriteOptions, error) {
+	level, err := stages.PNGCompression(cfg.Output.Compression)
+	if err != nil {
+		return jobs.WriteOptions{}, fmt.Errorf("output.compression: %w", err)
+	}
+	return jobs.WriteOptions{Version: version, Compression: level}, nil
 }
 
 // health answers /healthz: 200 while the queue database answers, 503 when

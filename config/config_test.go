@@ -93,6 +93,8 @@ func TestLoadErrorsNameTheKey(t *testing.T) {
 		{"bad queue url", "queue: {url: mysql://x}\n", []string{"queue.url"}},
 		{"bad time zone", "schedules:\n  - {name: n, cron: '* * * * *', tz: Mars/Base, job: j.yaml}\n", []string{"schedules[0].tz"}},
 		{"bad byte size", "memory: {budget: lots}\n", []string{"lots"}},
+		{"bad png compression", "output: {compression: zopfli}\n", []string{"output.compression", `"zopfli"`}},
+		{"negative lanes", "runtime: {lanes: -1}\n", []string{"runtime.lanes"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"image/png"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -39,7 +40,9 @@ func ItemHash(it pipeline.Item) string {
 }
 
 // SidecarPath is the JSON file beside an output PNG.
-func SidecarPath(png string) string { return strings.TrimSuffix(png, filepath.Ext(png)) + ".json" }
+func SidecarPath(pngPath string) string {
+	return strings.TrimSuffix(pngPath, filepath.Ext(pngPath)) + ".json"
+}
 
 // Done reports whether the item's PNG and sidecar both exist and agree: the
 // sidecar names this item and the PNG's hash. A rerun skips such items.
@@ -52,11 +55,11 @@ func Done(it pipeline.Item) bool {
 	if json.Unmarshal(data, &sc) != nil || sc.ItemHash != ItemHash(it) {
 		return false
 	}
-	png, err := os.ReadFile(it.Output)
+	img, err := os.ReadFile(it.Output)
 	if err != nil {
 		return false
 	}
-	sum := sha256.Sum256(png)
+	sum := sha256.Sum256(img)
 	return hex.EncodeToString(sum[:]) == sc.PNGSHA256
 }
 
@@ -64,12 +67,18 @@ func Done(it pipeline.Item) bool {
 // and a `tessera` chunk holding the sidecar's JSON) and then the sidecar,
 // each atomically. The sidecar goes last, so an image whose sidecar exists
 // and matches is complete.
-func Write(job string, it pipeline.Item, res *pipeline.Result, version string) error {
+// WriteOptions are what Write needs besides the image.
+type WriteOptions struct {
+	Version     string               // tessera's, recorded in the sidecar
+	Compression png.CompressionLevel // see stages.PNGCompression
+}
+
+func Write(job string, it pipeline.Item, res *pipeline.Result, o WriteOptions) error {
 	img, err := stages.TensorToNRGBA(res.Image, res.Channels, res.Height, res.Width)
 	if err != nil {
 		return err
 	}
-	sc := Sidecar{Version: 1, Job: job, Item: it, ItemHash: ItemHash(it), Plan: res.Plan, Seconds: res.Seconds, Tessera: version}
+	sc := Sidecar{Version: 1, Job: job, Item: it, ItemHash: ItemHash(it), Plan: res.Plan, Seconds: res.Seconds, Tessera: o.Version}
 	meta, err := json.Marshal(sc)
 	if err != nil {
 		return err
@@ -79,7 +88,7 @@ func Write(job string, it pipeline.Item, res *pipeline.Result, version string) e
 		return err
 	}
 	var buf bytes.Buffer
-	if err := stages.EncodePNG(&buf, img, stages.ParametersChunk(params), stages.TesseraChunk(meta)); err != nil {
+	if err := stages.EncodePNG(&buf, img, o.Compression, stages.ParametersChunk(params), stages.TesseraChunk(meta)); err != nil {
 		return fmt.Errorf("encode %s: %w", it.Output, err)
 	}
 	if err := os.MkdirAll(filepath.Dir(it.Output), 0o755); err != nil {

@@ -21,7 +21,7 @@ func TestWriteAndDone(t *testing.T) {
 	if Done(it) {
 		t.Fatal("done before writing")
 	}
-	if err := Write("job", it, res, "test"); err != nil {
+	if err := Write("job", it, res, WriteOptions{Version: "test"}); err != nil {
 		t.Fatal(err)
 	}
 	if !Done(it) {

@@ -59,7 +59,7 @@ func open(t *testing.T, url string, run ItemRunner) *Queue {
 // writeImage is a runner that writes a flat 8x8 image.
 func writeImage(ctx context.Context, job string, it pipeline.Item) error {
 	res := &pipeline.Result{Image: make([]float32, 3*it.Width*it.Height), Channels: 3, Width: it.Width, Height: it.Height}
-	return Write(job, it, res, "test")
+	return Write(job, it, res, WriteOptions{Version: "test"})
 }
 
 func ids(es []Enqueued) []int64 {

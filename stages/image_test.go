@@ -25,7 +25,7 @@ func TestImageRoundTrip8And16Bit(t *testing.T) {
 		}
 	}
 	var buf bytes.Buffer
-	if err := EncodePNG(&buf, img); err != nil {
+	if err := EncodePNG(&buf, img, png.DefaultCompression); err != nil {
 		t.Fatal(err)
 	}
 	dec, err := png.Decode(&buf)
@@ -59,7 +59,7 @@ func TestImageRoundTrip8And16Bit(t *testing.T) {
 		t.Fatal(err)
 	}
 	buf.Reset()
-	if err := EncodePNG(&buf, img16); err != nil {
+	if err := EncodePNG(&buf, img16, png.BestSpeed); err != nil {
 		t.Fatal(err)
 	}
 	dec, err = png.Decode(&buf)

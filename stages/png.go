@@ -53,11 +53,28 @@ func TesseraChunk(jsonBytes []byte) TextChunk {
 	return TextChunk{Keyword: KeyTessera, Text: string(jsonBytes), International: true}
 }
 
-// EncodePNG encodes img as PNG into w with the text chunks placed right after
-// IHDR, in order.
-func EncodePNG(w io.Writer, img image.Image, chunks ...TextChunk) error {
+// PNGCompression maps output.compression's names to the encoder's levels:
+// fast, default, best and none.
+func PNGCompression(name string) (png.CompressionLevel, error) {
+	switch name {
+	case "fast", "":
+		return png.BestSpeed, nil
+	case "default":
+		return png.DefaultCompression, nil
+	case "best":
+		return png.BestCompression, nil
+	case "none":
+		return png.NoCompression, nil
+	}
+	return 0, fmt.Errorf("png compression %q: want fast, default, best or none", name)
+}
+
+// EncodePNG encodes img as PNG into w at the compression level, with the
+// text chunks placed right after IHDR, in order.
+func EncodePNG(w io.Writer, img image.Image, level png.CompressionLevel, chunks ...TextChunk) error {
 	var buf bytes.Buffer
-	if err := png.Encode(&buf, img); err != nil {
+	enc := png.Encoder{CompressionLevel: level}
+	if err := enc.Encode(&buf, img); err != nil {
 		return fmt.Errorf("encode png: %w", err)
 	}
 	out, err := InsertTextChunks(buf.Bytes(), chunks...)

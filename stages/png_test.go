@@ -53,7 +53,7 @@ func pngWithChunks(t testing.TB, sixteen bool, p Parameters, js string) []byte {
 		t.Fatal(err)
 	}
 	var buf bytes.Buffer
-	if err := EncodePNG(&buf, img, ParametersChunk(text), TesseraChunk([]byte(js))); err != nil {
+	if err := EncodePNG(&buf, img, png.DefaultCompression, ParametersChunk(text), TesseraChunk([]byte(js))); err != nil {
 		t.Fatal(err)
 	}
 	return buf.Bytes()
@@ -240,7 +240,7 @@ func FuzzReadTextChunks(f *testing.F) {
 		f.Add(pngWithChunks(f, false, sampleParameters(), "{}"))
 	}
 	var base bytes.Buffer
-	if err := EncodePNG(&base, image.NewGray(image.Rect(0, 0, 1, 1))); err != nil {
+	if err := EncodePNG(&base, image.NewGray(image.Rect(0, 0, 1, 1)), png.BestSpeed); err != nil {
 		f.Fatal(err)
 	}
 	tinyBase := base.Bytes()
@@ -298,4 +298,47 @@ func FuzzParseParameters(f *testing.F) {
 			t.Fatalf("re-parse of %q: %+v, %v; want %+v", out, q.Params, err, p.Params)
 		}
 	})
+}
+
+// Every compression level writes the same pixels, and the fast one is no
+// larger than storing them uncompressed.
+func TestEncodePNGLevels(t *testing.T) {
+	img := image.NewNRGBA(image.Rect(0, 0, 64, 48))
+	for i := range img.Pix {
+		img.Pix[i] = uint8(i * 7 % 251)
+	}
+	for i := 3; i < len(img.Pix); i += 4 {
+		img.Pix[i] = 255
+	}
+	sizes := map[string]int{}
+	for _, name := range []string{"fast", "default", "best", "none"} {
+		level, err := PNGCompression(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var buf bytes.Buffer
+		if err := EncodePNG(&buf, img, level, ParametersChunk("p")); err != nil {
+			t.Fatal(err)
+		}
+		sizes[name] = buf.Len()
+		got, err := png.Decode(&buf)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		for y := 0; y < 48; y++ {
+			for x := 0; x < 64; x++ {
+				r, g, b, _ := got.At(x, y).RGBA()
+				o := img.PixOffset(x, y)
+				if uint8(r>>8) != img.Pix[o] || uint8(g>>8) != img.Pix[o+1] || uint8(b>>8) != img.Pix[o+2] {
+					t.Fatalf("%s: pixel (%d, %d) differs", name, x, y)
+				}
+			}
+		}
+	}
+	if sizes["fast"] >= sizes["none"] {
+		t.Errorf("fast %d bytes, uncompressed %d", sizes["fast"], sizes["none"])
+	}
+	if _, err := PNGCompression("zopfli"); err == nil {
+		t.Error("an unknown level was accepted")
+	}
 }
