@@ -427,13 +427,13 @@ func TestStageBatchBeatsEngineBatch(t *testing.T) {
 		return nil
 	}
 	it := upscaleItem(in, 32, 8, intp(3))
-	it.SR.Batch = 3
+	it.SR.Batch = 7 // more than the batcher gathers for the engine's batch of 1
 	res, err := e.Generate(context.Background(), it, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if most != 3 {
-		t.Fatalf("largest Run had %d rows, want the stage's batch 3", most)
+	if most != 7 {
+		t.Fatalf("largest Run had %d rows, want the stage's batch 7", most)
 	}
 	if d := maxAbsDiff(res.Image, ref.Image); d > 1e-5 {
 		t.Fatalf("the stage's batch changed the image by %g", d)

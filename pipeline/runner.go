@@ -140,6 +140,7 @@ func (r *runner) loop(ctx context.Context) error {
 	inFlight := 0
 	var ready *flight // prepared, waiting for a free lane
 	var pending []*request
+	stageBatch := 0 // the largest stage batch (request.batch) seen
 	land := func(f *flight) {
 		inFlight--
 		delete(r.busy, f.b)
@@ -194,9 +195,13 @@ func (r *runner) loop(ctx context.Context) error {
 			ready = &flight{batch: batch, b: b}
 			continue
 		}
-		// Wait for a Run to land, or for requests while there is room to gather them.
+		// Wait for a Run to land, or for requests while there is room to
+		// gather them: four batches a lane, of the largest batch asked for.
+		room := func() bool {
+			return len(pending) < 4*max(int(r.maxBatch.Load()), stageBatch)*lanes
+		}
 		var reqs <-chan *request
-		if len(pending) < 4*int(r.maxBatch.Load())*lanes {
+		if room() {
 			reqs = r.reqs
 		}
 		select {
@@ -206,12 +211,14 @@ func (r *runner) loop(ctx context.Context) error {
 			land(f)
 		case q := <-reqs:
 			pending = append(pending, q)
+			stageBatch = max(stageBatch, q.batch)
 			// Take whatever else is already queued, without waiting for more.
 		drain:
-			for len(pending) < 4*int(r.maxBatch.Load())*lanes {
+			for room() {
 				select {
 				case q := <-r.reqs:
 					pending = append(pending, q)
+					stageBatch = max(stageBatch, q.batch)
 				default:
 					break drain
 				}
