@@ -287,6 +287,20 @@ func TestPanicFailsOnlyThatItem(t *testing.T) {
 	if _, err := e.Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil); err != nil {
 		t.Fatalf("engine unusable after a panic: %v", err)
 	}
+	// A panic on the batcher's goroutine, which every item shares, fails
+	// the items in that batch and not the process or the batcher.
+	r, err := e.runner("conv-sr")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var once sync.Once
+	r.trace = func(q *request) { once.Do(func() { panic("boom in the batcher") }) }
+	if _, err := e.Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil); err == nil || !strings.Contains(err.Error(), "boom in the batcher") {
+		t.Fatalf("err = %v", err)
+	}
+	if _, err := e.Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil); err != nil {
+		t.Fatalf("batcher unusable after a panic: %v", err)
+	}
 }
 
 func TestCancelStopsItem(t *testing.T) {

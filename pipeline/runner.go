@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
+	"runtime/debug"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -340,13 +341,23 @@ func isOutOfMemory(err error) bool {
 // prepare fills a free binding for the batch's shape and size with the
 // batch's tiles and per-row inputs, so that it may fill one while others
 // (the busy ones) run.
-func (r *runner) prepare(batch []*request) (*boundBatch, error) {
+//
+// A panic while filling (a bug, but one that runs on the batcher's
+// goroutine, which every item shares) fails this batch's items only, with
+// the stack in the log, and the batcher goes on serving the others.
+func (r *runner) prepare(batch []*request) (b *boundBatch, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			r.logger.Error("panic while filling a batch", "model", r.ref, "panic", p, "stack", string(debug.Stack()))
+			b, err = nil, fmt.Errorf("internal error (panic) while filling a batch of %s: %v", r.ref, p)
+		}
+	}()
 	q0 := batch[0]
 	n := 0
 	for _, q := range batch {
 		n += q.rows()
 	}
-	b, err := r.bound(q0.h, q0.w, n)
+	b, err = r.bound(q0.h, q0.w, n)
 	if err != nil {
 		return nil, err
 	}
