@@ -301,6 +301,35 @@ func TestPanicFailsOnlyThatItem(t *testing.T) {
 	if _, err := e.Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil); err != nil {
 		t.Fatalf("batcher unusable after a panic: %v", err)
 	}
+	// Likewise a panic in a Run, on a lane's goroutine or (probing) the batcher's.
+	r.trace = nil
+	var twice sync.Once
+	r.inject = func(h, w, rows int) error {
+		twice.Do(func() { panic("boom in a Run") })
+		return nil
+	}
+	if _, err := e.Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil); err == nil || !strings.Contains(err.Error(), "boom in a Run") {
+		t.Fatalf("err = %v", err)
+	}
+	if _, err := e.Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil); err != nil {
+		t.Fatalf("batcher unusable after a panic in a Run: %v", err)
+	}
+	auto := newEngine(t, Options{Lanes: 1}) // its first Run is the batch probe, on the batcher's goroutine
+	ra, err := auto.runner("conv-sr")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var first sync.Once
+	ra.inject = func(h, w, rows int) error {
+		first.Do(func() { panic("boom in the probe") })
+		return nil
+	}
+	if _, err := auto.Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil); err == nil || !strings.Contains(err.Error(), "boom in the probe") {
+		t.Fatalf("err = %v", err)
+	}
+	if _, err := auto.Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil); err != nil {
+		t.Fatalf("batcher unusable after a panic in the probe: %v", err)
+	}
 }
 
 func TestCancelStopsItem(t *testing.T) {

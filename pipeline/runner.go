@@ -414,15 +414,22 @@ func (r *runner) prepare(batch []*request) (b *boundBatch, err error) {
 }
 
 // execute runs a prepared binding. It touches nothing but b and the
-// counters, so it may run on its own goroutine.
-func (r *runner) execute(ctx context.Context, b *boundBatch) error {
+// counters, so it may run on its own goroutine. A panic fails the batch
+// only, with the stack in the log.
+func (r *runner) execute(ctx context.Context, b *boundBatch) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			r.logger.Error("panic in a model Run", "model", r.ref, "panic", p, "stack", string(debug.Stack()))
+			err = fmt.Errorf("internal error (panic) in a Run of %s: %v", r.ref, p)
+		}
+	}()
 	if r.inject != nil {
 		if err := r.inject(b.h, b.w, b.rows); err != nil {
 			return err
 		}
 	}
 	start := time.Now()
-	err := b.bind.Run(ctx)
+	err = b.bind.Run(ctx)
 	r.runNanos.Add(int64(time.Since(start)))
 	if err != nil {
 		return err
