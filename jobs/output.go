@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 
 	"tessera/pipeline"
 	"tessera/stages"
@@ -139,7 +140,7 @@ func parametersOf(it pipeline.Item, p pipeline.Plan) stages.Parameters {
 // the directory synced.
 func WriteFileAtomic(path string, data []byte) (err error) {
 	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
+	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-"+tempOwner+"-*")
 	if err != nil {
 		return err
 	}
@@ -177,9 +178,64 @@ func WriteFileAtomic(path string, data []byte) (err error) {
 	return d.Sync()
 }
 
+// StaleTempAge is how old a temp file of another machine (or of an older
+// version, whose names carry no owner) must be before RemoveStaleTemps
+// takes it for a crash's leftover: WriteFileAtomic holds one only for the
+// time of a write and an fsync, so a younger one may belong to a live
+// process on an output root shared between machines.
+const StaleTempAge = 10 * time.Minute
+
+// tempOwner names the process in its temp files, PID@host, so that a later
+// start on the same machine can tell a dead process's leftovers from a
+// live one's.
+var tempOwner = fmt.Sprintf("%d@%s", os.Getpid(), sanitizeHost(hostname()))
+
+func hostname() string {
+	h, err := os.Hostname()
+	if err != nil || h == "" {
+		return "unknown"
+	}
+	return h
+}
+
+// sanitizeHost keeps a host name to letters, digits, dots and dashes.
+func sanitizeHost(h string) string {
+	return strings.Map(func(r rune) rune {
+		if r == '.' || r == '-' || r >= '0' && r <= '9' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' {
+			return r
+		}
+		return '_'
+	}, h)
+}
+
+// tempOwnerOf reads PID@host back out of a temp file's name
+// (.NAME.tmp-PID@HOST-RANDOM); ok is false for names without one.
+func tempOwnerOf(name string) (pid int, host string, ok bool) {
+	i := strings.LastIndex(name, ".tmp-")
+	if i < 0 {
+		return 0, "", false
+	}
+	rest := name[i+len(".tmp-"):]
+	at := strings.IndexByte(rest, '@')
+	dash := strings.LastIndexByte(rest, '-')
+	if at <= 0 || dash <= at+1 {
+		return 0, "", false
+	}
+	pid, err := strconv.Atoi(rest[:at])
+	if err != nil || pid <= 0 {
+		return 0, "", false
+	}
+	return pid, rest[at+1 : dash], true
+}
+
 // RemoveStaleTemps deletes temp files left in dir (recursively) by a crash
-// in WriteFileAtomic, and returns how many it removed.
+// in WriteFileAtomic, and returns how many it removed: those of processes
+// of this machine that are no longer running, and any older than
+// StaleTempAge. Those of live processes, or of other machines while young,
+// are left alone.
 func RemoveStaleTemps(dir string) (int, error) {
+	cutoff := time.Now().Add(-StaleTempAge)
+	me := sanitizeHost(hostname())
 	n := 0
 	err := filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
 		if err != nil {
@@ -188,10 +244,23 @@ func RemoveStaleTemps(dir string) (int, error) {
 			}
 			return err
 		}
-		if !d.IsDir() && strings.HasPrefix(d.Name(), ".") && strings.Contains(d.Name(), ".tmp-") {
-			if os.Remove(p) == nil {
-				n++
+		name := d.Name()
+		if d.IsDir() || !strings.HasPrefix(name, ".") || !strings.Contains(name, ".tmp-") {
+			return nil
+		}
+		stale := false
+		if pid, host, ok := tempOwnerOf(name); ok && host == me {
+			stale = pid != os.Getpid() && !processAlive(pid)
+		}
+		if !stale {
+			info, err := d.Info()
+			if err != nil {
+				return nil // gone already
 			}
+			stale = info.ModTime().Before(cutoff)
+		}
+		if stale && os.Remove(p) == nil {
+			n++
 		}
 		return nil
 	})

@@ -2,9 +2,12 @@ package jobs
 
 import (
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"tessera/pipeline"
 	"tessera/stages"
@@ -54,21 +57,49 @@ func TestWriteAndDone(t *testing.T) {
 func TestRemoveStaleTemps(t *testing.T) {
 	dir := t.TempDir()
 	os.MkdirAll(filepath.Join(dir, "a"), 0o755)
-	stale := filepath.Join(dir, "a", ".x.png.tmp-123")
-	keep := filepath.Join(dir, "a", "x.png")
-	os.WriteFile(stale, []byte("half"), 0o644)
-	os.WriteFile(keep, []byte("whole"), 0o644)
+	me := sanitizeHost(hostname())
+	// A process of this machine that has exited: its PID is a child's
+	// that has been waited for.
+	child := exec.Command("true")
+	if err := child.Run(); err != nil {
+		t.Fatal(err)
+	}
+	dead := child.Process.Pid
+	files := map[string]bool{ // name -> removed
+		".x.png.tmp-" + strconv.Itoa(dead) + "@" + me + "-123":         true,  // dead process here: at once
+		".y.png.tmp-" + strconv.Itoa(os.Getppid()) + "@" + me + "-456": false, // live process here
+		".z.png.tmp-" + strconv.Itoa(os.Getpid()) + "@" + me + "-789":  false, // this process
+		".w.png.tmp-" + strconv.Itoa(dead) + "@elsewhere.example-1":    false, // another machine, young
+		".v.png.tmp-42@elsewhere.example-2":                            true,  // another machine, old
+		".u.png.tmp-314":                                               true,  // an older version's name, old
+		".t.png.tmp-315":                                               false, // an older version's name, young
+		"x.png":                                                        false, // not a temp file
+	}
+	old := time.Now().Add(-2 * StaleTempAge)
+	for name := range files {
+		p := filepath.Join(dir, "a", name)
+		os.WriteFile(p, []byte("data"), 0o644)
+		if strings.HasPrefix(name, ".v.") || strings.HasPrefix(name, ".u.") {
+			if err := os.Chtimes(p, old, old); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
 	n, err := RemoveStaleTemps(dir)
-	if err != nil || n != 1 {
+	if err != nil || n != 3 {
 		t.Fatalf("removed %d, %v", n, err)
 	}
-	if _, err := os.Stat(stale); !os.IsNotExist(err) {
-		t.Error("stale temp kept")
-	}
-	if _, err := os.Stat(keep); err != nil {
-		t.Error("real file removed")
+	for name, removed := range files {
+		_, err := os.Stat(filepath.Join(dir, "a", name))
+		if gone := os.IsNotExist(err); gone != removed {
+			t.Errorf("%s: removed %v, want %v", name, gone, removed)
+		}
 	}
 	if n, err := RemoveStaleTemps(filepath.Join(dir, "missing")); err != nil || n != 0 {
 		t.Errorf("missing dir: %d, %v", n, err)
+	}
+	// WriteFileAtomic's temp names carry this process as their owner.
+	if pid, host, ok := tempOwnerOf(".a.png.tmp-" + tempOwner + "-99"); !ok || pid != os.Getpid() || host != me {
+		t.Errorf("owner of our own temp name: %d %q %v", pid, host, ok)
 	}
 }
