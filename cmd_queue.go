@@ -17,12 +17,18 @@ import (
 	"tessera/models"
 )
 
-// queueFlags are the queue options shared by run, submit, status, retry
-// and cancel.
-type queueFlags struct {
-	grace       time.Duration
-	rescueAfter time.Duration
-	reapEvery   time.Duration
+// bindWorkFlags adds the options of commands that work items (run, serve):
+// --grace, --rescue-after and --reap-every (config queue.grace,
+// queue.rescue_after, queue.reap_every).
+func bindWorkFlags(a *app, f *pflag.FlagSet, stopSignals string) {
+	f.Duration("grace", 30*time.Second, "on "+stopSignals+", how long running items may take to finish before they are put back in the queue (config queue.grace)")
+	f.Duration("rescue-after", time.Hour, "River's backstop: an item running longer than this and its timeout is retried (config queue.rescue_after)")
+	f.Duration("reap-every", 2*time.Second, "how often items held by stopped processes are put back in the queue (config queue.reap_every)")
+	a.flags = append(a.flags,
+		config.Flag{Key: "queue.grace", Flag: f.Lookup("grace")},
+		config.Flag{Key: "queue.rescue_after", Flag: f.Lookup("rescue-after")},
+		config.Flag{Key: "queue.reap_every", Flag: f.Lookup("reap-every")},
+	)
 }
 
 // bindQueueFlag adds --queue (config queue.url) to a command.
@@ -32,10 +38,10 @@ func bindQueueFlag(a *app, f *pflag.FlagSet) {
 }
 
 // openQueue opens the configured queue; run, when not nil, works items.
-func (a *app) openQueue(ctx context.Context, run jobs.ItemRunner, qf queueFlags) (*jobs.Queue, error) {
+func (a *app) openQueue(ctx context.Context, run jobs.ItemRunner) (*jobs.Queue, error) {
 	return jobs.OpenQueue(ctx, jobs.QueueOptions{
 		URL: a.cfg.Queue.URL, Run: run, Workers: a.cfg.Workers, Logger: a.logger,
-		RescueAfter: qf.rescueAfter, ReapEvery: qf.reapEvery,
+		RescueAfter: a.cfg.Queue.RescueAfter, ReapEvery: a.cfg.Queue.ReapEvery,
 	})
 }
 
@@ -129,7 +135,7 @@ hears of it; tessera retry brings a cancelled item back.`,
 }
 
 func (a *app) retryOrCancel(ctx context.Context, args []string, stdout io.Writer, retry bool) error {
-	q, err := a.openQueue(ctx, nil, queueFlags{})
+	q, err := a.openQueue(ctx, nil)
 	if err != nil {
 		return err
 	}

@@ -23,7 +23,6 @@ import (
 
 func newRunCmd(a *app) *cobra.Command {
 	var quiet bool
-	var qf queueFlags
 	cmd := &cobra.Command{
 		Use:   "run JOBFILE...",
 		Short: "Queue every image of the job files, make them, then exit",
@@ -46,7 +45,7 @@ an item failed or a job file was rejected.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
-			return a.run(ctx, stop, args, cmd.OutOrStdout(), cmd.ErrOrStderr(), quiet, qf)
+			return a.run(ctx, stop, args, cmd.OutOrStdout(), cmd.ErrOrStderr(), quiet)
 		},
 	}
 	f := cmd.Flags()
@@ -54,9 +53,7 @@ an item failed or a job file was rejected.`,
 	f.Int("workers", 0, "items worked at once (config workers)")
 	f.Int("batch", 0, "most tiles per model Run, 0 = auto (per-stage batch in the job file wins)")
 	f.BoolVarP(&quiet, "quiet", "q", false, "print only the summary")
-	f.DurationVar(&qf.grace, "grace", 30*time.Second, "on Ctrl-C or SIGTERM, how long running items may take to finish before they are put back in the queue")
-	f.DurationVar(&qf.rescueAfter, "rescue-after", time.Hour, "River's backstop: an item running longer than this and its timeout is retried")
-	f.DurationVar(&qf.reapEvery, "reap-every", 2*time.Second, "how often items held by stopped processes are put back in the queue")
+	bindWorkFlags(a, f, "Ctrl-C or SIGTERM")
 	bindQueueFlag(a, f)
 	a.flags = append(a.flags,
 		config.Flag{Key: "output.root", Flag: f.Lookup("out")},
@@ -77,7 +74,7 @@ type itemOutcome struct {
 
 // run queues the items of files and works the queue until they end. stop
 // restores the default signal handling, so that a second Ctrl-C kills.
-func (a *app) run(ctx context.Context, stop func(), files []string, stdout, stderr io.Writer, quiet bool, qf queueFlags) error {
+func (a *app) run(ctx context.Context, stop func(), files []string, stdout, stderr io.Writer, quiet bool) error {
 	cfg := a.cfg
 	start := time.Now()
 	loaded, badFiles := a.loadJobFiles(files, stderr)
@@ -96,7 +93,7 @@ func (a *app) run(ctx context.Context, stop func(), files []string, stdout, stde
 		defer func() { prog.finish(it, err) }()
 		return makeItem(ctx, eng, job, it, prog.step, wo)
 	}
-	q, err := a.openQueue(context.WithoutCancel(ctx), runner, qf)
+	q, err := a.openQueue(context.WithoutCancel(ctx), runner)
 	if err != nil {
 		return err
 	}
@@ -147,7 +144,7 @@ func (a *app) run(ctx context.Context, stop func(), files []string, stdout, stde
 	interrupted := false
 	infos, err := waitForItems(ctx, q, ids)
 	if err != nil && ctx.Err() == nil {
-		q.Stop(context.Background(), qf.grace)
+		q.Stop(context.Background(), cfg.Queue.Grace)
 		prog.close()
 		return err
 	}
@@ -155,9 +152,9 @@ func (a *app) run(ctx context.Context, stop func(), files []string, stdout, stde
 		interrupted = true
 		stop() // a second Ctrl-C now kills; the next process reclaims its items
 		prog.close()
-		fmt.Fprintf(stderr, "stopping: no new items; running items may take %s to finish (Ctrl-C again to stop at once)\n", qf.grace)
+		fmt.Fprintf(stderr, "stopping: no new items; running items may take %s to finish (Ctrl-C again to stop at once)\n", cfg.Queue.Grace)
 	}
-	if err := q.Stop(context.Background(), qf.grace); err != nil {
+	if err := q.Stop(context.Background(), cfg.Queue.Grace); err != nil {
 		a.logger.Warn("stop the queue", "err", err)
 	}
 	prog.close()

@@ -28,7 +28,6 @@ import (
 )
 
 func newServeCmd(a *app) *cobra.Command {
-	var qf queueFlags
 	cmd := &cobra.Command{
 		Use:   "serve",
 		Short: "Work the queue, watch directories, fire schedules and serve /metrics",
@@ -49,16 +48,14 @@ items finish within --grace, puts the rest back in the queue and exits 0.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
-			return a.serve(ctx, stop, qf)
+			return a.serve(ctx, stop)
 		},
 	}
 	f := cmd.Flags()
 	f.String("out", "", "output root directory (config output.root)")
 	f.Int("workers", 0, "items worked at once (config workers)")
 	f.String("addr", "", "address of /healthz and /metrics (config server.addr)")
-	f.DurationVar(&qf.grace, "grace", 30*time.Second, "on SIGINT or SIGTERM, how long running items may take to finish before they are put back in the queue")
-	f.DurationVar(&qf.rescueAfter, "rescue-after", time.Hour, "River's backstop: an item running longer than this and its timeout is retried")
-	f.DurationVar(&qf.reapEvery, "reap-every", 2*time.Second, "how often items held by stopped processes are put back in the queue")
+	bindWorkFlags(a, f, "SIGINT or SIGTERM")
 	bindQueueFlag(a, f)
 	a.flags = append(a.flags,
 		config.Flag{Key: "output.root", Flag: f.Lookup("out")},
@@ -70,7 +67,7 @@ items finish within --grace, puts the rest back in the queue and exits 0.`,
 
 // serve runs until ctx ends, then stops gracefully. stop restores the
 // default signal handling, so that a second signal kills.
-func (a *app) serve(ctx context.Context, stop func(), qf queueFlags) error {
+func (a *app) serve(ctx context.Context, stop func()) error {
 	cfg, log := a.cfg, a.logger
 	m := metrics.New()
 	if n, err := jobs.RemoveStaleTemps(cfg.Output.Root); err == nil && n > 0 {
@@ -97,7 +94,7 @@ func (a *app) serve(ctx context.Context, stop func(), qf queueFlags) error {
 		}
 		return err
 	}
-	q, err := a.openQueue(context.WithoutCancel(ctx), runner, qf)
+	q, err := a.openQueue(context.WithoutCancel(ctx), runner)
 	if err != nil {
 		return err
 	}
@@ -214,10 +211,10 @@ func (a *app) serve(ctx context.Context, stop func(), qf queueFlags) error {
 	}
 	stop() // a second signal now kills; the next process reclaims its items
 	stopping.Store(true)
-	log.Info("stopping: no new files, firings or items; running items may finish", "grace", qf.grace)
+	log.Info("stopping: no new files, firings or items; running items may finish", "grace", cfg.Queue.Grace)
 	stopTriggers()
 	wg.Wait()
-	if err := q.Stop(context.Background(), qf.grace); err != nil {
+	if err := q.Stop(context.Background(), cfg.Queue.Grace); err != nil {
 		log.Warn("stop the queue", "err", err)
 	}
 	shut, cancel := context.WithTimeout(context.Background(), 5*time.Second)

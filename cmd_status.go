@@ -41,7 +41,7 @@ type queueStatus struct {
 }
 
 func (a *app) status(ctx context.Context, w io.Writer, asJSON bool, last int) error {
-	q, err := a.openQueue(ctx, nil, queueFlags{})
+	q, err := a.openQueue(ctx, nil)
 	if err != nil {
 		return err
 	}

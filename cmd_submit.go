@@ -32,7 +32,7 @@ when a job file was rejected (the other files are still submitted).`,
 
 func (a *app) submit(ctx context.Context, files []string, stdout, stderr io.Writer) error {
 	loaded, bad := a.loadJobFiles(files, stderr)
-	q, err := a.openQueue(ctx, nil, queueFlags{})
+	q, err := a.openQueue(ctx, nil)
 	if err != nil {
 		return err
 	}

@@ -62,6 +62,15 @@ type Output struct {
 // Queue names the durable queue's database.
 type Queue struct {
 	URL string `mapstructure:"url"`
+	// Grace is how long running items may take to finish on SIGINT or
+	// SIGTERM before they are put back in the queue (run and serve --grace).
+	Grace time.Duration `mapstructure:"grace"`
+	// RescueAfter is River's backstop: an item running longer than this
+	// and its timeout is retried (--rescue-after).
+	RescueAfter time.Duration `mapstructure:"rescue_after"`
+	// ReapEvery is how often items held by stopped processes are put back
+	// in the queue (--reap-every).
+	ReapEvery time.Duration `mapstructure:"reap_every"`
 }
 
 // Runtime configures ONNX Runtime.
@@ -168,7 +177,7 @@ const (
 func Default() Config {
 	return Config{
 		Output:  Output{Root: "./out", Compression: "fast"},
-		Queue:   Queue{URL: "sqlite://.tessera/queue.db"},
+		Queue:   Queue{URL: "sqlite://.tessera/queue.db", Grace: 30 * time.Second, RescueAfter: time.Hour, ReapEvery: 2 * time.Second},
 		Workers: 1,
 		Runtime: Runtime{
 			Providers:    []string{ProviderCPU},
@@ -368,6 +377,15 @@ func (c *Config) Validate() error {
 	}
 	if c.Output.Root == "" {
 		add("output.root", "must not be empty")
+	}
+	if c.Queue.Grace < 0 {
+		add("queue.grace", "must not be negative, got %s", c.Queue.Grace)
+	}
+	if c.Queue.RescueAfter <= 0 {
+		add("queue.rescue_after", "must be positive, got %s", c.Queue.RescueAfter)
+	}
+	if c.Queue.ReapEvery <= 0 {
+		add("queue.reap_every", "must be positive, got %s", c.Queue.ReapEvery)
 	}
 	if c.Queue.URL == "" {
 		add("queue.url", "must not be empty")

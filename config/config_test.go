@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/spf13/pflag"
 )
@@ -95,6 +96,8 @@ func TestLoadErrorsNameTheKey(t *testing.T) {
 		{"bad byte size", "memory: {budget: lots}\n", []string{"lots"}},
 		{"bad png compression", "output: {compression: zopfli}\n", []string{"output.compression", `"zopfli"`}},
 		{"negative lanes", "runtime: {lanes: -1}\n", []string{"runtime.lanes"}},
+		{"bad duration", "queue: {rescue_after: soon}\n", []string{"queue.rescue_after"}},
+		{"non-positive reaper", "queue: {grace: -1s, reap_every: 0s}\n", []string{"queue.grace", "queue.reap_every"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -112,6 +115,19 @@ func TestLoadErrorsNameTheKey(t *testing.T) {
 				t.Errorf("error %q does not name the file", err)
 			}
 		})
+	}
+}
+
+func TestQueueTimingsFromFile(t *testing.T) {
+	cfg, err := Load(writeConfig(t, "queue: {grace: 5s, rescue_after: 2h, reap_every: 500ms}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if q := cfg.Queue; q.Grace != 5*time.Second || q.RescueAfter != 2*time.Hour || q.ReapEvery != 500*time.Millisecond {
+		t.Fatalf("queue timings %+v", q)
+	}
+	if d := Default().Queue; d.Grace != 30*time.Second || d.RescueAfter != time.Hour || d.ReapEvery != 2*time.Second {
+		t.Fatalf("default queue timings %+v", d)
 	}
 }
 
