@@ -224,9 +224,6 @@ func (e *Engine) runnerFor(ref string, solo bool) (*runner, error) {
 	if err != nil {
 		return nil, &SessionError{Model: ref, Err: err}
 	}
-	if sess.Provider() != "cpu" {
-		lanes = 1 // a fallback from a GPU provider keeps the threads it was given
-	}
 	r := &runner{
 		ref: ref, model: m, sess: sess, channels: m.Channels(), lanes: lanes, solo: solo,
 		reqs: make(chan *request, 64), logger: e.logger,
@@ -765,7 +762,10 @@ func wavefront(ctx context.Context, r *runner, grid *stages.TileGrid, smp stages
 		}
 	}
 	// stepBand converts the fused prediction of rows [y0, y1) to x0 and
-	// steps those rows from step s to s+1.
+	// steps those rows from step s to s+1. The raw predictions are fused
+	// and then converted once: the conversion is affine in the prediction
+	// and the window weights sum to one, so this equals fusing converted
+	// tiles.
 	stepBand := func(s, y0, y1 int) error {
 		if err := acc.ResultRows(x0, y0, y1); err != nil {
 			return err
