@@ -321,6 +321,14 @@ func TestServeWatch(t *testing.T) {
 	if got := serveMetric(t, e.addr, `tessera_tiles_total{model="oracle-sr",provider="cpu"}`); got != 0 {
 		t.Errorf("SR model tiles = %v, want 0", got)
 	}
+	// One lane for a base model; busy time is Run time over the lanes.
+	if got := serveMetric(t, e.addr, `tessera_model_lanes{model="oracle-base",provider="cpu"}`); got != 1 {
+		t.Errorf("base model lanes = %v, want 1", got)
+	}
+	busy := serveMetric(t, e.addr, `tessera_ort_busy_seconds_total{model="oracle-base",provider="cpu"}`)
+	if run := serveMetric(t, e.addr, `tessera_ort_run_seconds_total{model="oracle-base",provider="cpu"}`); busy <= 0 || busy != run {
+		t.Errorf("base model busy %v s, run %v s: want equal with one lane", busy, run)
+	}
 	t.Logf("%d files (%d bad) dropped at once: all images made in %s", good+bad, bad, took.Round(10*time.Millisecond))
 
 	// The same files dropped again: accepted, nothing new queued.

@@ -157,8 +157,9 @@ func (c *queueCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(depthDesc, prometheus.GaugeValue, float64(depth))
 }
 
-// AddEngine exports ONNX Runtime's time, Run calls and the tile rows
-// evaluated, by model and execution provider, read at scrape time.
+// AddEngine exports ONNX Runtime's time (and busy time), Run calls, the tile
+// rows evaluated and the lanes, by model and execution provider, read at
+// scrape time.
 func (m *Metrics) AddEngine(stats func() []pipeline.ModelStats) {
 	m.reg.MustRegister(engineCollector(stats))
 }
@@ -167,6 +168,8 @@ var (
 	ortSecondsDesc = prometheus.NewDesc("tessera_ort_run_seconds_total", "Time inside ONNX Runtime Run.", []string{"model", "provider"}, nil)
 	ortRunsDesc    = prometheus.NewDesc("tessera_ort_runs_total", "ONNX Runtime Run calls.", []string{"model", "provider"}, nil)
 	tilesDesc      = prometheus.NewDesc("tessera_tiles_total", "Tile rows evaluated (one per tile per step).", []string{"model", "provider"}, nil)
+	ortBusyDesc    = prometheus.NewDesc("tessera_ort_busy_seconds_total", "Run time divided by the model's lanes (Runs it may have in flight at once): with wall time, how busy the model was kept.", []string{"model", "provider"}, nil)
+	lanesDesc      = prometheus.NewDesc("tessera_model_lanes", "Runs of the model that may execute at once.", []string{"model", "provider"}, nil)
 )
 
 type engineCollector func() []pipeline.ModelStats
@@ -175,6 +178,8 @@ func (c engineCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- ortSecondsDesc
 	ch <- ortRunsDesc
 	ch <- tilesDesc
+	ch <- ortBusyDesc
+	ch <- lanesDesc
 }
 
 func (c engineCollector) Collect(ch chan<- prometheus.Metric) {
@@ -182,6 +187,8 @@ func (c engineCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(ortSecondsDesc, prometheus.CounterValue, s.RunSeconds, s.Model, s.Provider)
 		ch <- prometheus.MustNewConstMetric(ortRunsDesc, prometheus.CounterValue, float64(s.Runs), s.Model, s.Provider)
 		ch <- prometheus.MustNewConstMetric(tilesDesc, prometheus.CounterValue, float64(s.Rows), s.Model, s.Provider)
+		ch <- prometheus.MustNewConstMetric(ortBusyDesc, prometheus.CounterValue, s.BusySeconds, s.Model, s.Provider)
+		ch <- prometheus.MustNewConstMetric(lanesDesc, prometheus.GaugeValue, float64(s.Lanes), s.Model, s.Provider)
 	}
 }
 
