@@ -120,7 +120,10 @@ func (a *app) bench(ctx context.Context, image string, memory bool, log io.Write
 		return measure(ctx, eng, name, it)
 	}
 	// Warm up: sessions, memory plans and the first Runs are not what is measured.
-	if _, _, err := gen("warm-up", 128, 2); err != nil {
+	// 512² with 2 SR steps reaches every session the measured items use:
+	// the base, the one-lane SR session (its 128² stage fits one tile) and
+	// the SR lanes at the full 256² tile.
+	if _, _, err := gen("warm-up", 512, 2); err != nil {
 		return nil, err
 	}
 	for _, size := range []int{512, 1024} {
