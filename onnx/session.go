@@ -17,18 +17,16 @@ import (
 
 // SessionOptions tune one session beyond the runtime configuration.
 type SessionOptions struct {
-	// Concurrent is how many sessions this process runs at the same time; the
-	// intra-op thread budget (runtime.threads, or all cores) is divided among
-	// them so that they do not oversubscribe the CPU. 0 means 1.
+	// Concurrent is how many sessions or Runs at once share the CPU, this
+	// session's own Runs at once included. The intra-op thread budget
+	// (runtime.threads, or all cores) is divided among them so that they do
+	// not oversubscribe the CPU, and above 1 the session's workers do not
+	// spin between operators (a spinning worker would hold a core another
+	// session or Run needs). 0 means 1.
 	Concurrent int
 	// Runtime, when set, replaces the environment's runtime configuration for
 	// this session (providers, fallback, threads, provider options).
 	Runtime *config.Runtime
-	// Lanes is how many Runs the caller makes on this session at once. They
-	// share its intra-op thread pool, whose workers then do not spin
-	// between operators (a spinning worker would hold a core another Run
-	// needs). 0 means 1.
-	Lanes int
 }
 
 // Session runs one model. Its Run is safe for concurrent use by many
@@ -78,7 +76,7 @@ func (e *Env) NewSession(m *Model, o SessionOptions) (*Session, error) {
 	var skipped []*ProviderError
 	for start := 0; start < len(providers); start++ {
 		p := providers[start]
-		sess, err := e.tryProvider(m, rt, p, threads, concurrent > 1 || o.Lanes > 1)
+		sess, err := e.tryProvider(m, rt, p, threads, concurrent > 1)
 		if err == nil {
 			sess.skipped = skipped
 			return sess, nil

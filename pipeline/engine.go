@@ -76,6 +76,9 @@ func (e *Engine) Close() error {
 	err := e.group.Wait()
 	for _, r := range e.runners {
 		r.sess.Close()
+		if r.solo != nil {
+			r.solo.sess.Close()
+		}
 	}
 	return err
 }
@@ -90,6 +93,13 @@ type Stats struct {
 	BusySeconds float64
 	Rows        int64 // tile rows evaluated
 	Runs        int64
+}
+
+func (s *Stats) add(o Stats) {
+	s.RunSeconds += o.RunSeconds
+	s.BusySeconds += o.BusySeconds
+	s.Rows += o.Rows
+	s.Runs += o.Runs
 }
 
 // SessionError is a model's session that could not be created. Unless it
@@ -124,32 +134,15 @@ type ModelStats struct {
 func (e *Engine) ModelStats() []ModelStats {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	// A model's solo runner (see stageRunner) counts with its main one.
-	byModel := map[string]*ModelStats{}
-	var order []string
+	out := make([]ModelStats, 0, len(e.runners))
 	for _, r := range e.runners {
-		m, ok := byModel[r.ref]
-		if !ok {
-			m = &ModelStats{Model: r.ref, Provider: r.sess.Provider()}
-			byModel[r.ref] = m
-			order = append(order, r.ref)
+		m := ModelStats{Model: r.ref, Provider: r.sess.Provider(), Lanes: r.lanes, Threads: r.sess.Threads(), Stats: r.stats()}
+		if r.solo != nil { // a model's solo runner (see stageRunner) counts with it
+			m.add(r.solo.stats())
 		}
-		if !r.solo {
-			m.Lanes, m.Threads = r.lanes, r.sess.Threads()
-		} else if m.Lanes == 0 {
-			m.Lanes, m.Threads = 1, r.sess.Threads()
-		}
-		rs := r.stats()
-		m.RunSeconds += rs.RunSeconds
-		m.BusySeconds += rs.BusySeconds
-		m.Rows += rs.Rows
-		m.Runs += rs.Runs
+		out = append(out, m)
 	}
-	sort.Strings(order)
-	out := make([]ModelStats, 0, len(order))
-	for _, ref := range order {
-		out = append(out, *byModel[ref])
-	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Model < out[j].Model })
 	return out
 }
 
@@ -159,42 +152,22 @@ func (e *Engine) Stats() Stats {
 	defer e.mu.Unlock()
 	var s Stats
 	for _, r := range e.runners {
-		rs := r.stats()
-		s.RunSeconds += rs.RunSeconds
-		s.BusySeconds += rs.BusySeconds
-		s.Rows += rs.Rows
-		s.Runs += rs.Runs
+		s.add(r.stats())
+		if r.solo != nil {
+			s.add(r.solo.stats())
+		}
 	}
 	return s
 }
 
 // runner returns the model's runner, creating its session and batcher on first use.
-func (e *Engine) runner(ref string) (*runner, error) { return e.runnerFor(ref, false) }
-
-// stageRunner is the runner for a stage: the model's, or where the stage
-// has fewer tiles a step than the model's lanes (a small canvas in one
-// tile), its solo runner, one lane with all of the lanes' threads. A lone
-// single-threaded Run would leave the other lanes' cores idle; on two
-// cores a 256² stage of one tile took twice its Run time.
-func (e *Engine) stageRunner(sp StagePlan) (*runner, error) {
-	r, err := e.runner(sp.Model)
-	if err != nil || r.lanes <= 1 || sp.Tiles >= r.lanes {
-		return r, err
-	}
-	return e.runnerFor(sp.Model, true)
-}
-
-func (e *Engine) runnerFor(ref string, solo bool) (*runner, error) {
+func (e *Engine) runner(ref string) (*runner, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.closed {
 		return nil, errors.New("engine closed")
 	}
-	key := ref
-	if solo {
-		key += "\x00solo"
-	}
-	if r, ok := e.runners[key]; ok {
+	if r, ok := e.runners[ref]; ok {
 		return r, nil
 	}
 	m, err := e.resolver.Resolve(e.env, ref)
@@ -207,27 +180,62 @@ func (e *Engine) runnerFor(ref string, solo bool) (*runner, error) {
 	if m.Manifest == nil {
 		return nil, fmt.Errorf("model %s has no tessera.yaml manifest: the pipeline needs its schedule and prediction type", ref)
 	}
-	if _, err := scheduleOf(m, "ddim"); err != nil { // reject a bad schedule before any work
+	schedules, err := schedulesOf(m)
+	if err == nil {
+		err = schedules[stages.ClassDDIM].err // reject a bad schedule before any work
+	}
+	if err != nil {
 		return nil, fmt.Errorf("model %s: %w", ref, err)
 	}
+	r, err := e.newRunner(ref, m, e.lanes(m), schedules)
+	if err != nil {
+		return nil, err
+	}
+	e.runners[ref] = r
+	return r, nil
+}
+
+// stageRunner is the runner for a stage: the model's, or where the stage
+// has fewer tiles a step than the model's lanes (a small canvas in one
+// tile), its solo runner, one lane with all of the lanes' threads, made
+// on first use. A lone single-threaded Run would leave the other lanes'
+// cores idle; on two cores a 256² stage of one tile took twice its Run time.
+func (e *Engine) stageRunner(sp StagePlan) (*runner, error) {
+	r, err := e.runner(sp.Model)
+	if err != nil || r.lanes <= 1 || sp.Tiles >= r.lanes {
+		return r, err
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.closed {
+		return nil, errors.New("engine closed")
+	}
+	if r.solo == nil {
+		solo, err := e.newRunner(r.ref, r.model, 1, r.schedules)
+		if err != nil {
+			return nil, err
+		}
+		r.solo = solo
+	}
+	return r.solo, nil
+}
+
+// newRunner creates a runner of the given lanes for the resolved model m,
+// with its session, and starts its batcher. The caller holds e.mu.
+func (e *Engine) newRunner(ref string, m *onnx.Model, lanes int, schedules map[string]schedule) (*runner, error) {
 	// With several items in flight a base and an SR session may run at once;
-	// they share the CPU threads between them.
+	// they share the CPU threads between them, and each lane is a Run at once.
 	concurrent := 1
 	if e.opts.Workers > 1 {
 		concurrent = 2
 	}
-	lanes := 1
-	if !solo {
-		lanes = e.lanes(m)
-	}
-	sess, err := e.env.NewSession(m, onnx.SessionOptions{Concurrent: concurrent * lanes, Lanes: lanes})
+	sess, err := e.env.NewSession(m, onnx.SessionOptions{Concurrent: concurrent * lanes})
 	if err != nil {
 		return nil, &SessionError{Model: ref, Err: err}
 	}
 	r := &runner{
-		ref: ref, model: m, sess: sess, channels: m.Channels(), lanes: lanes, solo: solo,
-		reqs: make(chan *request, 64), logger: e.logger,
-		bindings: map[bindKey]*boundBatch{}, busy: map[*boundBatch]bool{},
+		ref: ref, model: m, sess: sess, channels: m.Channels(), lanes: lanes, schedules: schedules,
+		reqs: make(chan *request, 64), logger: e.logger, bindings: map[bindKey]*boundBatch{},
 	}
 	if t := m.Input(onnx.RoleTimestep); t != nil {
 		r.scalarT = len(t.Shape) == 0 || t.Shape[0] == 1
@@ -247,7 +255,6 @@ func (e *Engine) runnerFor(ref string, solo bool) (*runner, error) {
 		r.auto, r.budget, r.probed = true, memoryBudget(e.opts.MemoryBudget), map[[2]int]bool{}
 		r.maxBatch.Store(1)
 	}
-	e.runners[key] = r
 	e.group.Go(func() error { return r.loop(e.ctx) })
 	e.logger.Debug("model session ready", "model", ref, "provider", sess.Provider(), "lanes", lanes, "threads_per_run", sess.Threads())
 	return r, nil
@@ -279,7 +286,7 @@ func (e *Engine) lanes(m *onnx.Model) int {
 	if rt.Lanes > 0 {
 		return rt.Lanes
 	}
-	if m.CheckContract().Kind != onnx.KindSR {
+	if m.Kind != onnx.KindSR {
 		return 1
 	}
 	return min(max(rt.IntraOpThreads(), 1), maxAutoLanes)
@@ -289,20 +296,37 @@ func (e *Engine) lanes(m *onnx.Model) int {
 // flight, and the last tiles of a stage leave lanes idle.
 const maxAutoLanes = 4
 
-// scheduleOf builds the model's noise schedule for a sampler from its
-// manifest (or the diffusers scheduler_config.json it names), over the
-// defaults of the diffusers scheduler class that sampler stands for.
-func scheduleOf(m *onnx.Model, sampler string) (*stages.Schedule, error) {
-	man := m.Manifest
-	class, err := stages.SamplerClass(samplerKind(sampler))
-	if err != nil {
-		return nil, err
-	}
-	if man.SchedulerConfig != "" {
-		data, err := os.ReadFile(man.SchedulerConfig)
-		if err != nil {
+// schedule is a model's noise schedule for one diffusers scheduler class,
+// or why it has none.
+type schedule struct {
+	s   *stages.Schedule
+	err error
+}
+
+// schedulesOf builds the model's noise schedule for each scheduler class a
+// sampler stands for (stages.SamplerClass), from its manifest (or the
+// diffusers scheduler_config.json it names, read once), over the defaults
+// of that class. Only a scheduler_config that cannot be read fails all of them.
+func schedulesOf(m *onnx.Model) (map[string]schedule, error) {
+	var data []byte
+	if m.Manifest.SchedulerConfig != "" {
+		var err error
+		if data, err = os.ReadFile(m.Manifest.SchedulerConfig); err != nil {
 			return nil, fmt.Errorf("scheduler_config: %w", err)
 		}
+	}
+	out := map[string]schedule{}
+	for _, class := range []string{stages.ClassDDIM, stages.ClassEuler, stages.ClassDPMSolver} {
+		s, err := scheduleOf(m.Manifest, data, class)
+		out[class] = schedule{s, err}
+	}
+	return out, nil
+}
+
+// scheduleOf builds one class's schedule; data is the scheduler_config
+// the manifest names, if it names one.
+func scheduleOf(man *onnx.Manifest, data []byte, class string) (*stages.Schedule, error) {
+	if man.SchedulerConfig != "" {
 		cfg, err := stages.ParseSchedulerConfigAs(data, class)
 		if err != nil {
 			return nil, fmt.Errorf("scheduler_config %s: %w", man.SchedulerConfig, err)
@@ -489,7 +513,7 @@ func (e *Engine) Generate(ctx context.Context, it Item, progress func(Progress))
 			prev, stageStart := img, done
 			for {
 				up := make([]float32, c*sp.Height*sp.Width)
-				if err := resample(up, prev, c, h, w, sp.Height, sp.Width, stages.Filter(sp.Filter)); err != nil {
+				if err := stages.Resample(up, prev, c, h, w, sp.Height, sp.Width, stages.Filter(sp.Filter)); err != nil {
 					return nil, fmt.Errorf("stage %d: upsample: %w", si, err)
 				}
 				img, err = e.runStage(ctx, it, si, sp, r, up, report)
@@ -504,8 +528,7 @@ func (e *Engine) Generate(ctx context.Context, it Item, progress func(Progress))
 				smaller.TileSize = big.tile / 2
 				g, gerr := tileGrid(smaller, r.model.Manifest)
 				if gerr != nil {
-					err = fmt.Errorf("%w (no smaller tile possible)", big.err)
-					break
+					break // reported below
 				}
 				smaller.Tiles = len(g.Tiles)
 				e.logger.Warn("tile too large for memory; stage restarted with half the tile", "item", it.Index, "stage", si, "tile", g.TileHeight, "tiles", len(g.Tiles), "err", big.err)
@@ -524,7 +547,7 @@ func (e *Engine) Generate(ctx context.Context, it Item, progress func(Progress))
 	}
 	if plan.Resample {
 		out := make([]float32, c*it.Height*it.Width)
-		if err := resample(out, img, c, h, w, it.Height, it.Width, stages.FilterLanczos); err != nil {
+		if err := stages.Resample(out, img, c, h, w, it.Height, it.Width, stages.FilterLanczos); err != nil {
 			return nil, fmt.Errorf("final resample: %w", err)
 		}
 		img = out
@@ -540,7 +563,7 @@ func (e *Engine) Generate(ctx context.Context, it Item, progress func(Progress))
 func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r *runner, lowres []float32, report func(stage, step, steps, tiles int)) ([]float32, error) {
 	c, H, W := r.channels, sp.Height, sp.Width
 	n := c * H * W
-	sched, err := scheduleOf(r.model, sp.Sampler)
+	sched, err := r.schedule(sp.Sampler)
 	if err != nil {
 		return nil, err
 	}
@@ -658,21 +681,6 @@ type tileTooLarge struct {
 func (e *tileTooLarge) Error() string { return e.err.Error() }
 func (e *tileTooLarge) Unwrap() error { return e.err }
 
-// resample is stages.Resample with the channels, which are independent,
-// resampled at the same time.
-func resample(dst, src []float32, c, h, w, dh, dw int, f stages.Filter) error {
-	if len(src) != c*h*w || len(dst) != c*dh*dw {
-		return stages.Resample(dst, src, c, h, w, dh, dw, f) // reports the mismatch
-	}
-	var g errgroup.Group
-	for ch := 0; ch < c; ch++ {
-		g.Go(func() error {
-			return stages.Resample(dst[ch*dh*dw:(ch+1)*dh*dw], src[ch*h*w:(ch+1)*h*w], 1, h, w, dh, dw, f)
-		})
-	}
-	return g.Wait()
-}
-
 // inBands runs fn over row bands [y0, y1) of an h-row canvas, one band per
 // core, at the same time. fn must only touch its own rows.
 func inBands(h int, fn func(y0, y1 int) error) error {
@@ -745,12 +753,10 @@ func wavefront(ctx context.Context, r *runner, grid *stages.TileGrid, smp stages
 	xin := x
 	var scaled []float32
 	scale := func(step, y0, y1 int) {
-		f := float32(smp.InputScale(step))
+		f := smp.InputScale(step)
 		for ch := 0; ch < c; ch++ {
 			lo, hi := ch*H*W+y0*W, ch*H*W+y1*W
-			for j := lo; j < hi; j++ {
-				scaled[j] = f * x[j]
-			}
+			stages.ScaleInput(scaled[lo:hi], x[lo:hi], f)
 		}
 	}
 	for i := 0; i < L; i++ {
@@ -860,7 +866,7 @@ func wavefront(ctx context.Context, r *runner, grid *stages.TileGrid, smp stages
 				}
 				stepped[s]++
 			}
-			if stepped[s] == R && left[s] != nil {
+			if stepped[s] == R { // only once: every tile of step s has landed
 				left[s] = nil
 				report(s+1, len(tiles)*rowsPerTile)
 			}

@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	"tessera/config"
@@ -279,14 +280,20 @@ func TestDeterministicAcrossBatchAndConcurrency(t *testing.T) {
 
 func TestPanicFailsOnlyThatItem(t *testing.T) {
 	in := writeGradient(t, 16, 16)
+	// failsThenWorks expects an item to fail with want in its error, and
+	// the next one, with nothing injected, to work (else it fails with unusable).
+	failsThenWorks := func(e *Engine, progress func(Progress), want, unusable string) {
+		t.Helper()
+		_, err := e.Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), progress)
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Fatalf("err = %v", err)
+		}
+		if _, err := e.Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil); err != nil {
+			t.Fatalf("%s: %v", unusable, err)
+		}
+	}
 	e := newEngine(t, Options{Batch: 2, Workers: 2})
-	_, err := e.Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), func(Progress) { panic("boom") })
-	if err == nil || !strings.Contains(err.Error(), "panic") {
-		t.Fatalf("err = %v", err)
-	}
-	if _, err := e.Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil); err != nil {
-		t.Fatalf("engine unusable after a panic: %v", err)
-	}
+	failsThenWorks(e, func(Progress) { panic("boom") }, "panic", "engine unusable after a panic")
 	// A panic on the batcher's goroutine, which every item shares, fails
 	// the items in that batch and not the process or the batcher.
 	r, err := e.runner("conv-sr")
@@ -295,12 +302,7 @@ func TestPanicFailsOnlyThatItem(t *testing.T) {
 	}
 	var once sync.Once
 	r.trace = func(q *request) { once.Do(func() { panic("boom in the batcher") }) }
-	if _, err := e.Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil); err == nil || !strings.Contains(err.Error(), "boom in the batcher") {
-		t.Fatalf("err = %v", err)
-	}
-	if _, err := e.Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil); err != nil {
-		t.Fatalf("batcher unusable after a panic: %v", err)
-	}
+	failsThenWorks(e, nil, "boom in the batcher", "batcher unusable after a panic")
 	// Likewise a panic in a Run, on a lane's goroutine or (probing) the batcher's.
 	r.trace = nil
 	var twice sync.Once
@@ -308,12 +310,7 @@ func TestPanicFailsOnlyThatItem(t *testing.T) {
 		twice.Do(func() { panic("boom in a Run") })
 		return nil
 	}
-	if _, err := e.Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil); err == nil || !strings.Contains(err.Error(), "boom in a Run") {
-		t.Fatalf("err = %v", err)
-	}
-	if _, err := e.Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil); err != nil {
-		t.Fatalf("batcher unusable after a panic in a Run: %v", err)
-	}
+	failsThenWorks(e, nil, "boom in a Run", "batcher unusable after a panic in a Run")
 	auto := newEngine(t, Options{Lanes: 1}) // its first Run is the batch probe, on the batcher's goroutine
 	ra, err := auto.runner("conv-sr")
 	if err != nil {
@@ -324,12 +321,7 @@ func TestPanicFailsOnlyThatItem(t *testing.T) {
 		first.Do(func() { panic("boom in the probe") })
 		return nil
 	}
-	if _, err := auto.Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil); err == nil || !strings.Contains(err.Error(), "boom in the probe") {
-		t.Fatalf("err = %v", err)
-	}
-	if _, err := auto.Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil); err != nil {
-		t.Fatalf("batcher unusable after a panic in the probe: %v", err)
-	}
+	failsThenWorks(auto, nil, "boom in the probe", "batcher unusable after a panic in the probe")
 }
 
 func TestCancelStopsItem(t *testing.T) {
@@ -410,10 +402,10 @@ func TestOutOfMemoryHalvesBatchThenTile(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Runs of more than two rows, and tiles above 32 pixels, "run out of memory".
-	var failures int
+	var failures atomic.Int64 // Runs on several lanes call inject at once
 	r.inject = func(h, w, rows int) error {
 		if rows > 2 || h > 32 {
-			failures++
+			failures.Add(1)
 			return fmt.Errorf("Failed to allocate memory for requested buffer of size %d", rows*h*w*12)
 		}
 		return nil
@@ -422,8 +414,8 @@ func TestOutOfMemoryHalvesBatchThenTile(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if failures == 0 || r.maxBatch.Load() > 2 {
-		t.Fatalf("%d injected failures, batch limit %d", failures, r.maxBatch.Load())
+	if failures.Load() == 0 || r.maxBatch.Load() > 2 {
+		t.Fatalf("%d injected failures, batch limit %d", failures.Load(), r.maxBatch.Load())
 	}
 	// The halved tiles still cover the receptive field: the image is the same.
 	if d := maxAbsDiff(res.Image, ref.Image); d > 1e-4 {

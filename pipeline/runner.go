@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"tessera/onnx"
+	"tessera/stages"
 )
 
 // request is one tile (several rows for a classifier-free guidance pair)
@@ -72,15 +73,17 @@ type runner struct {
 	// preds recycles prediction buffers: at a 4096² canvas a step's tiles
 	// would otherwise leave hundreds of megabytes of garbage behind.
 	preds sync.Pool
-	// lanes is how many Runs may execute at once (see config runtime.lanes);
-	// solo marks the one-lane runner a model with lanes keeps for stages of
-	// fewer tiles than lanes (see Engine.stageRunner).
+	// lanes is how many Runs may execute at once (see config runtime.lanes).
 	lanes int
-	solo  bool
-	// Per-shape prepared bindings, and those in use (filled, or in flight),
-	// owned by the loop goroutine.
+	// solo is the one-lane runner of the same model that a runner with
+	// lanes makes, under Engine.mu, for stages of fewer tiles than lanes
+	// (see Engine.stageRunner); nil until one is needed.
+	solo *runner
+	// schedules are the model's noise schedules by scheduler class, built
+	// once (see schedulesOf) and shared with solo; read only.
+	schedules map[string]schedule
+	// Per-shape prepared bindings, owned by the loop goroutine.
 	bindings map[bindKey]*boundBatch
-	busy     map[*boundBatch]bool
 	// inject, when set by tests, fails a Run before it starts (to stand in
 	// for a device running out of memory, which a CPU test cannot cause).
 	inject func(h, w, rows int) error
@@ -94,9 +97,11 @@ type runner struct {
 type bindKey struct{ h, w, n, slot int }
 
 type boundBatch struct {
-	key    bindKey
-	h, w   int // tile shape and rows of the batch it was last filled with
-	rows   int
+	h, w int // tile shape and rows it was made for
+	rows int
+	// busy marks a binding in use (filled, or in flight); only the loop
+	// goroutine reads or writes it.
+	busy   bool
 	bind   *onnx.Binding
 	sample []float32
 	lowres []float32
@@ -144,7 +149,7 @@ func (r *runner) loop(ctx context.Context) error {
 	stageBatch := 0 // the largest stage batch (request.batch) seen
 	land := func(f *flight) {
 		inFlight--
-		delete(r.busy, f.b)
+		f.b.busy = false
 		r.deliver(ctx, f.batch, f.b, f.err)
 	}
 	defer func() {
@@ -192,7 +197,7 @@ func (r *runner) loop(ctx context.Context) error {
 				r.deliver(ctx, batch, nil, err)
 				continue
 			}
-			r.busy[b] = true
+			b.busy = true
 			ready = &flight{batch: batch, b: b}
 			continue
 		}
@@ -289,9 +294,9 @@ func (r *runner) deliver(ctx context.Context, batch []*request, b *boundBatch, e
 func (r *runner) serve(ctx context.Context, batch []*request) {
 	b, err := r.prepare(batch)
 	if err == nil {
-		r.busy[b] = true
+		b.busy = true
 		err = r.execute(ctx, b)
-		delete(r.busy, b)
+		b.busy = false
 	}
 	r.deliver(ctx, batch, b, err)
 }
@@ -348,8 +353,7 @@ func isOutOfMemory(err error) bool {
 func (r *runner) prepare(batch []*request) (b *boundBatch, err error) {
 	defer func() {
 		if p := recover(); p != nil {
-			r.logger.Error("panic while filling a batch", "model", r.ref, "panic", p, "stack", string(debug.Stack()))
-			b, err = nil, fmt.Errorf("internal error (panic) while filling a batch of %s: %v", r.ref, p)
+			b, err = nil, r.panicked("while filling a batch", p)
 		}
 	}()
 	q0 := batch[0]
@@ -361,7 +365,6 @@ func (r *runner) prepare(batch []*request) (b *boundBatch, err error) {
 	if err != nil {
 		return nil, err
 	}
-	b.h, b.w, b.rows = q0.h, q0.w, n
 	plane := r.channels * q0.h * q0.w
 	row := 0
 	for _, q := range batch {
@@ -419,8 +422,7 @@ func (r *runner) prepare(batch []*request) (b *boundBatch, err error) {
 func (r *runner) execute(ctx context.Context, b *boundBatch) (err error) {
 	defer func() {
 		if p := recover(); p != nil {
-			r.logger.Error("panic in a model Run", "model", r.ref, "panic", p, "stack", string(debug.Stack()))
-			err = fmt.Errorf("internal error (panic) in a Run of %s: %v", r.ref, p)
+			err = r.panicked("in a Run", p)
 		}
 	}()
 	if r.inject != nil {
@@ -437,6 +439,28 @@ func (r *runner) execute(ctx context.Context, b *boundBatch) (err error) {
 	r.runs.Add(1)
 	r.rowsRun.Add(int64(b.rows))
 	return nil
+}
+
+// panicked logs a panic recovered where says (while filling a batch, in a
+// Run) with its stack, and returns it as the error of the batch.
+func (r *runner) panicked(where string, p any) error {
+	r.logger.Error("panic "+where, "model", r.ref, "panic", p, "stack", string(debug.Stack()))
+	return fmt.Errorf("internal error (panic) %s of %s: %v", where, r.ref, p)
+}
+
+// schedule returns a copy of the model's noise schedule for the sampler,
+// for the caller to set its shift on.
+func (r *runner) schedule(sampler string) (*stages.Schedule, error) {
+	class, err := stages.SamplerClass(samplerKind(sampler))
+	if err != nil {
+		return nil, err
+	}
+	sc := r.schedules[class]
+	if sc.err != nil {
+		return nil, sc.err
+	}
+	s := *sc.s // AlphasCumprod is shared: samplers only read it
+	return &s, nil
 }
 
 func (r *runner) stats() Stats {
@@ -481,7 +505,7 @@ func (r *runner) bound(h, w, n int) (*boundBatch, error) {
 		if !ok {
 			break
 		}
-		if !r.busy[b] {
+		if !b.busy {
 			return b, nil
 		}
 		key.slot++
@@ -490,7 +514,7 @@ func (r *runner) bound(h, w, n int) (*boundBatch, error) {
 	c := int64(r.channels)
 	shape := []int64{int64(n), c, int64(h), int64(w)}
 	plane := int(c) * h * w
-	b := &boundBatch{sample: make([]float32, n*plane)}
+	b := &boundBatch{h: h, w: w, rows: n, sample: make([]float32, n*plane)}
 	inputs := map[string]onnx.Tensor{}
 	for _, io := range m.Inputs {
 		switch io.Role {
@@ -519,10 +543,10 @@ func (r *runner) bound(h, w, n int) (*boundBatch, error) {
 		bind.Close()
 		return nil, fmt.Errorf("model %s: prediction output has %d values, want %d", r.ref, len(out.Float), n*plane)
 	}
-	b.bind, b.out, b.key = bind, out.Float, key
+	b.bind, b.out = bind, out.Float
 	if len(r.bindings) > 16+2*r.lanes {
 		for k, old := range r.bindings {
-			if !r.busy[old] {
+			if !old.busy {
 				old.bind.Close()
 				delete(r.bindings, k)
 			}

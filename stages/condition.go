@@ -3,6 +3,7 @@ package stages
 import (
 	"fmt"
 	"math"
+	"sync"
 
 	"github.com/disintegration/imaging"
 )
@@ -32,8 +33,9 @@ func (f Filter) kernel() (imaging.ResampleFilter, error) {
 // own weight layout (separable, horizontal pass then vertical, kernel
 // widened by the scale when shrinking, weights normalised per output pixel)
 // but in float64 throughout: imaging.Resize itself would quantise to 8 bits
-// (its output is always image.NRGBA) and runs goroutines. Values are clamped
-// to [-1, 1] at the end, since Lanczos and Catmull–Rom overshoot at edges.
+// (its output is always image.NRGBA). Values are clamped to [-1, 1] at the
+// end, since Lanczos and Catmull–Rom overshoot at edges. The channels,
+// which are independent, are resampled at the same time.
 func Resample(dst, src []float32, c, h, w, dh, dw int, f Filter) error {
 	k, err := f.kernel()
 	if err != nil {
@@ -47,32 +49,40 @@ func Resample(dst, src []float32, c, h, w, dh, dw int, f Filter) error {
 	}
 	wx := resampleWeights(dw, w, k)
 	wy := resampleWeights(dh, h, k)
-	tmp := make([]float64, h*dw)
+	var wg sync.WaitGroup
 	for ch := 0; ch < c; ch++ {
-		plane := src[ch*h*w : (ch+1)*h*w]
-		for y := 0; y < h; y++ {
-			row := plane[y*w : (y+1)*w]
-			for x, ws := range wx {
-				var s float64
-				for _, iw := range ws {
-					s += float64(row[iw.index]) * iw.weight
-				}
-				tmp[y*dw+x] = s
+		wg.Go(func() {
+			resamplePlane(dst[ch*dh*dw:(ch+1)*dh*dw], src[ch*h*w:(ch+1)*h*w], h, w, dw, wx, wy)
+		})
+	}
+	wg.Wait()
+	return nil
+}
+
+// resamplePlane resamples one h×w plane into out with the horizontal
+// weights wx (dw of them) and the vertical weights wy.
+func resamplePlane(out, plane []float32, h, w, dw int, wx, wy [][]indexWeight) {
+	tmp := make([]float64, h*dw)
+	for y := 0; y < h; y++ {
+		row := plane[y*w : (y+1)*w]
+		for x, ws := range wx {
+			var s float64
+			for _, iw := range ws {
+				s += float64(row[iw.index]) * iw.weight
 			}
-		}
-		out := dst[ch*dh*dw : (ch+1)*dh*dw]
-		for y, ws := range wy {
-			o := out[y*dw : (y+1)*dw]
-			for x := range o {
-				var s float64
-				for _, iw := range ws {
-					s += tmp[iw.index*dw+x] * iw.weight
-				}
-				o[x] = float32(math.Min(1, math.Max(-1, s)))
-			}
+			tmp[y*dw+x] = s
 		}
 	}
-	return nil
+	for y, ws := range wy {
+		o := out[y*dw : (y+1)*dw]
+		for x := range o {
+			var s float64
+			for _, iw := range ws {
+				s += tmp[iw.index*dw+x] * iw.weight
+			}
+			o[x] = float32(math.Min(1, math.Max(-1, s)))
+		}
+	}
 }
 
 type indexWeight struct {

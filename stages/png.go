@@ -57,7 +57,7 @@ func TesseraChunk(jsonBytes []byte) TextChunk {
 // fast, default, best and none.
 func PNGCompression(name string) (png.CompressionLevel, error) {
 	switch name {
-	case "fast", "":
+	case "fast":
 		return png.BestSpeed, nil
 	case "default":
 		return png.DefaultCompression, nil

@@ -226,6 +226,14 @@ func newPlan(s *Schedule, o SamplerOptions, ts, sigmas []float64) (plan, error) 
 	return p, nil
 }
 
+// checkStep validates the step index of a Step or StepRows call.
+func (p *plan) checkStep(name string, i int) error {
+	if i < 0 || i >= len(p.ts) {
+		return fmt.Errorf("%s: step %d outside [0, %d)", name, i, len(p.ts))
+	}
+	return nil
+}
+
 func checkCanvas(name string, xs ...[]float32) error {
 	for _, x := range xs[1:] {
 		if len(x) != len(xs[0]) {
@@ -319,8 +327,8 @@ func (d *DDIM) Reset() {}
 //	σ_t  = η·√((1−ᾱ_prev)/(1−ᾱ_t)·(1−ᾱ_t/ᾱ_prev))
 //	x    ← √ᾱ_prev·x0c + √(1−ᾱ_prev−σ_t²)·ε + σ_t·z
 func (d *DDIM) Step(i int, x, x0 []float32) error {
-	if i < 0 || i >= len(d.ts) {
-		return fmt.Errorf("ddim: step %d outside [0, %d)", i, len(d.ts))
+	if err := d.checkStep("ddim", i); err != nil {
+		return err
 	}
 	if err := checkCanvas("ddim", x, x0); err != nil {
 		return err
@@ -341,8 +349,8 @@ func (d *DDIM) Step(i int, x, x0 []float32) error {
 
 // StepRows is Step for rows [y0, y1) of every channel.
 func (d *DDIM) StepRows(i int, x, x0 []float32, c, h, w, y0, y1 int) error {
-	if i < 0 || i >= len(d.ts) {
-		return fmt.Errorf("ddim: step %d outside [0, %d)", i, len(d.ts))
+	if err := d.checkStep("ddim", i); err != nil {
+		return err
 	}
 	if err := checkRows("ddim", x, x0, c, h, w, y0, y1); err != nil {
 		return err
@@ -470,21 +478,15 @@ func (e *Euler) AddNoise(dst, x0, noise []float32) error { return addNoise(e, ds
 func (e *Euler) Reset() {}
 
 // Step applies x ← x + (σ_{i+1} − σ_i)·(x − x0)/σ_i.
+// The canvas is stepped as one row of one channel.
 func (e *Euler) Step(i int, x, x0 []float32) error {
-	if i < 0 || i >= len(e.ts) {
-		return fmt.Errorf("euler: step %d outside [0, %d)", i, len(e.ts))
-	}
-	if err := checkCanvas("euler", x, x0); err != nil {
-		return err
-	}
-	e.step(i, x, x0)
-	return nil
+	return e.StepRows(i, x, x0, 1, 1, len(x), 0, 1)
 }
 
 // StepRows is Step for rows [y0, y1) of every channel.
 func (e *Euler) StepRows(i int, x, x0 []float32, c, h, w, y0, y1 int) error {
-	if i < 0 || i >= len(e.ts) {
-		return fmt.Errorf("euler: step %d outside [0, %d)", i, len(e.ts))
+	if err := e.checkStep("euler", i); err != nil {
+		return err
 	}
 	if err := checkRows("euler", x, x0, c, h, w, y0, y1); err != nil {
 		return err
@@ -562,23 +564,20 @@ func (d *DPMSolver2M) Reset() { d.havePrev = false }
 //	second order: r = h_prev/h, D1 = (x0 − x0_prev)/r,
 //	              x ← (σ_t/σ_s)·x − α_t·(e^{−h} − 1)·(x0 + D1/2)
 //
-// where h_prev = λ_s − λ_{s−1}.
+// where h_prev = λ_s − λ_{s−1}. The canvas is stepped as one row of one
+// channel.
 func (d *DPMSolver2M) Step(i int, x, x0 []float32) error {
-	if err := d.check(i); err != nil {
-		return err
-	}
-	if err := checkCanvas("dpm-solver++ 2m", x, x0); err != nil {
-		return err
-	}
-	d.step(i, x, x0, d.prevBuffer(len(x)))
-	return nil
+	return d.StepRows(i, x, x0, 1, 1, len(x), 0, 1)
 }
 
 // StepRows is Step for rows [y0, y1) of every channel; the previous x0 is
 // kept per row, so rows may be at different steps.
 func (d *DPMSolver2M) StepRows(i int, x, x0 []float32, c, h, w, y0, y1 int) error {
-	if err := d.check(i); err != nil {
+	if err := d.checkStep("dpm-solver++ 2m", i); err != nil {
 		return err
+	}
+	if i > 0 && !d.havePrev {
+		return fmt.Errorf("dpm-solver++ 2m: step %d without step %d before it", i, i-1)
 	}
 	if err := checkRows("dpm-solver++ 2m", x, x0, c, h, w, y0, y1); err != nil {
 		return err
@@ -587,16 +586,6 @@ func (d *DPMSolver2M) StepRows(i int, x, x0 []float32, c, h, w, y0, y1 int) erro
 	for ch := 0; ch < c; ch++ {
 		lo, hi := ch*h*w+y0*w, ch*h*w+y1*w
 		d.step(i, x[lo:hi], x0[lo:hi], prev[lo:hi])
-	}
-	return nil
-}
-
-func (d *DPMSolver2M) check(i int) error {
-	if i < 0 || i >= len(d.ts) {
-		return fmt.Errorf("dpm-solver++ 2m: step %d outside [0, %d)", i, len(d.ts))
-	}
-	if i > 0 && !d.havePrev {
-		return fmt.Errorf("dpm-solver++ 2m: step %d without step %d before it", i, i-1)
 	}
 	return nil
 }
