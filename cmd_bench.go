@@ -8,7 +8,6 @@ import (
 	"math"
 	"os"
 	"path/filepath"
-	"sort"
 	"strings"
 	"time"
 
@@ -160,7 +159,6 @@ func (a *app) bench(ctx context.Context, image string, memory bool, log io.Write
 	for _, m := range eng.ModelStats() {
 		rep.Models = append(rep.Models, benchModel{Model: m.Model, Provider: m.Provider, Lanes: m.Lanes, Threads: m.Threads})
 	}
-	sort.Slice(rep.Models, func(i, j int) bool { return rep.Models[i].Model < rep.Models[j].Model })
 	return rep, nil
 }
 

@@ -7,7 +7,6 @@ import (
 	"net/url"
 	"path/filepath"
 	"strconv"
-	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
@@ -15,15 +14,19 @@ import (
 	"tessera/config"
 	"tessera/jobs"
 	"tessera/models"
+	"tessera/onnx"
+	"tessera/pipeline"
+	"tessera/stages"
 )
 
 // bindWorkFlags adds the options of commands that work items (run, serve):
 // --grace, --rescue-after and --reap-every (config queue.grace,
 // queue.rescue_after, queue.reap_every).
 func bindWorkFlags(a *app, f *pflag.FlagSet, stopSignals string) {
-	f.Duration("grace", 30*time.Second, "on "+stopSignals+", how long running items may take to finish before they are put back in the queue (config queue.grace)")
-	f.Duration("rescue-after", time.Hour, "River's backstop: an item running longer than this and its timeout is retried (config queue.rescue_after)")
-	f.Duration("reap-every", 2*time.Second, "how often items held by stopped processes are put back in the queue (config queue.reap_every)")
+	d := config.Default().Queue
+	f.Duration("grace", d.Grace, "on "+stopSignals+", how long running items may take to finish before they are put back in the queue (config queue.grace)")
+	f.Duration("rescue-after", d.RescueAfter, "River's backstop: an item running longer than this and its timeout is retried (config queue.rescue_after)")
+	f.Duration("reap-every", d.ReapEvery, "how often items held by stopped processes are put back in the queue (config queue.reap_every)")
 	a.flags = append(a.flags,
 		config.Flag{Key: "queue.grace", Flag: f.Lookup("grace")},
 		config.Flag{Key: "queue.rescue_after", Flag: f.Lookup("rescue-after")},
@@ -37,6 +40,41 @@ func bindQueueFlag(a *app, f *pflag.FlagSet) {
 	a.flags = append(a.flags, config.Flag{Key: "queue.url", Flag: f.Lookup("queue")})
 }
 
+// resolver finds models where the configuration says.
+func (a *app) resolver() models.Resolver {
+	return models.Resolver{Dirs: a.cfg.Models.Dirs, AllowPaths: a.cfg.Models.AllowPaths}
+}
+
+// prepareOutput readies the output root for a process that works items
+// (run, serve): it removes temp files a crash left behind and returns how
+// images are written.
+func (a *app) prepareOutput() (jobs.WriteOptions, error) {
+	root := a.cfg.Output.Root
+	if n, err := jobs.RemoveStaleTemps(root); err == nil && n > 0 {
+		a.logger.Info("removed temp files left by an interrupted run", "count", n, "dir", root)
+	}
+	level, err := stages.PNGCompression(a.cfg.Output.Compression)
+	if err != nil {
+		return jobs.WriteOptions{}, fmt.Errorf("output.compression: %w", err)
+	}
+	return jobs.WriteOptions{Version: version, Compression: level}, nil
+}
+
+// newEngine opens ONNX Runtime and an engine on the configured models, with
+// run's --batch where it was given; closeAll releases both.
+func (a *app) newEngine() (eng *pipeline.Engine, closeAll func(), err error) {
+	env, err := onnx.Open(a.cfg.Runtime, a.logger)
+	if err != nil {
+		return nil, nil, err
+	}
+	batch := 0
+	if a.batchFlag != nil && a.batchFlag.Changed {
+		batch, _ = strconv.Atoi(a.batchFlag.Value.String())
+	}
+	eng = pipeline.New(env, a.resolver(), pipeline.Options{Workers: a.cfg.Workers, Batch: batch, MemoryBudget: a.cfg.Memory.Budget}, a.logger)
+	return eng, func() { eng.Close(); env.Close() }, nil
+}
+
 // openQueue opens the configured queue; run, when not nil, works items.
 func (a *app) openQueue(ctx context.Context, run jobs.ItemRunner) (*jobs.Queue, error) {
 	return jobs.OpenQueue(ctx, jobs.QueueOptions{
@@ -48,7 +86,7 @@ func (a *app) openQueue(ctx context.Context, run jobs.ItemRunner) (*jobs.Queue, 
 // loadJobFiles loads and checks job files, each on its own: a bad file is
 // reported on stderr and listed in bad, and the others go on.
 func (a *app) loadJobFiles(files []string, stderr io.Writer) (loaded []*jobs.Job, bad []string) {
-	exists := modelExists(models.Resolver{Dirs: a.cfg.Models.Dirs, AllowPaths: a.cfg.Models.AllowPaths})
+	exists := modelExists(a.resolver())
 	for _, f := range files {
 		job, err := jobs.LoadChecked(f, a.cfg, exists)
 		if err != nil {

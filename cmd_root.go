@@ -43,7 +43,6 @@ models upscale it tile by tile into one seamless picture.`,
 	var cpuprofile string
 	pf.StringVar(&cpuprofile, "cpuprofile", "", "write a CPU profile of the command to this file")
 	pf.MarkHidden("cpuprofile")
-	root.PersistentPostRun = func(cmd *cobra.Command, args []string) { pprof.StopCPUProfile() }
 	root.PersistentPreRunE = func(cmd *cobra.Command, args []string) error {
 		if cpuprofile != "" {
 			f, err := os.Create(cpuprofile)
@@ -51,8 +50,15 @@ models upscale it tile by tile into one seamless picture.`,
 				return err
 			}
 			if err := pprof.StartCPUProfile(f); err != nil {
+				f.Close()
 				return err
 			}
+			// Finalizers run whether or not the command failed (a run with a
+			// failed item returns an error, which skips PersistentPostRun).
+			cobra.OnFinalize(func() {
+				pprof.StopCPUProfile()
+				f.Close()
+			})
 		}
 		cfg, err := config.Load(a.configFile, append([]config.Flag{
 			{Key: "log.level", Flag: pf.Lookup("log-level")},

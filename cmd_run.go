@@ -7,7 +7,6 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -16,8 +15,6 @@ import (
 
 	"tessera/config"
 	"tessera/jobs"
-	"tessera/models"
-	"tessera/onnx"
 	"tessera/pipeline"
 )
 
@@ -78,11 +75,7 @@ func (a *app) run(ctx context.Context, stop func(), files []string, stdout, stde
 	cfg := a.cfg
 	start := time.Now()
 	loaded, badFiles := a.loadJobFiles(files, stderr)
-	if n, err := jobs.RemoveStaleTemps(cfg.Output.Root); err == nil && n > 0 {
-		a.logger.Info("removed temp files left by an interrupted run", "count", n, "dir", cfg.Output.Root)
-	}
-
-	wo, err := writeOptions(cfg)
+	wo, err := a.prepareOutput()
 	if err != nil {
 		return err
 	}
@@ -121,26 +114,17 @@ func (a *app) run(ctx context.Context, stop func(), files []string, stdout, stde
 		return summarize(stdout, outcomes, badFiles, 0, time.Since(start), pipeline.Stats{}, cfg.Output.Root, false)
 	}
 
-	env, err := onnx.Open(cfg.Runtime, a.logger)
+	eng, closeEngine, err := a.newEngine()
 	if err != nil {
 		return err
 	}
-	defer env.Close()
-	batch := 0
-	if a.batchFlag != nil && a.batchFlag.Changed {
-		batch, _ = strconv.Atoi(a.batchFlag.Value.String())
-	}
-	eng = pipeline.New(env, models.Resolver{Dirs: cfg.Models.Dirs, AllowPaths: cfg.Models.AllowPaths}, pipeline.Options{Workers: cfg.Workers, Batch: batch, MemoryBudget: cfg.Memory.Budget}, a.logger)
-	defer eng.Close()
+	defer closeEngine()
 	prog = newProgress(stderr, len(waiting), quiet)
 	if err := q.Start(ctx); err != nil {
 		return err
 	}
 
-	ids := make([]int64, len(waiting))
-	for i, e := range waiting {
-		ids[i] = e.ID
-	}
+	ids := jobs.IDs(waiting)
 	interrupted := false
 	infos, err := waitForItems(ctx, q, ids)
 	if err != nil && ctx.Err() == nil {

@@ -3,21 +3,19 @@ package main
 import (
 	"context"
 	"regexp"
-	"tessera/jobs/pgtest"
+	"strconv"
 	"testing"
 	"time"
 
 	"tessera/jobs"
+	"tessera/jobs/pgtest"
 )
-
-// postgresSchemaURL is pgtest.SchemaURL: a queue URL on a fresh schema.
-func postgresSchemaURL(t *testing.T) string { return pgtest.SchemaURL(t) }
 
 var madeRE = regexp.MustCompile(`(\d+) images made, (\d+) already done, (\d+) failed`)
 
 // TestPostgresTwoWorkers has two processes share one batch through
 // PostgreSQL: every item is made exactly once, by one of them.
-func TestPostgresTwoWorkers(t *testing.T) { testTwoWorkers(t, postgresSchemaURL(t)) }
+func TestPostgresTwoWorkers(t *testing.T) { testTwoWorkers(t, pgtest.SchemaURL(t)) }
 
 // TestSQLiteTwoWorkers is the same on one machine's SQLite file.
 func TestSQLiteTwoWorkers(t *testing.T) { testTwoWorkers(t, "") }
@@ -39,7 +37,11 @@ func testTwoWorkers(t *testing.T, url string) {
 		if m == nil {
 			t.Fatalf("no summary:\n%s", r.out.String())
 		}
-		made += atoi(m[1])
+		n, err := strconv.Atoi(m[1])
+		if err != nil {
+			t.Fatal(err)
+		}
+		made += n
 	}
 	st := e.status(t)
 	if made != items || st.Counts["completed"] != items {
@@ -52,7 +54,7 @@ func testTwoWorkers(t *testing.T, url string) {
 // other puts the item it held back in the queue and finishes the batch.
 func TestPostgresKilledWorkerRescued(t *testing.T) {
 	const items = 12
-	e := newRunEnv(t, postgresSchemaURL(t))
+	e := newRunEnv(t, pgtest.SchemaURL(t))
 	job := e.jobFile(t, "rescue", items, 60)
 	victim := e.startRun(t, job)
 	<-victim.started
@@ -86,12 +88,4 @@ func TestPostgresKilledWorkerRescued(t *testing.T) {
 	if rescued == 0 {
 		t.Errorf("no item was taken over from the killed worker (none has a second attempt): %+v\nvictim:\n%s", all, victim.stderr())
 	}
-}
-
-func atoi(s string) int {
-	n := 0
-	for _, c := range s {
-		n = n*10 + int(c-'0')
-	}
-	return n
 }

@@ -21,10 +21,7 @@ import (
 	"tessera/config"
 	"tessera/jobs"
 	"tessera/metrics"
-	"tessera/models"
-	"tessera/onnx"
 	"tessera/pipeline"
-	"tessera/stages"
 )
 
 func newServeCmd(a *app) *cobra.Command {
@@ -70,11 +67,7 @@ items finish within --grace, puts the rest back in the queue and exits 0.`,
 func (a *app) serve(ctx context.Context, stop func()) error {
 	cfg, log := a.cfg, a.logger
 	m := metrics.New()
-	if n, err := jobs.RemoveStaleTemps(cfg.Output.Root); err == nil && n > 0 {
-		log.Info("removed temp files left by an interrupted run", "count", n, "dir", cfg.Output.Root)
-	}
-
-	wo, err := writeOptions(cfg)
+	wo, err := a.prepareOutput()
 	if err != nil {
 		return err
 	}
@@ -101,10 +94,12 @@ func (a *app) serve(ctx context.Context, stop func()) error {
 	defer q.Close()
 	m.AddQueue(q.Counts)
 
-	exists := modelExists(models.Resolver{Dirs: cfg.Models.Dirs, AllowPaths: cfg.Models.AllowPaths})
+	exists := modelExists(a.resolver())
 	sched, err := jobs.NewScheduler(jobs.SchedulerOptions{
 		Schedules: cfg.Schedules, Queue: q, Logger: log,
-		Load: func(path string, now time.Time) (*jobs.Job, error) { return jobs.LoadAt(path, cfg, now, exists) },
+		Load: func(path string, now time.Time) (*jobs.Job, error) {
+			return jobs.LoadCheckedAt(path, "", cfg, now, exists)
+		},
 	})
 	if err != nil {
 		return err
@@ -117,17 +112,7 @@ func (a *app) serve(ctx context.Context, stop func()) error {
 			Load: func(path string) (*jobs.Job, error) {
 				return jobs.LoadCheckedAt(path, watchedJobName(wc.Dir, path), cfg, time.Now(), exists)
 			},
-			Enqueue: func(ctx context.Context, job *jobs.Job) ([]int64, error) {
-				res, err := q.Enqueue(ctx, job)
-				if err != nil {
-					return nil, err
-				}
-				ids := make([]int64, len(res))
-				for i, r := range res {
-					ids[i] = r.ID
-				}
-				return ids, nil
-			},
+			Enqueue: q.Enqueue,
 		})
 		if err != nil {
 			return fmt.Errorf("watch[%d].dir: %w", i, err)
@@ -136,13 +121,11 @@ func (a *app) serve(ctx context.Context, stop func()) error {
 		watchers = append(watchers, w)
 	}
 
-	env, err := onnx.Open(cfg.Runtime, log)
+	eng, closeEngine, err := a.newEngine()
 	if err != nil {
 		return err
 	}
-	defer env.Close()
-	eng = pipeline.New(env, models.Resolver{Dirs: cfg.Models.Dirs, AllowPaths: cfg.Models.AllowPaths}, pipeline.Options{Workers: cfg.Workers, MemoryBudget: cfg.Memory.Budget}, log)
-	defer eng.Close()
+	defer closeEngine()
 	m.AddEngine(eng.ModelStats)
 
 	var stopping atomic.Bool
@@ -276,15 +259,6 @@ func makeItem(ctx context.Context, eng *pipeline.Engine, job string, it pipeline
 		return err
 	}
 	return jobs.Write(job, it, res, wo)
-}
-
-// writeOptions are how this process writes images.
-func writeOptions(cfg config.Config) (jobs.WriteOptions, error) {
-	level, err := stages.PNGCompression(cfg.Output.Compression)
-	if err != nil {
-		return jobs.WriteOptions{}, fmt.Errorf("output.compression: %w", err)
-	}
-	return jobs.WriteOptions{Version: version, Compression: level}, nil
 }
 
 // health answers /healthz: 200 while the queue database answers, 503 when

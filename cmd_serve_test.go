@@ -16,6 +16,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"tessera/jobs/pgtest"
 )
 
 // serveWatchFiles is how many good job files TestServeWatch drops at once
@@ -117,7 +119,7 @@ func (e serveEnv) start(t *testing.T, args ...string) *serveDaemon {
 			t.Logf("serve log:\n%s", d.log())
 		}
 	})
-	serveWaitFor(t, 20*time.Second, "serve to listen", func() bool {
+	waitFor(t, "serve to listen", 20*time.Second, func() bool {
 		select {
 		case <-d.done:
 			t.Fatalf("serve exited with %d:\n%s", d.code, d.log())
@@ -159,17 +161,6 @@ func (d *serveDaemon) stop(t *testing.T) (int, time.Duration) {
 		t.Fatal("serve did not stop within 30s of SIGTERM")
 	}
 	return d.code, time.Since(start)
-}
-
-func serveWaitFor(t *testing.T, limit time.Duration, what string, ok func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(limit)
-	for !ok() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", limit, what)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
 }
 
 // health fetches /healthz.
@@ -278,7 +269,7 @@ func TestServeWatch(t *testing.T) {
 	wg.Wait()
 
 	var midItems float64
-	serveWaitFor(t, 60*time.Second, "every item made", func() bool {
+	waitFor(t, "every item made", 60*time.Second, func() bool {
 		if midItems <= 0 {
 			midItems = serveMetric(t, e.addr, `tessera_item_duration_seconds_count{outcome="ok"}`)
 		}
@@ -289,7 +280,7 @@ func TestServeWatch(t *testing.T) {
 	if got := serveCountFiles(t, filepath.Join(in, "accepted"), ".ids.json"); got != good {
 		t.Errorf("%d files accepted, want %d", got, good)
 	}
-	serveWaitFor(t, 10*time.Second, "bad files rejected", func() bool {
+	waitFor(t, "bad files rejected", 10*time.Second, func() bool {
 		return serveCountFiles(t, filepath.Join(in, "rejected"), ".error.txt") == bad
 	})
 	for i := range bad {
@@ -335,7 +326,7 @@ func TestServeWatch(t *testing.T) {
 	for i := range 5 {
 		os.WriteFile(filepath.Join(in, fmt.Sprintf("w%03d.yaml", i)), []byte(tinyJob(fmt.Sprintf("w%03d", i), "{job}/{index}.png", 1, i+1)), 0o644)
 	}
-	serveWaitFor(t, 10*time.Second, "files dropped again taken", func() bool {
+	waitFor(t, "files dropped again taken", 10*time.Second, func() bool {
 		return serveMetric(t, e.addr, "tessera_watch_accepted_total") == float64(good+5)
 	})
 	_, body := getHealth(t, e.addr)
@@ -377,11 +368,11 @@ func TestServeWatchRecursive(t *testing.T) {
 	drop("c/job.yaml", unnamed(2))
 	drop("c/bad.yaml", "garbage: [")
 	drop(".hidden/job.yaml", tinyJob("r3", "{job}/{index}.png", 1, 3))
-	serveWaitFor(t, 30*time.Second, "both items made", func() bool {
+	waitFor(t, "both items made", 30*time.Second, func() bool {
 		_, body := getHealth(t, e.addr)
 		return queueCount(body, "completed") == 2
 	})
-	serveWaitFor(t, 10*time.Second, "the bad file rejected", func() bool {
+	waitFor(t, "the bad file rejected", 10*time.Second, func() bool {
 		return serveMetric(t, e.addr, "tessera_watch_rejected_total") == 1
 	})
 	for _, rel := range []string{"accepted/a/b/job.yaml", "accepted/a/b/job.yaml.ids.json", "accepted/c/job.yaml",
@@ -475,7 +466,7 @@ func TestServeScheduleAcrossRestart(t *testing.T) {
 // TestServeScheduleTwoProcessesPostgres runs two serve processes with the
 // same schedule on one PostgreSQL queue: each time fires once between them.
 func TestServeScheduleTwoProcessesPostgres(t *testing.T) {
-	url := postgresSchemaURL(t)
+	url := pgtest.SchemaURL(t)
 	a := newServeEnv(t, url, tickSchedule)
 	b := newServeEnv(t, url, tickSchedule)
 	b.out = a.out
@@ -512,7 +503,7 @@ func TestServeSIGTERM(t *testing.T) {
 	job := strings.Replace(strings.Replace(tinyJob("slow", "{job}/{index}.png", n, 1), "width: 64, height: 64", "width: 128, height: 128", 1), "steps: 4", "steps: 30", 1)
 	d := e.start(t, "--grace", "300ms")
 	os.WriteFile(filepath.Join(e.dir, "in", "slow.yaml"), []byte(job), 0o644)
-	serveWaitFor(t, 30*time.Second, "a first image", func() bool { return serveCountFiles(t, e.out, ".png") > 0 })
+	waitFor(t, "a first image", 30*time.Second, func() bool { return serveCountFiles(t, e.out, ".png") > 0 })
 	code, took := d.stop(t)
 	made := serveCountFiles(t, e.out, ".png")
 	if code != 0 || took > 5*time.Second {
@@ -522,7 +513,7 @@ func TestServeSIGTERM(t *testing.T) {
 		t.Skipf("all %d items finished before the stop; nothing to resume", n)
 	}
 	d = e.start(t)
-	serveWaitFor(t, 60*time.Second, "every item made after the restart", func() bool {
+	waitFor(t, "every item made after the restart", 60*time.Second, func() bool {
 		_, body := getHealth(t, e.addr)
 		return queueCount(body, "completed") == n
 	})
@@ -537,7 +528,7 @@ func TestServeSIGTERM(t *testing.T) {
 // that the test then cuts: /healthz turns 503 and /metrics says
 // tessera_queue_up 0.
 func TestServeHealthzQueueUnreachable(t *testing.T) {
-	url := postgresSchemaURL(t)
+	url := pgtest.SchemaURL(t)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -581,7 +572,7 @@ func TestServeHealthzQueueUnreachable(t *testing.T) {
 		c.Close()
 	}
 	mu.Unlock()
-	serveWaitFor(t, 10*time.Second, "healthz to report the database down", func() bool {
+	waitFor(t, "healthz to report the database down", 10*time.Second, func() bool {
 		code, body := getHealth(t, e.addr)
 		return code == http.StatusServiceUnavailable && body["status"] == "unhealthy"
 	})

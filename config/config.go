@@ -16,6 +16,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"tessera/stages"
 	"time"
 
 	"github.com/go-viper/mapstructure/v2"
@@ -372,7 +373,7 @@ func (c *Config) Validate() error {
 	add := func(key, format string, args ...any) {
 		p = append(p, key+": "+fmt.Sprintf(format, args...))
 	}
-	if !oneOf(c.Output.Compression, "fast", "default", "best", "none") {
+	if _, err := stages.PNGCompression(c.Output.Compression); err != nil {
 		add("output.compression", "%q: want fast, default, best or none", c.Output.Compression)
 	}
 	if c.Output.Root == "" {

@@ -106,12 +106,17 @@ func Parse(name string, data []byte, cfg config.Config, now time.Time) (*Job, er
 // ParseAs is Parse with the name a file without `name:` takes; "" means
 // the file's stem.
 func ParseAs(name, defaultJob string, data []byte, cfg config.Config, now time.Time) (*Job, error) {
-	generic, err := decodeStrict(name, data)
+	root, err := decodeStrict(name, data)
 	if err != nil {
 		return nil, fmt.Errorf("job file %s: %w", name, err)
 	}
+	return parseTree(name, defaultJob, root, cfg, now)
+}
+
+// parseTree is ParseAs on the tree decodeStrict made of the file's bytes.
+func parseTree(name, defaultJob string, root map[string]any, cfg config.Config, now time.Time) (*Job, error) {
 	var f File
-	if err := remarshal(generic, &f); err != nil {
+	if err := remarshal(root, &f); err != nil {
 		return nil, fmt.Errorf("job file %s: %w", name, err)
 	}
 	v := &ValidationError{File: name}
@@ -133,10 +138,10 @@ func ParseAs(name, defaultJob string, data []byte, cfg config.Config, now time.T
 	if len(f.Items) == 0 {
 		bad("items", "no items")
 	}
-	root := generic.(map[string]any)
 	defaults, _ := root["defaults"].(map[string]any)
 	rawItems, _ := root["items"].([]any)
 	dir := filepath.Dir(name)
+	inside := newRootCheck(cfg.Output.Root)
 	job := &Job{Name: f.Name, Path: name}
 	index := 0
 	for i, raw := range rawItems {
@@ -159,7 +164,7 @@ func ParseAs(name, defaultJob string, data []byte, cfg config.Config, now time.T
 			tmpl := firstNonEmpty(spec.Output, f.Output, DefaultOutput)
 			out, err := resolveOutput(tmpl, cfg.Output.Root, f.Name, it, now)
 			if err == nil {
-				err = insideRoot(cfg.Output.Root, out)
+				err = inside.check(out)
 			}
 			if err != nil {
 				bad(path+".output", "%v", err)
@@ -367,40 +372,76 @@ func resolveOutput(tmpl, root, job string, it pipeline.Item, now time.Time) (str
 	return filepath.Join(root, clean), nil
 }
 
-// insideRoot checks that out, once symbolic links in the part of its
-// directory that exists are followed, still lies under root: a link inside
-// the output root must not lead outside it. A root that does not exist yet
-// has no links to follow.
-func insideRoot(root, out string) error {
+// rootCheck checks that an output, once symbolic links in the part of its
+// directory that exists are followed, still lies under the output root: a
+// link inside the output root must not lead outside it. A root that does
+// not exist yet has no links to follow. The root is resolved once, and each
+// output directory once.
+type rootCheck struct {
+	realRoot string             // "" when the root does not exist: nothing to check
+	dirs     map[string]realDir // by filepath.Dir of an output
+}
+
+// realDir is an output directory, or its deepest ancestor that exists, with
+// links followed: real is "" when none exists, err says why it could not
+// be resolved.
+type realDir struct {
+	real string
+	err  error
+}
+
+func newRootCheck(root string) *rootCheck {
 	realRoot, err := filepath.EvalSymlinks(root)
 	if err != nil {
+		return &rootCheck{}
+	}
+	return &rootCheck{realRoot: realRoot, dirs: map[string]realDir{}}
+}
+
+// check returns an error when out leaves the root through a link.
+func (c *rootCheck) check(out string) error {
+	if c.realRoot == "" {
 		return nil
 	}
 	dir := filepath.Dir(out)
+	d, ok := c.dirs[dir]
+	if !ok {
+		d = resolveDir(dir)
+		c.dirs[dir] = d
+	}
+	if d.err != nil || d.real == "" {
+		return d.err
+	}
+	rel, err := filepath.Rel(c.realRoot, d.real)
+	if err != nil || rel == ".." || strings.HasPrefix(rel, ".."+string(filepath.Separator)) {
+		return fmt.Errorf("%s leaves output.root through a symbolic link (it leads to %s)", out, d.real)
+	}
+	return nil
+}
+
+// resolveDir follows the links of dir's deepest ancestor (or dir itself)
+// that exists.
+func resolveDir(dir string) realDir {
 	for {
 		if _, err := os.Lstat(dir); err == nil {
 			break
 		}
 		parent := filepath.Dir(dir)
 		if parent == dir {
-			return nil
+			return realDir{}
 		}
 		dir = parent
 	}
-	realDir, err := filepath.EvalSymlinks(dir)
+	real, err := filepath.EvalSymlinks(dir)
 	if err != nil {
-		return fmt.Errorf("%s: %v", dir, err)
+		return realDir{err: fmt.Errorf("%s: %v", dir, err)}
 	}
-	rel, err := filepath.Rel(realRoot, realDir)
-	if err != nil || rel == ".." || strings.HasPrefix(rel, ".."+string(filepath.Separator)) {
-		return fmt.Errorf("%s leaves output.root through a symbolic link (it leads to %s)", out, realDir)
-	}
-	return nil
+	return realDir{real: real}
 }
 
 // decodeStrict decodes into a generic tree, rejecting unknown keys by
-// decoding once more into the typed File.
-func decodeStrict(name string, data []byte) (any, error) {
+// decoding once more into the typed File. The top level is a mapping.
+func decodeStrict(name string, data []byte) (map[string]any, error) {
 	var generic any
 	var f File
 	switch strings.ToLower(filepath.Ext(name)) {
@@ -438,10 +479,12 @@ func decodeStrict(name string, data []byte) (any, error) {
 	default:
 		return nil, fmt.Errorf("unknown format %q (want .yaml, .yml, .json or .toml)", filepath.Ext(name))
 	}
-	if _, ok := generic.(map[string]any); !ok {
+	root, ok := generic.(map[string]any)
+	if !ok {
 		return nil, errors.New("the top level must be a mapping")
 	}
-	return normalize(generic), nil
+	normalize(root)
+	return root, nil
 }
 
 // jsonError adds the line of a JSON syntax error.

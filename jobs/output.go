@@ -188,7 +188,10 @@ const StaleTempAge = 10 * time.Minute
 // tempOwner names the process in its temp files, PID@host, so that a later
 // start on the same machine can tell a dead process's leftovers from a
 // live one's.
-var tempOwner = fmt.Sprintf("%d@%s", os.Getpid(), sanitizeHost(hostname()))
+var tempOwner = fmt.Sprintf("%d@%s", os.Getpid(), tempHost)
+
+// tempHost is this machine's name as temp files carry it.
+var tempHost = sanitizeHost(hostname())
 
 func hostname() string {
 	h, err := os.Hostname()
@@ -235,7 +238,6 @@ func tempOwnerOf(name string) (pid int, host string, ok bool) {
 // are left alone.
 func RemoveStaleTemps(dir string) (int, error) {
 	cutoff := time.Now().Add(-StaleTempAge)
-	me := sanitizeHost(hostname())
 	n := 0
 	err := filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
 		if err != nil {
@@ -249,7 +251,7 @@ func RemoveStaleTemps(dir string) (int, error) {
 			return nil
 		}
 		stale := false
-		if pid, host, ok := tempOwnerOf(name); ok && host == me {
+		if pid, host, ok := tempOwnerOf(name); ok && host == tempHost {
 			stale = pid != os.Getpid() && !processAlive(pid)
 		}
 		if !stale {

@@ -336,6 +336,15 @@ type Enqueued struct {
 	State     rivertype.JobState // its state after the insert
 }
 
+// IDs are the queue job ids of es, in order.
+func IDs(es []Enqueued) []int64 {
+	ids := make([]int64, len(es))
+	for i, e := range es {
+		ids[i] = e.ID
+	}
+	return ids
+}
+
 // Enqueue inserts one queue job per item of job. Items the queue already
 // holds are not inserted again; a completed one whose output has since gone
 // missing (or no longer matches its sidecar) is made available again.

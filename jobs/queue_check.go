@@ -2,7 +2,6 @@ package jobs
 
 import (
 	"bytes"
-	"errors"
 	"fmt"
 	"time"
 	"unicode/utf8"
@@ -20,7 +19,7 @@ func LoadChecked(path string, cfg config.Config, exists func(ref string) error) 
 
 // LoadCheckedAt is LoadChecked with the time that fills {date} and {time}
 // and the name a file without `name:` takes ("" = its stem). The file is
-// read once.
+// read, checked for encoding and decoded once.
 func LoadCheckedAt(path, defaultJob string, cfg config.Config, now time.Time, exists func(ref string) error) (*Job, error) {
 	data, err := readJobFile(path, cfg)
 	if err != nil {
@@ -30,11 +29,15 @@ func LoadCheckedAt(path, defaultJob string, cfg config.Config, now time.Time, ex
 	if err := checkEncoding(path, data); err != nil {
 		return nil, err
 	}
-	job, err := ParseAs(path, defaultJob, data, cfg, now)
+	root, err := decodeStrict(path, data)
+	if err != nil {
+		return nil, fmt.Errorf("job file %s: %w", path, err)
+	}
+	job, err := parseTree(path, defaultJob, root, cfg, now)
 	if err != nil {
 		return nil, err
 	}
-	if err := CheckBytes(path, data, cfg, exists); err != nil {
+	if err := checkTree(path, root, cfg, exists); err != nil {
 		return nil, err
 	}
 	return job, nil
@@ -48,14 +51,11 @@ func CheckBytes(path string, data []byte, cfg config.Config, exists func(ref str
 	if err := checkEncoding(path, data); err != nil {
 		return err
 	}
-	problems := checkCounts(path, data, cfg)
-	if exists != nil {
-		problems = append(problems, checkModels(path, data, exists)...)
+	root, err := decodeStrict(path, data)
+	if err != nil {
+		return &ValidationError{File: path, Problems: []string{err.Error()}}
 	}
-	if len(problems) > 0 {
-		return &ValidationError{File: path, Problems: problems}
-	}
-	return nil
+	return checkTree(path, root, cfg, exists)
 }
 
 func checkEncoding(path string, data []byte) error {
@@ -76,16 +76,37 @@ func checkEncoding(path string, data []byte) error {
 	return fmt.Errorf("job file %s: line %d: not valid UTF-8 (byte %d)", path, 1+bytes.Count(data[:off], []byte("\n")), off)
 }
 
+// checkTree checks the decoded job file in one walk of its defaults and
+// items: explicit counts of zero and, with exists set, model fields that
+// name no model (listed after the counts).
+func checkTree(path string, root map[string]any, cfg config.Config, exists func(ref string) error) error {
+	var counts, models []string
+	specs(root, func(field string, m map[string]any) {
+		if c, ok := m["count"]; ok && fmt.Sprint(c) == "0" {
+			counts = append(counts, fmt.Sprintf("%s.count: must be between 1 and %d, got 0", field, cfg.Limits.MaxItems))
+		}
+		if exists == nil {
+			return
+		}
+		for _, stage := range []string{"base", "sr"} {
+			sm, _ := m[stage].(map[string]any)
+			ref, ok := sm["model"].(string)
+			if !ok || ref == "" {
+				continue
+			}
+			if err := exists(ref); err != nil {
+				models = append(models, fmt.Sprintf("%s.%s.model: %v", field, stage, err))
+			}
+		}
+	})
+	if problems := append(counts, models...); len(problems) > 0 {
+		return &ValidationError{File: path, Problems: problems}
+	}
+	return nil
+}
+
 // specs calls fn with the path and raw mapping of defaults and each item.
-func specs(name string, data []byte, fn func(path string, m map[string]any)) error {
-	generic, err := decodeStrict(name, data)
-	if err != nil {
-		return err
-	}
-	root, ok := generic.(map[string]any)
-	if !ok {
-		return errors.New("the top level must be a mapping")
-	}
+func specs(root map[string]any, fn func(path string, m map[string]any)) {
 	if m, ok := root["defaults"].(map[string]any); ok {
 		fn("defaults", m)
 	}
@@ -95,40 +116,4 @@ func specs(name string, data []byte, fn func(path string, m map[string]any)) err
 			fn(fmt.Sprintf("items[%d]", i), m)
 		}
 	}
-	return nil
-}
-
-// checkCounts lists explicit counts of zero.
-func checkCounts(name string, data []byte, cfg config.Config) []string {
-	var problems []string
-	err := specs(name, data, func(path string, m map[string]any) {
-		if c, ok := m["count"]; ok && fmt.Sprint(c) == "0" {
-			problems = append(problems, fmt.Sprintf("%s.count: must be between 1 and %d, got 0", path, cfg.Limits.MaxItems))
-		}
-	})
-	if err != nil {
-		return []string{err.Error()}
-	}
-	return problems
-}
-
-// checkModels lists the model fields of a job file that name no model.
-func checkModels(name string, data []byte, exists func(ref string) error) []string {
-	var problems []string
-	err := specs(name, data, func(path string, m map[string]any) {
-		for _, stage := range []string{"base", "sr"} {
-			sm, _ := m[stage].(map[string]any)
-			ref, ok := sm["model"].(string)
-			if !ok || ref == "" {
-				continue
-			}
-			if err := exists(ref); err != nil {
-				problems = append(problems, fmt.Sprintf("%s.%s.model: %v", path, stage, err))
-			}
-		}
-	})
-	if err != nil {
-		return []string{err.Error()}
-	}
-	return problems
 }

@@ -8,24 +8,21 @@ import (
 	"path/filepath"
 	"strings"
 	"sync/atomic"
-	"tessera/jobs/pgtest"
 	"testing"
 	"time"
 
+	"tessera/jobs/pgtest"
 	"tessera/pipeline"
 )
 
-// postgresSchemaURL is pgtest.SchemaURL: a queue URL on a fresh schema.
-func postgresSchemaURL(t *testing.T) string { return pgtest.SchemaURL(t) }
-
 type backend struct {
 	name string
-	url  func(t *testing.T) string
+	url  func(t testing.TB) string
 }
 
 var backends = []backend{
-	{"sqlite", func(t *testing.T) string { return "sqlite://" + filepath.Join(t.TempDir(), "queue.db") }},
-	{"postgres", postgresSchemaURL},
+	{"sqlite", func(t testing.TB) string { return "sqlite://" + filepath.Join(t.TempDir(), "queue.db") }},
+	{"postgres", pgtest.SchemaURL},
 }
 
 // queueBundle is what a queue test needs.
@@ -60,14 +57,6 @@ func open(t *testing.T, url string, run ItemRunner) *Queue {
 func writeImage(ctx context.Context, job string, it pipeline.Item) error {
 	res := &pipeline.Result{Image: make([]float32, 3*it.Width*it.Height), Channels: 3, Width: it.Width, Height: it.Height}
 	return Write(job, it, res, WriteOptions{Version: "test"})
-}
-
-func ids(es []Enqueued) []int64 {
-	var out []int64
-	for _, e := range es {
-		out = append(out, e.ID)
-	}
-	return out
 }
 
 // waitFinal waits until every job is final and returns them.
@@ -165,7 +154,7 @@ func testWork(t *testing.T, b backend) {
 	if err := q.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
-	infos := waitFinal(t, q, ids(res))
+	infos := waitFinal(t, q, IDs(res))
 	for i, j := range infos {
 		if j.State != "completed" || j.Skipped != (i == 0) || !Done(s.job.Items[i]) {
 			t.Errorf("item %d: %+v, done %v", i, j, Done(s.job.Items[i]))
@@ -186,7 +175,7 @@ func testWork(t *testing.T, b backend) {
 			t.Errorf("resubmit %d: %+v", i, e)
 		}
 	}
-	waitFinal(t, q, ids(again))
+	waitFinal(t, q, IDs(again))
 	if calls.Load() != 6 || !Done(s.job.Items[3]) {
 		t.Errorf("after requeue: %d calls, done %v", calls.Load(), Done(s.job.Items[3]))
 	}
@@ -224,7 +213,7 @@ func testFailures(t *testing.T, b backend) {
 	if err := q.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
-	waitFinal(t, q, ids(res[:1]))
+	waitFinal(t, q, IDs(res[:1]))
 	j, _ := q.Get(ctx, res[0].ID)
 	if j.State != "cancelled" || !strings.Contains(j.Error, `unknown model "nope"`) || j.Attempt != 1 {
 		t.Fatalf("permanent failure: %+v", j)
@@ -245,7 +234,7 @@ func testFailures(t *testing.T, b backend) {
 	if _, err := q.Retry(ctx, res[1].ID); err != nil {
 		t.Fatal(err)
 	}
-	waitFinal(t, q, ids(res[1:2]))
+	waitFinal(t, q, IDs(res[1:2]))
 	if j, _ = q.Get(ctx, res[1].ID); j.State != "completed" || j.Attempt < 2 {
 		t.Fatalf("after retry: %+v", j)
 	}
@@ -259,7 +248,7 @@ func testFailures(t *testing.T, b backend) {
 	if _, err := q.Cancel(ctx, res[2].ID); err != nil {
 		t.Fatal(err)
 	}
-	waitFinal(t, q, ids(res[2:]))
+	waitFinal(t, q, IDs(res[2:]))
 	if j, _ = q.Get(ctx, res[2].ID); j.State != "cancelled" {
 		t.Fatalf("cancelled: %+v", j)
 	}

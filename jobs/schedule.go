@@ -84,7 +84,6 @@ type SchedulerOptions struct {
 type Scheduler struct {
 	opts    SchedulerOptions
 	entries []*scheduleEntry
-	wg      sync.WaitGroup
 }
 
 type scheduleEntry struct {
@@ -163,10 +162,11 @@ func (s *Scheduler) Next(i int, t time.Time) time.Time {
 // Run fires the schedules until ctx ends, then waits for firings in
 // progress. Firings missed while no process ran are not made up.
 func (s *Scheduler) Run(ctx context.Context) {
+	var wg sync.WaitGroup
 	for i, e := range s.entries {
-		s.wg.Add(1)
+		wg.Add(1)
 		go func() {
-			defer s.wg.Done()
+			defer wg.Done()
 			for {
 				next := s.Next(i, time.Now())
 				t := time.NewTimer(time.Until(next))
@@ -181,14 +181,20 @@ func (s *Scheduler) Run(ctx context.Context) {
 		}()
 	}
 	<-ctx.Done()
-	s.wg.Wait()
+	wg.Wait()
 }
 
-// unfinished are the states of items that will still run.
-var unfinished = []rivertype.JobState{
-	rivertype.JobStateAvailable, rivertype.JobStatePending, rivertype.JobStateRetryable,
-	rivertype.JobStateRunning, rivertype.JobStateScheduled,
-}
+// unfinished are the states of items that will still run: those that
+// JobInfo.Final does not call final.
+var unfinished = func() []rivertype.JobState {
+	var out []rivertype.JobState
+	for _, st := range allStates {
+		if !(JobInfo{State: string(st)}).Final() {
+			out = append(out, st)
+		}
+	}
+	return out
+}()
 
 // fire enqueues the items of one firing at T, unless an earlier firing of
 // the same job has unfinished items.
@@ -247,11 +253,4 @@ func (s *Scheduler) fire(ctx context.Context, e *scheduleEntry, at time.Time) {
 	}
 	e.stats.Fired.Add(1)
 	log.Info("schedule: fired", "job", job.Name, "items", added)
-}
-
-// LoadAt reads and checks a job file as LoadChecked does (exists, when not
-// nil, checks that each model it names resolves), with now filling the
-// {date} and {time} fields of its outputs.
-func LoadAt(path string, cfg config.Config, now time.Time, exists func(ref string) error) (*Job, error) {
-	return LoadCheckedAt(path, "", cfg, now, exists)
 }

@@ -48,7 +48,9 @@ func TestNewSchedulerNamesBadKeys(t *testing.T) {
 			{Name: "nojob", Cron: "@hourly", Job: filepath.Join(dir, "missing.yaml")},
 		},
 		Queue: nil,
-		Load:  func(path string, now time.Time) (*Job, error) { return LoadAt(path, testConfig(dir), now, nil) },
+		Load: func(path string, now time.Time) (*Job, error) {
+			return LoadCheckedAt(path, "", testConfig(dir), now, nil)
+		},
 	})
 	if err == nil || !strings.Contains(err.Error(), "schedules[1].cron") || !strings.Contains(err.Error(), "schedules[2].job") || strings.Contains(err.Error(), "schedules[0]") {
 		t.Fatalf("err = %v", err)
@@ -90,7 +92,7 @@ func TestSchedulerFiresOnceAndNeverOverlaps(t *testing.T) {
 	opts := SchedulerOptions{
 		Schedules: []config.Schedule{{Name: "tick", Cron: "@every 1s", Job: writeTickJob(t, dir)}},
 		Queue:     q,
-		Load:      func(path string, now time.Time) (*Job, error) { return LoadAt(path, cfg, now, nil) },
+		Load:      func(path string, now time.Time) (*Job, error) { return LoadCheckedAt(path, "", cfg, now, nil) },
 	}
 	a, err := NewScheduler(opts)
 	if err != nil {

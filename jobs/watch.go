@@ -55,10 +55,10 @@ type WatchOptions struct {
 	Recursive bool
 	// Load reads and checks a job file; its error rejects the file.
 	Load func(path string) (*Job, error)
-	// Enqueue inserts the job's items and returns their queue job ids; its
-	// error (the queue unreachable, say) leaves the file to be tried again
-	// at the next rescan.
-	Enqueue func(ctx context.Context, job *Job) ([]int64, error)
+	// Enqueue inserts the job's items (Queue.Enqueue fits); its error (the
+	// queue unreachable, say) leaves the file to be tried again at the next
+	// rescan.
+	Enqueue func(ctx context.Context, job *Job) ([]Enqueued, error)
 	Logger  *slog.Logger
 }
 
@@ -407,11 +407,12 @@ func (w *Watcher) take(ctx context.Context, name string) bool {
 		log.Warn("watch: rejected job file", "reason", err)
 		return true
 	}
-	ids, err := w.opts.Enqueue(ctx, job)
+	res, err := w.opts.Enqueue(ctx, job)
 	if err != nil {
 		log.Error("watch: enqueue; will try again", "err", err)
 		return false
 	}
+	ids := IDs(res)
 	rec, _ := json.MarshalIndent(acceptRecord{Job: job.Name, IDs: ids, At: time.Now().UTC()}, "", "  ")
 	if err := w.moveAside(name, AcceptedDir, ".ids.json", append(rec, '\n')); err != nil {
 		log.Error("watch: move accepted file", "err", err)
@@ -447,32 +448,8 @@ func (w *Watcher) moveAside(rel, sub, suffix string, note []byte) error {
 		}
 		target = fmt.Sprintf("%s.%d", name, i)
 	}
-	if err := writeFileSync(filepath.Join(dir, target+suffix), note); err != nil {
+	if err := WriteFileAtomic(filepath.Join(dir, target+suffix), note); err != nil {
 		return err
 	}
 	return os.Rename(filepath.Join(w.opts.Dir, rel), filepath.Join(dir, target))
-}
-
-// writeFileSync writes a file through a temp name, synced before rename.
-func writeFileSync(path string, data []byte) error {
-	tmp := path + ".tmp"
-	f, err := os.Create(tmp)
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		os.Remove(tmp)
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		os.Remove(tmp)
-		return err
-	}
-	if err := f.Close(); err != nil {
-		os.Remove(tmp)
-		return err
-	}
-	return os.Rename(tmp, path)
 }

@@ -87,7 +87,9 @@ func setupWatchOpts(t *testing.T, dir string, opts WatchOptions) *watchBundle {
 			}
 			return &Job{Name: strings.TrimSuffix(filepath.Base(path), ".yaml")}, nil
 		},
-		Enqueue: func(ctx context.Context, job *Job) ([]int64, error) { return []int64{int64(len(job.Name))}, nil },
+		Enqueue: func(ctx context.Context, job *Job) ([]Enqueued, error) {
+			return []Enqueued{{ID: int64(len(job.Name))}}, nil
+		},
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -171,7 +173,7 @@ func TestWatcherSameNameTwiceAndStartupScan(t *testing.T) {
 	w, err := NewWatcher(WatchOptions{
 		Dir: dir, Settle: 50 * time.Millisecond, Rescan: time.Hour,
 		Load: func(path string) (*Job, error) { return &Job{Name: filepath.Base(path)}, nil },
-		Enqueue: func(ctx context.Context, job *Job) ([]int64, error) {
+		Enqueue: func(ctx context.Context, job *Job) ([]Enqueued, error) {
 			mu.Lock()
 			enq = append(enq, job.Name)
 			mu.Unlock()

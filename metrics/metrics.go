@@ -5,6 +5,7 @@ package metrics
 import (
 	"context"
 	"net/http"
+	"strconv"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -42,9 +43,6 @@ func New() *Metrics {
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
-
-// Registry is the registry every collector is on.
-func (m *Metrics) Registry() *prometheus.Registry { return m.reg }
 
 // Handler serves the registry in the Prometheus exposition format.
 func (m *Metrics) Handler() http.Handler {
@@ -98,21 +96,12 @@ func (t *StageTimer) Done() {
 }
 
 func (t *StageTimer) name(stage int) string {
-	if !t.upscale {
-		if stage == 0 {
-			return "base"
-		}
-	} else {
-		stage++
+	if t.upscale {
+		stage++ // an upscale has no base stage: its first stage is sr1
+	} else if stage == 0 {
+		return "base"
 	}
-	return "sr" + itoa(stage)
-}
-
-func itoa(n int) string {
-	if n < 10 {
-		return string(rune('0' + n))
-	}
-	return itoa(n/10) + string(rune('0'+n%10))
+	return "sr" + strconv.Itoa(stage)
 }
 
 // AddQueue exports the queue's items by state, its depth (items waiting
