@@ -147,9 +147,20 @@ func (r *runner) loop(ctx context.Context) error {
 	var ready *flight // prepared, waiting for a free lane
 	var pending []*request
 	stageBatch := 0 // the largest stage batch (request.batch) seen
+	launch := func() {
+		inFlight++
+		go func(f *flight) {
+			f.err = r.execute(ctx, f.b)
+			landed <- f
+		}(ready)
+		ready = nil
+	}
 	land := func(f *flight) {
 		inFlight--
 		f.b.busy = false
+		if ready != nil && ctx.Err() == nil {
+			launch() // the lane works while the landed batch is copied out
+		}
 		r.deliver(ctx, f.batch, f.b, f.err)
 	}
 	defer func() {
@@ -169,12 +180,7 @@ func (r *runner) loop(ctx context.Context) error {
 	}()
 	for {
 		if ready != nil && inFlight < lanes {
-			inFlight++
-			go func(f *flight) {
-				f.err = r.execute(ctx, f.b)
-				landed <- f
-			}(ready)
-			ready = nil
+			launch()
 			continue
 		}
 		if ready == nil && len(pending) > 0 {

@@ -3,6 +3,7 @@ package stages
 import (
 	"fmt"
 	"math"
+	"runtime"
 	"sync"
 
 	"github.com/disintegration/imaging"
@@ -34,8 +35,7 @@ func (f Filter) kernel() (imaging.ResampleFilter, error) {
 // widened by the scale when shrinking, weights normalised per output pixel)
 // but in float64 throughout: imaging.Resize itself would quantise to 8 bits
 // (its output is always image.NRGBA). Values are clamped to [-1, 1] at the
-// end, since Lanczos and Catmull–Rom overshoot at edges. The channels,
-// which are independent, are resampled at the same time.
+// end, since Lanczos and Catmull–Rom overshoot at edges.
 func Resample(dst, src []float32, c, h, w, dh, dw int, f Filter) error {
 	k, err := f.kernel()
 	if err != nil {
@@ -49,40 +49,63 @@ func Resample(dst, src []float32, c, h, w, dh, dw int, f Filter) error {
 	}
 	wx := resampleWeights(dw, w, k)
 	wy := resampleWeights(dh, h, k)
-	var wg sync.WaitGroup
-	for ch := 0; ch < c; ch++ {
-		wg.Go(func() {
-			resamplePlane(dst[ch*dh*dw:(ch+1)*dh*dw], src[ch*h*w:(ch+1)*h*w], h, w, dw, wx, wy)
-		})
-	}
-	wg.Wait()
+	// Both passes run in row bands on every core: the horizontal pass into a
+	// float64 buffer (per channel, h×dw), then the vertical pass from it. A
+	// band of channels alone would leave a core idle for three channels on
+	// two cores. Each output value sums the same terms in the same order
+	// however the rows are split.
+	tmp := make([]float64, c*h*dw)
+	inRowBands(c*h, func(r0, r1 int) {
+		for r := r0; r < r1; r++ {
+			row := src[r*w : (r+1)*w]
+			t := tmp[r*dw : (r+1)*dw]
+			for x, ws := range wx {
+				var s float64
+				for _, iw := range ws {
+					s += float64(row[iw.index]) * iw.weight
+				}
+				t[x] = s
+			}
+		}
+	})
+	inRowBands(c*dh, func(r0, r1 int) {
+		acc := make([]float64, dw)
+		for r := r0; r < r1; r++ {
+			ch, y := r/dh, r%dh
+			plane := tmp[ch*h*dw : (ch+1)*h*dw]
+			clear(acc)
+			for _, iw := range wy[y] {
+				t := plane[iw.index*dw : (iw.index+1)*dw]
+				a, wt := acc[:len(t)], iw.weight
+				for x, v := range t {
+					a[x] += v * wt
+				}
+			}
+			o := dst[r*dw : (r+1)*dw]
+			o = o[:len(acc)]
+			for x, s := range acc {
+				if s > 1 { // a NaN passes, as it would through min and max
+					s = 1
+				} else if s < -1 {
+					s = -1
+				}
+				o[x] = float32(s)
+			}
+		}
+	})
 	return nil
 }
 
-// resamplePlane resamples one h×w plane into out with the horizontal
-// weights wx (dw of them) and the vertical weights wy.
-func resamplePlane(out, plane []float32, h, w, dw int, wx, wy [][]indexWeight) {
-	tmp := make([]float64, h*dw)
-	for y := 0; y < h; y++ {
-		row := plane[y*w : (y+1)*w]
-		for x, ws := range wx {
-			var s float64
-			for _, iw := range ws {
-				s += float64(row[iw.index]) * iw.weight
-			}
-			tmp[y*dw+x] = s
-		}
+// inRowBands runs fn over [0, n) split into one band of rows per core, at
+// the same time.
+func inRowBands(n int, fn func(r0, r1 int)) {
+	bands := min(runtime.NumCPU(), max(n/16, 1))
+	var wg sync.WaitGroup
+	for b := 0; b < bands; b++ {
+		r0, r1 := b*n/bands, (b+1)*n/bands
+		wg.Go(func() { fn(r0, r1) })
 	}
-	for y, ws := range wy {
-		o := out[y*dw : (y+1)*dw]
-		for x := range o {
-			var s float64
-			for _, iw := range ws {
-				s += tmp[iw.index*dw+x] * iw.weight
-			}
-			o[x] = float32(math.Min(1, math.Max(-1, s)))
-		}
-	}
+	wg.Wait()
 }
 
 type indexWeight struct {

@@ -214,16 +214,22 @@ func (g *TileGrid) Extract(dst, canvas []float32, c int, t Tile) error {
 				copy(out, row[t.X0:t.X0+tw])
 				continue
 			}
-			for x := range out {
-				gx := t.X0 + x
-				if gx < 0 || gx >= W {
+			// The part inside the canvas in one copy, the padding around it
+			// value by value.
+			lo, hi := min(max(-t.X0, 0), tw), max(min(W-t.X0, tw), 0)
+			if lo < hi {
+				copy(out[lo:hi], row[t.X0+lo:t.X0+hi])
+			} else {
+				hi = lo
+			}
+			for _, span := range [2][2]int{{0, lo}, {hi, tw}} {
+				for x := span[0]; x < span[1]; x++ {
 					if g.Pad == PadZero {
 						out[x] = 0
-						continue
+					} else {
+						out[x] = row[reflectIndex(t.X0+x, W)]
 					}
-					gx = reflectIndex(gx, W)
 				}
-				out[x] = row[gx]
 			}
 		}
 	}

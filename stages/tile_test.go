@@ -325,3 +325,38 @@ func TestAccumulatorRowBandsEqualWhole(t *testing.T) {
 		t.Fatal("rows beyond the canvas accepted")
 	}
 }
+
+// TestExtractPaddingMatchesPerPixel checks Extract's row copies against a
+// value-by-value reading of the padding rule, for tiles that overhang the
+// canvas on any side.
+func TestExtractPaddingMatchesPerPixel(t *testing.T) {
+	rapid.Check(t, func(t *rapid.T) {
+		h, w := rapid.IntRange(1, 9).Draw(t, "h"), rapid.IntRange(1, 9).Draw(t, "w")
+		th, tw := rapid.IntRange(1, 24).Draw(t, "th"), rapid.IntRange(1, 24).Draw(t, "tw")
+		pad := rapid.SampledFrom([]PadMode{PadReflect, PadZero}).Draw(t, "pad")
+		tl := Tile{Y0: rapid.IntRange(-12, h).Draw(t, "y0"), X0: rapid.IntRange(-12, w).Draw(t, "x0"), Height: th, Width: tw}
+		g := &TileGrid{Height: h, Width: w, TileHeight: th, TileWidth: tw, Pad: pad}
+		canvas := make([]float32, 2*h*w)
+		for i := range canvas {
+			canvas[i] = float32(i + 1)
+		}
+		got := make([]float32, 2*th*tw)
+		if err := g.Extract(got, canvas, 2, tl); err != nil {
+			t.Fatal(err)
+		}
+		for ch := 0; ch < 2; ch++ {
+			for y := 0; y < th; y++ {
+				for x := 0; x < tw; x++ {
+					gy, gx := tl.Y0+y, tl.X0+x
+					var want float32
+					if pad == PadReflect || (gy >= 0 && gy < h && gx >= 0 && gx < w) {
+						want = canvas[(ch*h+reflectIndex(gy, h))*w+reflectIndex(gx, w)]
+					}
+					if v := got[(ch*th+y)*tw+x]; v != want {
+						t.Fatalf("channel %d, tile (%d, %d) = %v, want %v", ch, y, x, v, want)
+					}
+				}
+			}
+		}
+	})
+}
