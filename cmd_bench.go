@@ -8,6 +8,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -50,8 +51,10 @@ type benchReport struct {
 	ONNXRuntime   string         `json:"onnx_runtime"`
 	Provider      string         `json:"provider"`
 	Items         []benchItem    `json:"items"`
+	Repeat        int            `json:"repeat"`          // rounds of the two items; each figure is the median
 	ScalingRatio  float64        `json:"scaling_ratio"`   // t(1024²) ÷ t(512²)
 	TileStepRatio float64        `json:"tile_step_ratio"` // tile-steps(1024²) ÷ tile-steps(512²)
+	BusyRatio     float64        `json:"busy_ratio"`      // busy(1024²) ÷ busy(512²): the ratio of model work
 	Upscale       *upscaleReport `json:"upscale,omitempty"`
 	Memory        *benchItem     `json:"memory,omitempty"`
 	Models        []benchModel   `json:"models"`
@@ -68,6 +71,7 @@ type benchModel struct {
 func newBenchCmd(a *app) *cobra.Command {
 	var asJSON, memory bool
 	var image string
+	var repeat int
 	cmd := &cobra.Command{
 		Use:   "bench",
 		Short: "Measure the pipeline on a fixed workload with the demo models",
@@ -77,13 +81,20 @@ ONNX Runtime Run time, the model's busy time (that sum divided by the Runs a
 model may have in flight at once, its lanes), the overhead ratio (wall ÷
 busy: wall ÷ Run sum with one lane), tiles per second,
 peak RSS, the scaling ratio t(1024²) ÷ t(512²) next to the ratio of
-tile-steps, and the seam score of the 1024² image. It then upscales a
+tile-steps and to the ratio of busy time (model work: a base tile-step
+costs a tenth of an SR one), and the seam score of the 1024² image.
+--repeat N measures the two items N times, alternating, and reports the
+median of each figure (the scaling ratio is the median of each round's).
+It then upscales a
 photograph 4× (downscaled first) tiled and untiled and reports PSNR against
 the original next to Lanczos and bicubic. --memory adds a 4096² item with one
 SR step per stage to report peak RSS at that size.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			rep, err := a.bench(cmd.Context(), image, memory, cmd.ErrOrStderr())
+			if repeat < 1 {
+				return fmt.Errorf("--repeat must be at least 1, got %d", repeat)
+			}
+			rep, err := a.bench(cmd.Context(), image, memory, repeat, cmd.ErrOrStderr())
 			if err != nil {
 				return err
 			}
@@ -98,11 +109,12 @@ SR step per stage to report peak RSS at that size.`,
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	cmd.Flags().BoolVar(&memory, "memory", false, "add a 4096² item to measure peak memory")
+	cmd.Flags().IntVar(&repeat, "repeat", 1, "measure the 512² and 1024² items this many times and report medians")
 	cmd.Flags().StringVar(&image, "image", filepath.Join("testdata", "images", "chelsea-256.png"), "photograph for the upscaling measurement (\"\" skips it)")
 	return cmd
 }
 
-func (a *app) bench(ctx context.Context, image string, memory bool, log io.Writer) (*benchReport, error) {
+func (a *app) bench(ctx context.Context, image string, memory bool, repeat int, log io.Writer) (*benchReport, error) {
 	env, err := onnx.Open(a.cfg.Runtime, a.logger)
 	if err != nil {
 		return nil, err
@@ -110,7 +122,7 @@ func (a *app) bench(ctx context.Context, image string, memory bool, log io.Write
 	defer env.Close()
 	eng := pipeline.New(env, models.Resolver{Dirs: a.cfg.Models.Dirs}, pipeline.Options{Workers: 1}, a.logger)
 	defer eng.Close()
-	rep := &benchReport{ONNXRuntime: env.Version, Provider: strings.Join(a.cfg.Runtime.Providers, ",")}
+	rep := &benchReport{ONNXRuntime: env.Version, Provider: strings.Join(a.cfg.Runtime.Providers, ","), Repeat: repeat}
 	gen := func(name string, size, srSteps int) (*benchItem, *pipeline.Result, error) {
 		it := pipeline.Item{Seed: 1, Width: size, Height: size, Class: -1,
 			Base: pipeline.StageParams{Model: "demo-base", Steps: 10},
@@ -125,22 +137,36 @@ func (a *app) bench(ctx context.Context, image string, memory bool, log io.Write
 	if _, _, err := gen("warm-up", 512, 2); err != nil {
 		return nil, err
 	}
-	for _, size := range []int{512, 1024} {
-		bi, res, err := gen(fmt.Sprintf("generate %d²", size), size, 10)
-		if err != nil {
-			return nil, err
-		}
-		if size == 1024 {
-			last := res.Plan.Stages[len(res.Plan.Stages)-1]
-			if g, err := eng.Grid(last); err == nil {
-				bi.SeamScore = pipeline.SeamScore(res.Image, res.Channels, res.Height, res.Width, g)
+	// Rounds alternate the sizes, so that a machine that speeds up or slows
+	// down over the run moves both alike; each round's scaling ratio pairs
+	// neighbours.
+	var small, large []benchItem
+	var scaling []float64
+	for round := 0; round < repeat; round++ {
+		for _, size := range []int{512, 1024} {
+			bi, res, err := gen(fmt.Sprintf("generate %d²", size), size, 10)
+			if err != nil {
+				return nil, err
+			}
+			if size == 1024 {
+				last := res.Plan.Stages[len(res.Plan.Stages)-1]
+				if g, err := eng.Grid(last); err == nil {
+					bi.SeamScore = pipeline.SeamScore(res.Image, res.Channels, res.Height, res.Width, g)
+				}
+				large = append(large, *bi)
+			} else {
+				small = append(small, *bi)
 			}
 		}
-		rep.Items = append(rep.Items, *bi)
+		if s := small[round].WallSeconds; s > 0 {
+			scaling = append(scaling, large[round].WallSeconds/s)
+		}
 	}
-	if len(rep.Items) == 2 && rep.Items[0].WallSeconds > 0 {
-		rep.ScalingRatio = rep.Items[1].WallSeconds / rep.Items[0].WallSeconds
-		rep.TileStepRatio = float64(rep.Items[1].TileSteps) / float64(rep.Items[0].TileSteps)
+	rep.Items = []benchItem{medianItem(small), medianItem(large)}
+	rep.ScalingRatio = median(scaling)
+	rep.TileStepRatio = float64(rep.Items[1].TileSteps) / float64(rep.Items[0].TileSteps)
+	if b := rep.Items[0].BusySeconds; b > 0 {
+		rep.BusyRatio = rep.Items[1].BusySeconds / b
 	}
 	if image != "" {
 		up, err := benchUpscale(ctx, eng, image, log)
@@ -182,6 +208,42 @@ func measure(ctx context.Context, eng *pipeline.Engine, name string, it pipeline
 	}
 	bi.TilesPerSec = float64(bi.TileSteps) / wall
 	return bi, res, nil
+}
+
+// medianItem is the item of the first round with every measured figure
+// replaced by its median over the rounds.
+func medianItem(rounds []benchItem) benchItem {
+	out := rounds[0]
+	pick := func(f func(*benchItem) *float64) {
+		v := make([]float64, len(rounds))
+		for i := range rounds {
+			v[i] = *f(&rounds[i])
+		}
+		*f(&out) = median(v)
+	}
+	pick(func(b *benchItem) *float64 { return &b.WallSeconds })
+	pick(func(b *benchItem) *float64 { return &b.RunSeconds })
+	pick(func(b *benchItem) *float64 { return &b.BusySeconds })
+	pick(func(b *benchItem) *float64 { return &b.Overhead })
+	pick(func(b *benchItem) *float64 { return &b.TilesPerSec })
+	pick(func(b *benchItem) *float64 { return &b.PeakRSSMiB })
+	pick(func(b *benchItem) *float64 { return &b.SeamScore })
+	return out
+}
+
+// median is the middle value of v (the mean of the two middle ones for an
+// even count), 0 for none.
+func median(v []float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	s := slices.Clone(v)
+	slices.Sort(s)
+	n := len(s)
+	if n%2 == 1 {
+		return s[n/2]
+	}
+	return (s[n/2-1] + s[n/2]) / 2
 }
 
 func benchUpscale(ctx context.Context, eng *pipeline.Engine, path string, log io.Writer) (*upscaleReport, error) {
@@ -272,8 +334,12 @@ func printBench(w io.Writer, r *benchReport) {
 		}
 		fmt.Fprintf(w, "%-16s %9.2f %9.2f %9.2f %8.3f %10d %9.1f %9.0f %6s\n", it.Name, it.WallSeconds, it.RunSeconds, it.BusySeconds, it.Overhead, it.TileSteps, it.TilesPerSec, it.PeakRSSMiB, seam)
 	}
+	if r.Repeat > 1 {
+		fmt.Fprintf(w, "(medians of %d rounds)\n", r.Repeat)
+	}
 	if r.ScalingRatio > 0 {
-		fmt.Fprintf(w, "scaling t(1024²)/t(512²) = %.2f, tile-step ratio %.2f (%.1f%% apart)\n", r.ScalingRatio, r.TileStepRatio, 100*math.Abs(r.ScalingRatio/r.TileStepRatio-1))
+		fmt.Fprintf(w, "scaling t(1024²)/t(512²) = %.2f, tile-step ratio %.2f (%.1f%% apart), busy ratio %.2f (%.1f%% apart)\n",
+			r.ScalingRatio, r.TileStepRatio, 100*math.Abs(r.ScalingRatio/r.TileStepRatio-1), r.BusyRatio, 100*math.Abs(r.ScalingRatio/r.BusyRatio-1))
 	}
 	if u := r.Upscale; u != nil {
 		fmt.Fprintf(w, "upscale %s %s -> %s: demo-sr %.2f dB, Lanczos %.2f dB, bicubic %.2f dB; tiled vs untiled %.2f dB, seam %.3f (%.1fs)\n",

@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"strings"
 	"testing"
 )
 
@@ -31,8 +32,8 @@ func TestBenchJSON(t *testing.T) {
 	if s := rep.Items[1].SeamScore; s <= 0 || s > 1.10 {
 		t.Errorf("seam score %v", s)
 	}
-	if rep.TileStepRatio <= 1 || rep.ScalingRatio <= 1 {
-		t.Errorf("scaling %v, tile-step ratio %v", rep.ScalingRatio, rep.TileStepRatio)
+	if rep.TileStepRatio <= 1 || rep.ScalingRatio <= 1 || rep.BusyRatio <= 1 || rep.Repeat != 1 {
+		t.Errorf("scaling %v, tile-step ratio %v, busy ratio %v, repeat %d", rep.ScalingRatio, rep.TileStepRatio, rep.BusyRatio, rep.Repeat)
 	}
 	lanes := map[string]int{}
 	for _, m := range rep.Models {
@@ -43,5 +44,35 @@ func TestBenchJSON(t *testing.T) {
 	}
 	if lanes["demo-base"] != 1 || lanes["demo-sr"] < 1 {
 		t.Errorf("lanes %v", lanes)
+	}
+}
+
+func TestBenchMedians(t *testing.T) {
+	for _, tc := range []struct {
+		in   []float64
+		want float64
+	}{{nil, 0}, {[]float64{3}, 3}, {[]float64{5, 1, 3}, 3}, {[]float64{4, 1, 3, 2}, 2.5}} {
+		if got := median(tc.in); got != tc.want {
+			t.Errorf("median(%v) = %v, want %v", tc.in, got, tc.want)
+		}
+	}
+	rounds := []benchItem{
+		{Name: "a", TileSteps: 60, WallSeconds: 3, Overhead: 1.2},
+		{Name: "a", TileSteps: 60, WallSeconds: 1, Overhead: 1.0},
+		{Name: "a", TileSteps: 60, WallSeconds: 2, Overhead: 1.1},
+	}
+	m := medianItem(rounds)
+	if m.WallSeconds != 2 || m.Overhead != 1.1 || m.TileSteps != 60 || m.Name != "a" {
+		t.Errorf("medianItem = %+v", m)
+	}
+	if rounds[0].WallSeconds != 3 {
+		t.Errorf("medianItem changed its input: %+v", rounds[0])
+	}
+}
+
+func TestBenchRepeatMustBePositive(t *testing.T) {
+	r := tessera(t, nil, "bench", "--repeat", "0")
+	if r.code == 0 || !strings.Contains(r.stderr, "--repeat must be at least 1") {
+		t.Errorf("bench --repeat 0: %+v", r)
 	}
 }
