@@ -64,7 +64,8 @@ type benchReport struct {
 type benchModel struct {
 	Model    string `json:"model"`
 	Provider string `json:"provider"`
-	Lanes    int    `json:"lanes"`
+	Lanes    int    `json:"lanes"`   // Runs at once, on all devices
+	Devices  int    `json:"devices"` // sessions, one per GPU of runtime.devices
 	Threads  int    `json:"threads_per_run"`
 }
 
@@ -183,7 +184,7 @@ func (a *app) bench(ctx context.Context, image string, memory bool, repeat int, 
 		rep.Memory = bi
 	}
 	for _, m := range eng.ModelStats() {
-		rep.Models = append(rep.Models, benchModel{Model: m.Model, Provider: m.Provider, Lanes: m.Lanes, Threads: m.Threads})
+		rep.Models = append(rep.Models, benchModel{Model: m.Model, Provider: m.Provider, Lanes: m.Lanes, Devices: m.Devices, Threads: m.Threads})
 	}
 	return rep, nil
 }
@@ -320,7 +321,11 @@ func crop(img []float32, w, h, fullW int) []float32 {
 func printBench(w io.Writer, r *benchReport) {
 	fmt.Fprintf(w, "ONNX Runtime %s on %s\n", r.ONNXRuntime, r.Provider)
 	for _, m := range r.Models {
-		fmt.Fprintf(w, "%s: %d lane(s) of %d thread(s)\n", m.Model, m.Lanes, m.Threads)
+		devices := ""
+		if m.Devices > 1 {
+			devices = fmt.Sprintf(" on %d devices", m.Devices)
+		}
+		fmt.Fprintf(w, "%s: %d lane(s) of %d thread(s)%s\n", m.Model, m.Lanes, m.Threads, devices)
 	}
 	fmt.Fprintf(w, "%-16s %9s %9s %9s %8s %10s %9s %9s %6s\n", "item", "wall s", "run s", "busy s", "overhead", "tile-steps", "tiles/s", "peak MiB", "seam")
 	rows := r.Items

@@ -38,8 +38,8 @@ func TestBenchJSON(t *testing.T) {
 	lanes := map[string]int{}
 	for _, m := range rep.Models {
 		lanes[m.Model] = m.Lanes
-		if m.Threads < 1 {
-			t.Errorf("%s: %d threads", m.Model, m.Threads)
+		if m.Threads < 1 || m.Devices != 1 {
+			t.Errorf("%s: %d threads, %d devices", m.Model, m.Threads, m.Devices)
 		}
 	}
 	if lanes["demo-base"] != 1 || lanes["demo-sr"] < 1 {

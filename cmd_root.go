@@ -40,6 +40,7 @@ models upscale it tile by tile into one seamless picture.`,
 	pf.StringSlice("providers", nil, "execution providers in order, e.g. cuda,cpu (config runtime.providers)")
 	pf.Bool("fallback", false, "fall back to the next provider when one cannot attach (config runtime.fallback)")
 	pf.Int("threads", 0, "intra-op threads for ONNX Runtime, 0 = all cores (config runtime.threads)")
+	pf.IntSlice("devices", nil, "GPUs to run on, a session and batcher each, e.g. 0,1 (config runtime.devices)")
 	var cpuprofile string
 	pf.StringVar(&cpuprofile, "cpuprofile", "", "write a CPU profile of the command to this file")
 	pf.MarkHidden("cpuprofile")
@@ -67,6 +68,7 @@ models upscale it tile by tile into one seamless picture.`,
 			{Key: "runtime.providers", Flag: pf.Lookup("providers")},
 			{Key: "runtime.fallback", Flag: pf.Lookup("fallback")},
 			{Key: "runtime.threads", Flag: pf.Lookup("threads")},
+			{Key: "runtime.devices", Flag: pf.Lookup("devices")},
 		}, a.flags...)...)
 		if err != nil {
 			return err

@@ -536,3 +536,23 @@ items:
 		}
 	}
 }
+
+// runtime.devices on a machine without the GPU build: the items fail with
+// the provider's reason and the device named; with fallback every device's
+// session falls back to the CPU and the images are made.
+func TestRunOnDevicesWithoutGPU(t *testing.T) {
+	if _, err := os.Stat(".ort/libonnxruntime_providers_cuda.so"); err == nil {
+		t.Skip("CUDA provider library present")
+	}
+	e := newRunEnv(t, "")
+	job := e.jobFile(t, "gpus", 2, 2)
+	r := e.tessera(t, "run", "-q", "--providers", "cuda,cpu", "--devices", "0,1", job)
+	if r.code != 1 || !strings.Contains(r.stdout, "device 0: ") || !strings.Contains(r.stdout, "execution provider cuda could not attach") {
+		t.Fatalf("devices without the GPU build: %+v", r)
+	}
+	r = tessera(t, []string{"TESSERA_RUNTIME_FALLBACK=true", "TESSERA_RUNTIME_DEVICES=0,1"}, "--config", e.cfg, "run", "-q", "--providers", "cuda,cpu", job)
+	if r.code != 0 || !strings.Contains(r.stdout, "2 images made") {
+		t.Fatalf("devices with fallback: %+v", r)
+	}
+	e.checkOutputs(t, job)
+}

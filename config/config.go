@@ -91,6 +91,11 @@ type Runtime struct {
 	// Many small single-threaded Runs keep the cores busier than one Run
 	// split across them. GPU sessions and base models always use one lane.
 	Lanes int `mapstructure:"lanes"`
+	// Devices lists the GPUs to run on when the first provider is cuda or
+	// tensorrt: each model gets one session and one batcher per device,
+	// which take tiles from the same queue, so that every device works on
+	// its own tiles. Empty: the provider's own device_id alone.
+	Devices []int `mapstructure:"devices"`
 	// Optimization is the graph optimisation level: disabled, basic, extended, all.
 	Optimization string `mapstructure:"optimization"`
 	// OptimizedCache is a directory where optimised models are cached; "" disables it.
@@ -244,6 +249,7 @@ func Load(file string, flags ...Flag) (Config, error) {
 	var cfg Config
 	hook := mapstructure.ComposeDecodeHookFunc(
 		mapstructure.StringToTimeDurationHookFunc(),
+		intListHook,
 		mapstructure.StringToSliceHookFunc(","),
 		byteSizeHook,
 	)
@@ -285,6 +291,27 @@ func setDefaults(v *viper.Viper, prefix string, val reflect.Value) {
 		}
 		v.SetDefault(key, fv.Interface())
 	}
+}
+
+// intListHook reads a list of integers given as one string, as an
+// environment variable gives it ("0,1").
+func intListHook(from, to reflect.Type, data any) (any, error) {
+	if from.Kind() != reflect.String || to != reflect.TypeOf([]int(nil)) {
+		return data, nil
+	}
+	str := strings.TrimSpace(data.(string))
+	if str == "" {
+		return []int{}, nil
+	}
+	var out []int
+	for _, part := range strings.Split(str, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(part))
+		if err != nil {
+			return nil, fmt.Errorf("%q is not a list of integers", str)
+		}
+		out = append(out, n)
+	}
+	return out, nil
 }
 
 // byteSizeHook lets int64 byte counts be written as "8GiB", "512MB" or "0".
@@ -422,6 +449,19 @@ func (c *Config) Validate() error {
 	}
 	if r.Lanes < 0 {
 		add("runtime.lanes", "must be 0 (auto) or positive, got %d", r.Lanes)
+	}
+	if len(r.Devices) > 0 && (len(r.Providers) == 0 || r.Providers[0] == ProviderCPU) {
+		add("runtime.devices", "lists GPUs, so the first provider must be cuda or tensorrt (runtime.providers is %v)", r.Providers)
+	}
+	seenDev := map[int]bool{}
+	for i, d := range r.Devices {
+		if d < 0 {
+			add(fmt.Sprintf("runtime.devices[%d]", i), "must not be negative, got %d", d)
+		}
+		if seenDev[d] {
+			add(fmt.Sprintf("runtime.devices[%d]", i), "device %d listed twice", d)
+		}
+		seenDev[d] = true
 	}
 	if !oneOf(r.Optimization, "disabled", "basic", "extended", "all") {
 		add("runtime.optimization", "%q: want disabled, basic, extended or all", r.Optimization)

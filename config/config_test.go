@@ -1,6 +1,7 @@
 package config
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -96,6 +97,8 @@ func TestLoadErrorsNameTheKey(t *testing.T) {
 		{"bad byte size", "memory: {budget: lots}\n", []string{"lots"}},
 		{"bad png compression", "output: {compression: zopfli}\n", []string{"output.compression", `"zopfli"`}},
 		{"negative lanes", "runtime: {lanes: -1}\n", []string{"runtime.lanes"}},
+		{"devices without a GPU provider", "runtime: {devices: [0, 1]}\n", []string{"runtime.devices", "cuda or tensorrt"}},
+		{"bad devices", "runtime: {providers: [cuda, cpu], devices: [0, -1, 0]}\n", []string{"runtime.devices[1]", "runtime.devices[2]: device 0 listed twice"}},
 		{"bad duration", "queue: {rescue_after: soon}\n", []string{"queue.rescue_after"}},
 		{"non-positive reaper", "queue: {grace: -1s, reap_every: 0s}\n", []string{"queue.grace", "queue.reap_every"}},
 	}
@@ -149,5 +152,24 @@ func TestParseBytes(t *testing.T) {
 		if _, err := ParseBytes(bad); err == nil {
 			t.Errorf("ParseBytes(%q) accepted", bad)
 		}
+	}
+}
+
+func TestDevicesFromFileAndEnv(t *testing.T) {
+	cfg, err := Load(writeConfig(t, "runtime: {providers: [cuda, cpu], devices: [0, 2]}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(cfg.Runtime.Devices) != "[0 2]" {
+		t.Errorf("devices from file = %v", cfg.Runtime.Devices)
+	}
+	t.Setenv("TESSERA_RUNTIME_PROVIDERS", "tensorrt,cpu")
+	t.Setenv("TESSERA_RUNTIME_DEVICES", "1,3")
+	cfg, err = Load(writeConfig(t, "workers: 1\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(cfg.Runtime.Devices) != "[1 3]" {
+		t.Errorf("devices from env = %v", cfg.Runtime.Devices)
 	}
 }

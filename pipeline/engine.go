@@ -15,6 +15,7 @@ import (
 
 	"golang.org/x/sync/errgroup"
 
+	"tessera/config"
 	"tessera/models"
 	"tessera/onnx"
 	"tessera/stages"
@@ -33,6 +34,10 @@ type Options struct {
 	MemoryBudget int64
 	// Lanes, when positive, overrides runtime.lanes for CPU sessions.
 	Lanes int
+	// Devices, when set, overrides runtime.devices: one session and batcher
+	// per device for every model. Tests use it on the CPU, where the
+	// sessions stand in for GPUs.
+	Devices []int
 }
 
 // Engine runs items through cascades. It keeps one session and batcher per
@@ -75,9 +80,9 @@ func (e *Engine) Close() error {
 	e.cancel()
 	err := e.group.Wait()
 	for _, r := range e.runners {
-		r.sess.Close()
+		r.close()
 		if r.solo != nil {
-			r.solo.sess.Close()
+			r.solo.close()
 		}
 	}
 	return err
@@ -125,7 +130,8 @@ func Transient(err error) bool {
 type ModelStats struct {
 	Model    string
 	Provider string
-	Lanes    int // Runs at once
+	Lanes    int // Runs at once, on all devices
+	Devices  int // sessions: one per GPU of runtime.devices, else 1
 	Threads  int // intra-op threads of each Run
 	Stats
 }
@@ -136,7 +142,7 @@ func (e *Engine) ModelStats() []ModelStats {
 	defer e.mu.Unlock()
 	out := make([]ModelStats, 0, len(e.runners))
 	for _, r := range e.runners {
-		m := ModelStats{Model: r.ref, Provider: r.sess.Provider(), Lanes: r.lanes, Threads: r.sess.Threads(), Stats: r.stats()}
+		m := ModelStats{Model: r.ref, Provider: r.session().Provider(), Lanes: r.totalLanes(), Devices: len(r.devs), Threads: r.session().Threads(), Stats: r.stats()}
 		if r.solo != nil { // a model's solo runner (see stageRunner) counts with it
 			m.add(r.solo.stats())
 		}
@@ -220,8 +226,9 @@ func (e *Engine) stageRunner(sp StagePlan) (*runner, error) {
 	return r.solo, nil
 }
 
-// newRunner creates a runner of the given lanes for the resolved model m,
-// with its session, and starts its batcher. The caller holds e.mu.
+// newRunner creates a runner of the given lanes (on each device) for the
+// resolved model m, with its sessions, and starts its batchers. The caller
+// holds e.mu.
 func (e *Engine) newRunner(ref string, m *onnx.Model, lanes int, schedules map[string]schedule) (*runner, error) {
 	// With several items in flight a base and an SR session may run at once;
 	// they share the CPU threads between them, and each lane is a Run at once.
@@ -229,13 +236,30 @@ func (e *Engine) newRunner(ref string, m *onnx.Model, lanes int, schedules map[s
 	if e.opts.Workers > 1 {
 		concurrent = 2
 	}
-	sess, err := e.env.NewSession(m, onnx.SessionOptions{Concurrent: concurrent * lanes})
-	if err != nil {
-		return nil, &SessionError{Model: ref, Err: err}
+	ids := e.devices()
+	if len(ids) == 0 {
+		ids = []int{-1} // the provider's own device_id
 	}
 	r := &runner{
-		ref: ref, model: m, sess: sess, channels: m.Channels(), lanes: lanes, schedules: schedules,
-		reqs: make(chan *request, 64), logger: e.logger, bindings: map[bindKey]*boundBatch{},
+		ref: ref, model: m, channels: m.Channels(), lanes: lanes, schedules: schedules,
+		reqs: make(chan *request, 64), logger: e.logger,
+	}
+	for _, id := range ids {
+		o := onnx.SessionOptions{Concurrent: concurrent * lanes * len(ids)}
+		if id >= 0 {
+			rt := e.env.Config()
+			rt.CUDA.DeviceID, rt.TensorRT.DeviceID = id, id
+			o.Runtime = &rt
+		}
+		sess, err := e.env.NewSession(m, o)
+		if err != nil {
+			r.close()
+			if id >= 0 {
+				err = fmt.Errorf("device %d: %w", id, err)
+			}
+			return nil, &SessionError{Model: ref, Err: err}
+		}
+		r.devs = append(r.devs, &device{id: id, sess: sess, bindings: map[bindKey]*boundBatch{}, probed: map[[2]int]bool{}})
 	}
 	if t := m.Input(onnx.RoleTimestep); t != nil {
 		r.scalarT = len(t.Shape) == 0 || t.Shape[0] == 1
@@ -252,12 +276,28 @@ func (e *Engine) newRunner(ref string, m *onnx.Model, lanes int, schedules map[s
 		// them one by one: auto is one tile a Run, without a probe.
 		r.maxBatch.Store(1)
 	default:
-		r.auto, r.budget, r.probed = true, memoryBudget(e.opts.MemoryBudget), map[[2]int]bool{}
+		r.auto, r.budget = true, memoryBudget(e.opts.MemoryBudget)
 		r.maxBatch.Store(1)
 	}
-	e.group.Go(func() error { return r.loop(e.ctx) })
-	e.logger.Debug("model session ready", "model", ref, "provider", sess.Provider(), "lanes", lanes, "threads_per_run", sess.Threads())
+	for _, d := range r.devs {
+		e.group.Go(func() error { return r.loop(e.ctx, d) })
+		e.logger.Debug("model session ready", "model", ref, "provider", d.sess.Provider(), "device", d.id, "lanes", lanes, "threads_per_run", d.sess.Threads())
+	}
 	return r, nil
+}
+
+// devices are the GPUs every model gets a session on: Options.Devices, else
+// runtime.devices where the first provider is a GPU's; none means one
+// session on the provider's own device_id.
+func (e *Engine) devices() []int {
+	if len(e.opts.Devices) > 0 {
+		return e.opts.Devices
+	}
+	rt := e.env.Config()
+	if len(rt.Providers) > 0 && rt.Providers[0] != config.ProviderCPU {
+		return rt.Devices
+	}
+	return nil
 }
 
 // lanes is how many Runs of m may execute at once: Options.Lanes, else
@@ -277,7 +317,7 @@ func (e *Engine) newRunner(ref string, m *onnx.Model, lanes int, schedules map[s
 // time: 6.2 s).
 func (e *Engine) lanes(m *onnx.Model) int {
 	rt := e.env.Config()
-	if len(rt.Providers) > 0 && rt.Providers[0] != "cpu" {
+	if len(rt.Providers) > 0 && rt.Providers[0] != "cpu" || len(e.devices()) > 1 {
 		return 1
 	}
 	if e.opts.Lanes > 0 {

@@ -491,3 +491,53 @@ func TestStageBatchBeatsEngineBatch(t *testing.T) {
 		t.Fatalf("after running out of memory: largest Run %d rows, cap %d", most, r.oomCap.Load())
 	}
 }
+
+// With several devices (CPU sessions stand in for GPUs here) every model
+// gets a session and batcher per device, they share the tiles of the items
+// in flight, each runs one Run at a time, and the image is the one a
+// single session makes.
+func TestDevicesShareTheTiles(t *testing.T) {
+	in := writeGradient(t, 20, 28)
+	ref, err := newEngine(t, Options{Batch: 1, Lanes: 1}).Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := newEngine(t, Options{Batch: 1, Workers: 2, Devices: []int{0, 1, 2}})
+	var wg sync.WaitGroup
+	for k := 0; k < 2; k++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			res, err := e.Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			if d := maxAbsDiff(res.Image, ref.Image); d > 1.0/255 {
+				t.Errorf("item %d: max difference %g from one session", k, d)
+			}
+		}()
+	}
+	wg.Wait()
+	r := e.runners["conv-sr"]
+	if len(r.devs) != 3 {
+		t.Fatalf("%d sessions, want one per device (3)", len(r.devs))
+	}
+	var total int64
+	for _, d := range r.devs {
+		t.Logf("device %d: %d Runs, at most %d at once", d.id, d.runs.Load(), d.peak.Load())
+		if d.runs.Load() == 0 {
+			t.Errorf("device %d ran nothing", d.id)
+		}
+		if p := d.peak.Load(); p != 1 {
+			t.Errorf("device %d ran %d Runs at once, want 1", d.id, p)
+		}
+		total += d.runs.Load()
+	}
+	if s := e.Stats(); total != s.Runs {
+		t.Errorf("devices ran %d Runs, the engine counted %d", total, s.Runs)
+	}
+	if ms := e.ModelStats(); len(ms) != 1 || ms[0].Devices != 3 || ms[0].Lanes != 3 {
+		t.Errorf("model stats %+v, want 3 devices of one lane", ms)
+	}
+}

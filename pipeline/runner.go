@@ -50,9 +50,12 @@ type response struct {
 // from every item in flight into Runs of up to maxBatch rows of one tile
 // shape.
 type runner struct {
-	ref      string
-	model    *onnx.Model
-	sess     *onnx.Session
+	ref   string
+	model *onnx.Model
+	// devs are the model's sessions: one per GPU of runtime.devices, else
+	// one. Each has its own batcher goroutine (loop), and all of them take
+	// requests from reqs, so that a device that is free takes the next tiles.
+	devs     []*device
 	channels int
 	reqs     chan *request
 	logger   *slog.Logger
@@ -62,10 +65,9 @@ type runner struct {
 	// (0: none has); it caps a stage's own batch too.
 	oomCap atomic.Int64
 	// auto is set when the batch is chosen from the memory budget by a
-	// probe Run of each new tile shape; probed records the shapes done.
+	// probe Run of each new tile shape (device.probed records the shapes done).
 	auto     bool
 	budget   int64
-	probed   map[[2]int]bool
 	runNanos atomic.Int64 // total time inside ONNX Runtime
 	rowsRun  atomic.Int64
 	runs     atomic.Int64
@@ -73,7 +75,8 @@ type runner struct {
 	// preds recycles prediction buffers: at a 4096² canvas a step's tiles
 	// would otherwise leave hundreds of megabytes of garbage behind.
 	preds sync.Pool
-	// lanes is how many Runs may execute at once (see config runtime.lanes).
+	// lanes is how many Runs may execute at once on each device (see
+	// config runtime.lanes).
 	lanes int
 	// solo is the one-lane runner of the same model that a runner with
 	// lanes makes, under Engine.mu, for stages of fewer tiles than lanes
@@ -82,8 +85,6 @@ type runner struct {
 	// schedules are the model's noise schedules by scheduler class, built
 	// once (see schedulesOf) and shared with solo; read only.
 	schedules map[string]schedule
-	// Per-shape prepared bindings, owned by the loop goroutine.
-	bindings map[bindKey]*boundBatch
 	// inject, when set by tests, fails a Run before it starts (to stand in
 	// for a device running out of memory, which a CPU test cannot cause).
 	inject func(h, w, rows int) error
@@ -94,10 +95,35 @@ type runner struct {
 	intT                 bool
 }
 
+// device is one session of a runner's model with what its batcher
+// goroutine (loop) owns: the prepared bindings per shape and the tile
+// shapes it has probed.
+type device struct {
+	id       int // the GPU of runtime.devices, or -1: the provider's own device_id
+	sess     *onnx.Session
+	bindings map[bindKey]*boundBatch
+	probed   map[[2]int]bool
+	// runs counts the device's Runs; running those executing now, and peak
+	// the most that ever did at once (its lanes at most).
+	runs, running, peak atomic.Int64
+}
+
+// close releases the runner's sessions; its loops must have returned.
+func (r *runner) close() {
+	for _, d := range r.devs {
+		d.sess.Close()
+	}
+}
+
+// session is the model's first session, for what all of them share
+// (provider, threads).
+func (r *runner) session() *onnx.Session { return r.devs[0].sess }
+
 type bindKey struct{ h, w, n, slot int }
 
 type boundBatch struct {
-	h, w int // tile shape and rows it was made for
+	dev  *device // whose session the binding belongs to
+	h, w int     // tile shape and rows it was made for
 	rows int
 	// busy marks a binding in use (filled, or in flight); only the loop
 	// goroutine reads or writes it.
@@ -140,7 +166,11 @@ type flight struct {
 // each on its own goroutine and binding, and fills the next batch into a
 // free binding while they run, so that the copies into the batch buffers
 // overlap the model's work and a lane that lands starts again at once.
-func (r *runner) loop(ctx context.Context) error {
+//
+// With several devices each runs its own loop. A loop then gathers only
+// the next batch ahead of its Runs, so that it does not hold requests
+// another device is free to run.
+func (r *runner) loop(ctx context.Context, d *device) error {
 	lanes := max(r.lanes, 1)
 	landed := make(chan *flight, lanes)
 	inFlight := 0
@@ -161,7 +191,7 @@ func (r *runner) loop(ctx context.Context) error {
 		if ready != nil && ctx.Err() == nil {
 			launch() // the lane works while the landed batch is copied out
 		}
-		r.deliver(ctx, f.batch, f.b, f.err)
+		r.deliver(ctx, d, f.batch, f.b, f.err)
 	}
 	defer func() {
 		for inFlight > 0 {
@@ -174,7 +204,7 @@ func (r *runner) loop(ctx context.Context) error {
 		for _, q := range pending {
 			q.reply <- response{req: q, err: fmt.Errorf("model %s: engine closed", r.ref)}
 		}
-		for _, b := range r.bindings {
+		for _, b := range d.bindings {
 			b.bind.Close()
 		}
 	}()
@@ -188,19 +218,19 @@ func (r *runner) loop(ctx context.Context) error {
 				continue
 			}
 			k := r.key(pending[0])
-			if r.auto && !r.probed[[2]int{k.h, k.w}] {
+			if r.auto && !d.probed[[2]int{k.h, k.w}] {
 				for inFlight > 0 { // the probe measures its own Run alone
 					land(<-landed)
 				}
-				r.probe(ctx, pending[0])
+				r.probe(ctx, d, pending[0])
 				pending = pending[1:]
 				continue
 			}
 			var batch []*request
 			batch, pending = r.take(pending, k)
-			b, err := r.prepare(batch)
+			b, err := r.prepare(d, batch)
 			if err != nil {
-				r.deliver(ctx, batch, nil, err)
+				r.deliver(ctx, d, batch, nil, err)
 				continue
 			}
 			b.busy = true
@@ -210,7 +240,11 @@ func (r *runner) loop(ctx context.Context) error {
 		// Wait for a Run to land, or for requests while there is room to
 		// gather them: four batches a lane, of the largest batch asked for.
 		room := func() bool {
-			return len(pending) < 4*max(int(r.maxBatch.Load()), stageBatch)*lanes
+			ahead := 4 * lanes
+			if len(r.devs) > 1 {
+				ahead = 1
+			}
+			return len(pending) < ahead*max(int(r.maxBatch.Load()), stageBatch)
 		}
 		var reqs <-chan *request
 		if room() {
@@ -278,9 +312,9 @@ func (r *runner) take(pending []*request, k groupKey) (batch, rest []*request) {
 // deliver answers the requests of a batch that ran (b) or failed (err). A
 // Run that failed for lack of memory is retried in halves, and the batch
 // limit is lowered.
-func (r *runner) deliver(ctx context.Context, batch []*request, b *boundBatch, err error) {
+func (r *runner) deliver(ctx context.Context, d *device, batch []*request, b *boundBatch, err error) {
 	if err != nil && isOutOfMemory(err) && len(batch) > 1 {
-		r.splitServe(ctx, batch, err)
+		r.splitServe(ctx, d, batch, err)
 		return
 	}
 	var preds [][]float32
@@ -297,19 +331,19 @@ func (r *runner) deliver(ctx context.Context, batch []*request, b *boundBatch, e
 }
 
 // serve runs a batch now, on the loop's goroutine, and answers it.
-func (r *runner) serve(ctx context.Context, batch []*request) {
-	b, err := r.prepare(batch)
+func (r *runner) serve(ctx context.Context, d *device, batch []*request) {
+	b, err := r.prepare(d, batch)
 	if err == nil {
 		b.busy = true
 		err = r.execute(ctx, b)
 		b.busy = false
 	}
-	r.deliver(ctx, batch, b, err)
+	r.deliver(ctx, d, batch, b, err)
 }
 
 // splitServe serves a batch that ran out of memory as two halves, and
 // lowers the batch limit to the first half's rows.
-func (r *runner) splitServe(ctx context.Context, batch []*request, err error) {
+func (r *runner) splitServe(ctx context.Context, d *device, batch []*request, err error) {
 	half := len(batch) / 2
 	rows := 0
 	for _, q := range batch[:half] {
@@ -322,23 +356,23 @@ func (r *runner) splitServe(ctx context.Context, batch []*request, err error) {
 		r.maxBatch.Store(int64(max(rows, 1)))
 		r.logger.Warn("model ran out of memory; batch halved", "model", r.ref, "batch", rows, "err", err)
 	}
-	r.serve(ctx, batch[:half])
-	r.serve(ctx, batch[half:])
+	r.serve(ctx, d, batch[:half])
+	r.serve(ctx, d, batch[half:])
 }
 
 // probe serves one request alone and sets the batch limit from how much the
 // resident set grew for it (ONNX Runtime's arena sizing itself for the shape).
-func (r *runner) probe(ctx context.Context, q *request) {
+func (r *runner) probe(ctx context.Context, d *device, q *request) {
 	before := residentBytes()
-	r.serve(ctx, []*request{q})
+	r.serve(ctx, d, []*request{q})
 	growth := residentBytes() - before
 	rowBytes := int64(3 * 4 * r.channels * q.h * q.w) // sample, lowres and prediction, float32
 	limit := maxAutoBatchCPU
-	if r.sess.Provider() != "cpu" {
+	if d.sess.Provider() != "cpu" {
 		limit = maxAutoBatchGPU
 	}
 	n := autoBatch(r.budget, residentBytes(), growth/int64(q.rows()), rowBytes, limit)
-	r.probed[[2]int{q.h, q.w}] = true
+	d.probed[[2]int{q.h, q.w}] = true
 	r.maxBatch.Store(int64(n))
 	r.logger.Info("batch chosen from the memory budget", "model", r.ref, "tile", fmt.Sprintf("%dx%d", q.w, q.h), "batch", n,
 		"budget_mib", r.budget>>20, "probe_growth_mib", growth>>20)
@@ -356,7 +390,7 @@ func isOutOfMemory(err error) bool {
 // A panic while filling (a bug, but one that runs on the batcher's
 // goroutine, which every item shares) fails this batch's items only, with
 // the stack in the log, and the batcher goes on serving the others.
-func (r *runner) prepare(batch []*request) (b *boundBatch, err error) {
+func (r *runner) prepare(d *device, batch []*request) (b *boundBatch, err error) {
 	defer func() {
 		if p := recover(); p != nil {
 			b, err = nil, r.panicked("while filling a batch", p)
@@ -367,7 +401,7 @@ func (r *runner) prepare(batch []*request) (b *boundBatch, err error) {
 	for _, q := range batch {
 		n += q.rows()
 	}
-	b, err = r.bound(q0.h, q0.w, n)
+	b, err = r.bound(d, q0.h, q0.w, n)
 	if err != nil {
 		return nil, err
 	}
@@ -436,9 +470,15 @@ func (r *runner) execute(ctx context.Context, b *boundBatch) (err error) {
 			return err
 		}
 	}
+	d := b.dev
+	if now := d.running.Add(1); now > d.peak.Load() {
+		d.peak.Store(now) // only this device's lanes race here, and they are at most lanes
+	}
 	start := time.Now()
 	err = b.bind.Run(ctx)
 	r.runNanos.Add(int64(time.Since(start)))
+	d.running.Add(-1)
+	d.runs.Add(1)
 	if err != nil {
 		return err
 	}
@@ -469,9 +509,13 @@ func (r *runner) schedule(sampler string) (*stages.Schedule, error) {
 	return &s, nil
 }
 
+// totalLanes is how many Runs of the model may execute at once, on all
+// its devices.
+func (r *runner) totalLanes() int { return max(r.lanes, 1) * len(r.devs) }
+
 func (r *runner) stats() Stats {
 	run := time.Duration(r.runNanos.Load()).Seconds()
-	return Stats{RunSeconds: run, BusySeconds: run / float64(max(r.lanes, 1)), Rows: r.rowsRun.Load(), Runs: r.runs.Load()}
+	return Stats{RunSeconds: run, BusySeconds: run / float64(r.totalLanes()), Rows: r.rowsRun.Load(), Runs: r.runs.Load()}
 }
 
 // collect copies each request's rows out of a binding that has run.
@@ -504,10 +548,10 @@ func (r *runner) release(buf []float32) {
 // bound returns a binding for n rows of h×w tiles that is not busy: of
 // those kept for that shape (one per lane, one being filled and one for a
 // retry), the first free one.
-func (r *runner) bound(h, w, n int) (*boundBatch, error) {
+func (r *runner) bound(d *device, h, w, n int) (*boundBatch, error) {
 	key := bindKey{h, w, n, 0}
 	for {
-		b, ok := r.bindings[key]
+		b, ok := d.bindings[key]
 		if !ok {
 			break
 		}
@@ -520,7 +564,7 @@ func (r *runner) bound(h, w, n int) (*boundBatch, error) {
 	c := int64(r.channels)
 	shape := []int64{int64(n), c, int64(h), int64(w)}
 	plane := int(c) * h * w
-	b := &boundBatch{h: h, w: w, rows: n, sample: make([]float32, n*plane)}
+	b := &boundBatch{dev: d, h: h, w: w, rows: n, sample: make([]float32, n*plane)}
 	inputs := map[string]onnx.Tensor{}
 	for _, io := range m.Inputs {
 		switch io.Role {
@@ -540,7 +584,7 @@ func (r *runner) bound(h, w, n int) (*boundBatch, error) {
 			return nil, fmt.Errorf("model %s: input %q (%s) cannot be fed by the pipeline", r.ref, io.Name, io.Role)
 		}
 	}
-	bind, err := r.sess.Bind(inputs)
+	bind, err := d.sess.Bind(inputs)
 	if err != nil {
 		return nil, err
 	}
@@ -550,15 +594,15 @@ func (r *runner) bound(h, w, n int) (*boundBatch, error) {
 		return nil, fmt.Errorf("model %s: prediction output has %d values, want %d", r.ref, len(out.Float), n*plane)
 	}
 	b.bind, b.out = bind, out.Float
-	if len(r.bindings) > 16+2*r.lanes {
-		for k, old := range r.bindings {
+	if len(d.bindings) > 16+2*r.lanes {
+		for k, old := range d.bindings {
 			if !old.busy {
 				old.bind.Close()
-				delete(r.bindings, k)
+				delete(d.bindings, k)
 			}
 		}
 	}
-	r.bindings[key] = b
+	d.bindings[key] = b
 	return b, nil
 }
 
