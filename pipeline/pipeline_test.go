@@ -132,6 +132,28 @@ func TestOracleGuidance(t *testing.T) {
 	}
 }
 
+// generateAtOnce generates n copies of it at the same time on e and
+// returns their images (nil for one that failed, with the error reported).
+func generateAtOnce(t *testing.T, e *Engine, it Item, n int) [][]float32 {
+	t.Helper()
+	images := make([][]float32, n)
+	var wg sync.WaitGroup
+	for k := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			res, err := e.Generate(context.Background(), it, nil)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			images[k] = res.Image
+		}()
+	}
+	wg.Wait()
+	return images
+}
+
 func upscaleItem(path string, tile, overlap int, halo *int) Item {
 	return Item{Seed: 5, Image: path, Scale: 4, SR: StageParams{Model: "conv-sr", Steps: 6, Strength: 0.7, Tile: Tiling{Size: tile, Overlap: overlap, Halo: halo}}}
 }
@@ -252,22 +274,7 @@ func TestDeterministicAcrossBatchAndConcurrency(t *testing.T) {
 	var ref []float32
 	for _, c := range []struct{ batch, inFlight, lanes int }{{1, 1, 1}, {4, 1, 1}, {4, 2, 1}, {3, 3, 1}, {1, 1, 2}, {1, 3, 2}} {
 		e := newEngine(t, Options{Batch: c.batch, Workers: c.inFlight, Lanes: c.lanes})
-		results := make([][]float32, c.inFlight)
-		var wg sync.WaitGroup
-		for k := 0; k < c.inFlight; k++ {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				res, err := e.Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil)
-				if err != nil {
-					t.Error(err)
-					return
-				}
-				results[k] = res.Image
-			}()
-		}
-		wg.Wait()
-		for k, r := range results {
+		for k, r := range generateAtOnce(t, e, upscaleItem(in, 32, 8, intp(3)), c.inFlight) {
 			if ref == nil {
 				ref = r
 			}
@@ -503,22 +510,11 @@ func TestDevicesShareTheTiles(t *testing.T) {
 		t.Fatal(err)
 	}
 	e := newEngine(t, Options{Batch: 1, Workers: 2, Devices: []int{0, 1, 2}})
-	var wg sync.WaitGroup
-	for k := 0; k < 2; k++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			res, err := e.Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil)
-			if err != nil {
-				t.Error(err)
-				return
-			}
-			if d := maxAbsDiff(res.Image, ref.Image); d > 1.0/255 {
-				t.Errorf("item %d: max difference %g from one session", k, d)
-			}
-		}()
+	for k, img := range generateAtOnce(t, e, upscaleItem(in, 32, 8, intp(3)), 2) {
+		if d := maxAbsDiff(img, ref.Image); d > 1.0/255 {
+			t.Errorf("item %d: max difference %g from one session", k, d)
+		}
 	}
-	wg.Wait()
 	r := e.runners["conv-sr"]
 	if len(r.devs) != 3 {
 		t.Fatalf("%d sessions, want one per device (3)", len(r.devs))
