@@ -567,6 +567,38 @@ func (q *Queue) List(ctx context.Context, states ...rivertype.JobState) ([]JobIn
 	}
 }
 
+// UnfinishedOutputs returns the outputs of the items of the named job that
+// will still run (states JobInfo.Final does not call final), counted in the
+// database: a firing asks this of a queue that may hold many thousands of
+// other items.
+func (q *Queue) UnfinishedOutputs(ctx context.Context, job string) ([]string, error) {
+	states := make([]string, len(unfinished))
+	for i, st := range unfinished {
+		states[i] = "'" + string(st) + "'" // constants of River's, not input
+	}
+	field := func(name string) string {
+		if q.pg {
+			return "args->>'" + name + "'"
+		}
+		return "json_extract(args, '$." + name + "')"
+	}
+	rows, err := q.db.QueryContext(ctx, "SELECT "+field("output")+" FROM river_job WHERE kind = "+q.arg(1)+
+		" AND state IN ("+strings.Join(states, ", ")+") AND "+field("job")+" = "+q.arg(2), ItemKind, job)
+	if err != nil {
+		return nil, fmt.Errorf("queue: list unfinished items of %s: %w", job, err)
+	}
+	defer rows.Close()
+	var out []string
+	for rows.Next() {
+		var o sql.NullString
+		if err := rows.Scan(&o); err != nil {
+			return nil, fmt.Errorf("queue: list unfinished items of %s: %w", job, err)
+		}
+		out = append(out, o.String)
+	}
+	return out, rows.Err()
+}
+
 var allStates = []rivertype.JobState{
 	rivertype.JobStateAvailable, rivertype.JobStateCancelled, rivertype.JobStateCompleted,
 	rivertype.JobStateDiscarded, rivertype.JobStatePending, rivertype.JobStateRetryable,

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -92,6 +93,7 @@ func TestQueue(t *testing.T) {
 			t.Run("FailuresRetryCancel", func(t *testing.T) { testFailures(t, b) })
 			t.Run("ReapDeadWorker", func(t *testing.T) { testReap(t, b) })
 			t.Run("ConcurrentOpen", func(t *testing.T) { testConcurrentOpen(t, b) })
+			t.Run("UnfinishedOutputs", func(t *testing.T) { testUnfinishedOutputs(t, b) })
 		})
 	}
 }
@@ -351,5 +353,47 @@ func TestEstimateTileSteps(t *testing.T) {
 	big := EstimateTileSteps(pipeline.Item{Width: 4096, Height: 4096})
 	if small <= 0 || big <= small*100 {
 		t.Fatalf("estimates: small %d, big %d", small, big)
+	}
+}
+
+// UnfinishedOutputs (counted in the database) names the outputs List would
+// give for the job's unfinished items: not another job's, not a cancelled one.
+func testUnfinishedOutputs(t *testing.T, b backend) {
+	s := setup(t, b, 4)
+	q := open(t, s.url, nil)
+	ctx := context.Background()
+	res, err := q.Enqueue(ctx, s.job)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := &Job{Name: "other", Items: []pipeline.Item{s.job.Items[0]}}
+	other.Items[0].Output = filepath.Join(s.out, "other.png")
+	if _, err := q.Enqueue(ctx, other); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := q.Cancel(ctx, res[1].ID); err != nil {
+		t.Fatal(err)
+	}
+	got, err := q.UnfinishedOutputs(ctx, "t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	open, err := q.List(ctx, unfinished...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var want []string
+	for _, j := range open {
+		if j.Job == "t" {
+			want = append(want, j.Output)
+		}
+	}
+	slices.Sort(got)
+	slices.Sort(want)
+	if len(got) != 3 || !slices.Equal(got, want) {
+		t.Errorf("unfinished outputs %q, want %q (3: one of 4 cancelled)", got, want)
+	}
+	if none, err := q.UnfinishedOutputs(ctx, "nothing"); err != nil || len(none) != 0 {
+		t.Errorf("a job with no items: %q, %v", none, err)
 	}
 }

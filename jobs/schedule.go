@@ -60,7 +60,7 @@ func (e everySchedule) Next(t time.Time) time.Time { return t.Truncate(e.d).Add(
 // ScheduleQueue is what a Scheduler uses of the queue; *Queue has it.
 type ScheduleQueue interface {
 	Enqueue(ctx context.Context, job *Job) ([]Enqueued, error)
-	List(ctx context.Context, states ...rivertype.JobState) ([]JobInfo, error)
+	UnfinishedOutputs(ctx context.Context, job string) ([]string, error)
 }
 
 var _ ScheduleQueue = (*Queue)(nil)
@@ -213,7 +213,7 @@ func (s *Scheduler) fire(ctx context.Context, e *scheduleEntry, at time.Time) {
 		return
 	}
 	ctx = context.WithoutCancel(ctx) // a firing that began is finished
-	open, err := s.opts.Queue.List(ctx, unfinished...)
+	open, err := s.opts.Queue.UnfinishedOutputs(ctx, job.Name)
 	if err != nil {
 		e.stats.Failed.Add(1)
 		log.Error("schedule: list unfinished items", "err", err)
@@ -224,8 +224,8 @@ func (s *Scheduler) fire(ctx context.Context, e *scheduleEntry, at time.Time) {
 		mine[it.Output] = true
 	}
 	busy := 0
-	for _, j := range open {
-		if j.Job == job.Name && !mine[j.Output] {
+	for _, out := range open {
+		if !mine[out] {
 			busy++
 		}
 	}
