@@ -8,6 +8,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"slices"
 	"strings"
 	"time"
@@ -192,6 +193,9 @@ func (a *app) bench(ctx context.Context, image string, memory bool, repeat int, 
 // measure runs one item and reads the engine's Run time and the process's
 // peak RSS around it.
 func measure(ctx context.Context, eng *pipeline.Engine, name string, it pipeline.Item) (*benchItem, *pipeline.Result, error) {
+	// Give back what the previous item left (a 1024² item before a 512²
+	// one, in rounds), so that the peak is this item's own.
+	debug.FreeOSMemory()
 	pipeline.ResetPeakResident()
 	before := eng.Stats()
 	start := time.Now()
@@ -327,6 +331,9 @@ func printBench(w io.Writer, r *benchReport) {
 		}
 		fmt.Fprintf(w, "%s: %d lane(s) of %d thread(s)%s\n", m.Model, m.Lanes, m.Threads, devices)
 	}
+	if r.Repeat > 1 {
+		fmt.Fprintf(w, "512² and 1024²: medians of %d rounds\n", r.Repeat)
+	}
 	fmt.Fprintf(w, "%-16s %9s %9s %9s %8s %10s %9s %9s %6s\n", "item", "wall s", "run s", "busy s", "overhead", "tile-steps", "tiles/s", "peak MiB", "seam")
 	rows := r.Items
 	if r.Memory != nil {
@@ -338,9 +345,6 @@ func printBench(w io.Writer, r *benchReport) {
 			seam = fmt.Sprintf("%.3f", it.SeamScore)
 		}
 		fmt.Fprintf(w, "%-16s %9.2f %9.2f %9.2f %8.3f %10d %9.1f %9.0f %6s\n", it.Name, it.WallSeconds, it.RunSeconds, it.BusySeconds, it.Overhead, it.TileSteps, it.TilesPerSec, it.PeakRSSMiB, seam)
-	}
-	if r.Repeat > 1 {
-		fmt.Fprintf(w, "(medians of %d rounds)\n", r.Repeat)
 	}
 	if r.ScalingRatio > 0 {
 		fmt.Fprintf(w, "scaling t(1024²)/t(512²) = %.2f, tile-step ratio %.2f (%.1f%% apart), busy ratio %.2f (%.1f%% apart)\n",

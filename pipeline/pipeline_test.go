@@ -15,6 +15,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"tessera/config"
 	"tessera/models"
@@ -535,5 +536,34 @@ func TestDevicesShareTheTiles(t *testing.T) {
 	}
 	if ms := e.ModelStats(); len(ms) != 1 || ms[0].Devices != 3 || ms[0].Lanes != 3 {
 		t.Errorf("model stats %+v, want 3 devices of one lane", ms)
+	}
+}
+
+// A batch that runs out of memory is split and run again on the batcher's
+// goroutine; no other Run may start beside it on a one-lane session.
+func TestOutOfMemorySplitStaysInItsLane(t *testing.T) {
+	in := writeGradient(t, 20, 20)
+	e := newEngine(t, Options{Batch: 1, Lanes: 1})
+	r, err := e.runner("conv-sr")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.inject = func(h, w, rows int) error {
+		if rows > 2 {
+			time.Sleep(30 * time.Millisecond) // the next batch is ready by now
+			return fmt.Errorf("Failed to allocate memory for requested buffer of size %d", rows*h*w*12)
+		}
+		return nil
+	}
+	it := upscaleItem(in, 32, 8, intp(3))
+	it.SR.Batch = 3
+	if _, err := e.Generate(context.Background(), it, nil); err != nil {
+		t.Fatal(err)
+	}
+	if p := r.devs[0].peak.Load(); p != 1 {
+		t.Errorf("%d Runs at once on a one-lane session", p)
+	}
+	if c := r.oomCap.Load(); c != 1 {
+		t.Errorf("batch cap after the split %d, want 1 (the first half of 3 rows)", c)
 	}
 }

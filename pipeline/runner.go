@@ -188,8 +188,11 @@ func (r *runner) loop(ctx context.Context, d *device) error {
 	land := func(f *flight) {
 		inFlight--
 		f.b.busy = false
-		if ready != nil && ctx.Err() == nil {
-			launch() // the lane works while the landed batch is copied out
+		// The lane works while the landed batch is copied out, unless that
+		// batch ran out of memory and is about to be split and run again
+		// here: a Run beside it would exceed the lanes.
+		if ready != nil && ctx.Err() == nil && !(isOutOfMemory(f.err) && len(f.batch) > 1) {
+			launch()
 		}
 		r.deliver(ctx, d, f.batch, f.b, f.err)
 	}
@@ -218,7 +221,9 @@ func (r *runner) loop(ctx context.Context, d *device) error {
 				continue
 			}
 			k := r.key(pending[0])
-			if r.auto && !d.probed[[2]int{k.h, k.w}] {
+			// One device probes each shape for all: a probe measures the
+			// process's memory, which the other devices' Runs would move.
+			if r.auto && d == r.devs[0] && !d.probed[[2]int{k.h, k.w}] {
 				for inFlight > 0 { // the probe measures its own Run alone
 					land(<-landed)
 				}
@@ -349,11 +354,8 @@ func (r *runner) splitServe(ctx context.Context, d *device, batch []*request, er
 	for _, q := range batch[:half] {
 		rows += q.rows()
 	}
-	if c := r.oomCap.Load(); c == 0 || c > int64(rows) {
-		r.oomCap.Store(int64(max(rows, 1)))
-	}
-	if r.maxBatch.Load() > int64(rows) {
-		r.maxBatch.Store(int64(max(rows, 1)))
+	lowerTo(&r.oomCap, int64(max(rows, 1)), true)
+	if lowerTo(&r.maxBatch, int64(max(rows, 1)), false) {
 		r.logger.Warn("model ran out of memory; batch halved", "model", r.ref, "batch", rows, "err", err)
 	}
 	r.serve(ctx, d, batch[:half])
@@ -373,12 +375,18 @@ func (r *runner) probe(ctx context.Context, d *device, q *request) {
 	}
 	n := autoBatch(r.budget, residentBytes(), growth/int64(q.rows()), rowBytes, limit)
 	d.probed[[2]int{q.h, q.w}] = true
+	if c := int(r.oomCap.Load()); c > 0 {
+		n = min(n, c) // a Run of more rows has run out of memory already
+	}
 	r.maxBatch.Store(int64(n))
 	r.logger.Info("batch chosen from the memory budget", "model", r.ref, "tile", fmt.Sprintf("%dx%d", q.w, q.h), "batch", n,
 		"budget_mib", r.budget>>20, "probe_growth_mib", growth>>20)
 }
 
 func isOutOfMemory(err error) bool {
+	if err == nil {
+		return false
+	}
 	s := strings.ToLower(err.Error())
 	return strings.Contains(s, "out of memory") || strings.Contains(s, "failed to allocate") || strings.Contains(s, "bad_alloc")
 }
@@ -460,7 +468,16 @@ func (r *runner) prepare(d *device, batch []*request) (b *boundBatch, err error)
 // counters, so it may run on its own goroutine. A panic fails the batch
 // only, with the stack in the log.
 func (r *runner) execute(ctx context.Context, b *boundBatch) (err error) {
+	// The device's Runs at once are counted from here, the injected
+	// failures of tests included, since those stand in for the device.
+	d := b.dev
+	for now := d.running.Add(1); ; {
+		if p := d.peak.Load(); now <= p || d.peak.CompareAndSwap(p, now) {
+			break
+		}
+	}
 	defer func() {
+		d.running.Add(-1)
 		if p := recover(); p != nil {
 			err = r.panicked("in a Run", p)
 		}
@@ -470,19 +487,14 @@ func (r *runner) execute(ctx context.Context, b *boundBatch) (err error) {
 			return err
 		}
 	}
-	d := b.dev
-	if now := d.running.Add(1); now > d.peak.Load() {
-		d.peak.Store(now) // only this device's lanes race here, and they are at most lanes
-	}
 	start := time.Now()
 	err = b.bind.Run(ctx)
 	r.runNanos.Add(int64(time.Since(start)))
-	d.running.Add(-1)
-	d.runs.Add(1)
 	if err != nil {
 		return err
 	}
 	r.runs.Add(1)
+	d.runs.Add(1)
 	r.rowsRun.Add(int64(b.rows))
 	return nil
 }
@@ -507,6 +519,20 @@ func (r *runner) schedule(sampler string) (*stages.Schedule, error) {
 	}
 	s := *sc.s // AlphasCumprod is shared: samplers only read it
 	return &s, nil
+}
+
+// lowerTo lowers a to v where a is above v (or, with unset, 0: none yet),
+// atomically against the other devices' loops, and says whether it did.
+func lowerTo(a *atomic.Int64, v int64, unset bool) bool {
+	for {
+		c := a.Load()
+		if c <= v && !(unset && c == 0) {
+			return false
+		}
+		if a.CompareAndSwap(c, v) {
+			return true
+		}
+	}
 }
 
 // totalLanes is how many Runs of the model may execute at once, on all
