@@ -114,14 +114,14 @@ func (e *Env) tryProvider(m *Model, rt config.Runtime, p string, threads int, no
 	// its operators, and stop when its Run returns: left spinning, they held
 	// both cores while the pipeline set up the next stage (a 512² stage's
 	// noise took 34 to 41 ms instead of 18 to 19).
-	spin, stop := "1", "1"
+	spin := "1"
 	if noSpin {
-		spin, stop = "0", "0"
+		spin = "0"
 	}
 	if err := opts.AddSessionConfigEntry("session.intra_op.allow_spinning", spin); err != nil {
 		return nil, err
 	}
-	if err := opts.AddSessionConfigEntry("session.force_spinning_stop", stop); err != nil {
+	if err := opts.AddSessionConfigEntry("session.force_spinning_stop", "1"); err != nil {
 		return nil, err
 	}
 	level := optimizationLevel(rt.Optimization)

@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"math"
 	"os"
-	"runtime"
 	"runtime/debug"
 	"sort"
 	"sync"
@@ -15,7 +14,6 @@ import (
 
 	"golang.org/x/sync/errgroup"
 
-	"tessera/config"
 	"tessera/models"
 	"tessera/onnx"
 	"tessera/stages"
@@ -81,9 +79,6 @@ func (e *Engine) Close() error {
 	err := e.group.Wait()
 	for _, r := range e.runners {
 		r.close()
-		if r.solo != nil {
-			r.solo.close()
-		}
 	}
 	return err
 }
@@ -142,11 +137,7 @@ func (e *Engine) ModelStats() []ModelStats {
 	defer e.mu.Unlock()
 	out := make([]ModelStats, 0, len(e.runners))
 	for _, r := range e.runners {
-		m := ModelStats{Model: r.ref, Provider: r.session().Provider(), Lanes: r.totalLanes(), Devices: len(r.devs), Threads: r.session().Threads(), Stats: r.stats()}
-		if r.solo != nil { // a model's solo runner (see stageRunner) counts with it
-			m.add(r.solo.stats())
-		}
-		out = append(out, m)
+		out = append(out, ModelStats{Model: r.ref, Provider: r.session().Provider(), Lanes: r.totalLanes(), Devices: len(r.devs), Threads: r.session().Threads(), Stats: r.stats()})
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Model < out[j].Model })
 	return out
@@ -159,9 +150,6 @@ func (e *Engine) Stats() Stats {
 	var s Stats
 	for _, r := range e.runners {
 		s.add(r.stats())
-		if r.solo != nil {
-			s.add(r.solo.stats())
-		}
 	}
 	return s
 }
@@ -259,7 +247,7 @@ func (e *Engine) newRunner(ref string, m *onnx.Model, lanes int, schedules map[s
 			}
 			return nil, &SessionError{Model: ref, Err: err}
 		}
-		r.devs = append(r.devs, &device{id: id, sess: sess, bindings: map[bindKey]*boundBatch{}, probed: map[[2]int]bool{}})
+		r.devs = append(r.devs, &device{id: id, sess: sess, bindings: map[bindKey]*boundBatch{}})
 	}
 	if t := m.Input(onnx.RoleTimestep); t != nil {
 		r.scalarT = len(t.Shape) == 0 || t.Shape[0] == 1
@@ -276,7 +264,7 @@ func (e *Engine) newRunner(ref string, m *onnx.Model, lanes int, schedules map[s
 		// them one by one: auto is one tile a Run, without a probe.
 		r.maxBatch.Store(1)
 	default:
-		r.auto, r.budget = true, memoryBudget(e.opts.MemoryBudget)
+		r.auto, r.budget, r.probed = true, memoryBudget(e.opts.MemoryBudget), map[[2]int]bool{}
 		r.maxBatch.Store(1)
 	}
 	for _, d := range r.devs {
@@ -293,8 +281,7 @@ func (e *Engine) devices() []int {
 	if len(e.opts.Devices) > 0 {
 		return e.opts.Devices
 	}
-	rt := e.env.Config()
-	if len(rt.Providers) > 0 && rt.Providers[0] != config.ProviderCPU {
+	if rt := e.env.Config(); rt.GPU() {
 		return rt.Devices
 	}
 	return nil
@@ -317,7 +304,7 @@ func (e *Engine) devices() []int {
 // time: 6.2 s).
 func (e *Engine) lanes(m *onnx.Model) int {
 	rt := e.env.Config()
-	if len(rt.Providers) > 0 && rt.Providers[0] != "cpu" || len(e.devices()) > 1 {
+	if rt.GPU() || len(e.opts.Devices) > 1 {
 		return 1
 	}
 	if e.opts.Lanes > 0 {
@@ -574,6 +561,11 @@ func (e *Engine) Generate(ctx context.Context, it Item, progress func(Progress))
 				e.logger.Warn("tile too large for memory; stage restarted with half the tile", "item", it.Index, "stage", si, "tile", g.TileHeight, "tiles", len(g.Tiles), "err", big.err)
 				sp, plan.Stages[si] = smaller, smaller
 				done, total = stageStart, plan.TileSteps()
+				// Enough tiles now for every lane, perhaps, where the
+				// larger tile went to the solo runner.
+				if r, err = e.stageRunner(sp); err != nil {
+					break
+				}
 			}
 		}
 		if err != nil {
@@ -646,7 +638,7 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 		}
 	} else {
 		// Both are elementwise: each band of rows (in every channel) on its own core.
-		err := inBands(H, func(y0, y1 int) error {
+		err := stages.InBands(H, 64, func(y0, y1 int) error {
 			for ch := 0; ch < c; ch++ {
 				lo, hi := ch*H*W+y0*W, ch*H*W+y1*W
 				if err := sampler.AddNoise(x[lo:hi], lowres[lo:hi], x[lo:hi]); err != nil {
@@ -699,7 +691,7 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 		}
 		return nil, err
 	}
-	err = inBands(H, func(y0, y1 int) error {
+	err = stages.InBands(H, 64, func(y0, y1 int) error {
 		for ch := 0; ch < c; ch++ {
 			band := x[ch*H*W+y0*W : ch*H*W+y1*W]
 			for i, v := range band {
@@ -720,21 +712,6 @@ type tileTooLarge struct {
 
 func (e *tileTooLarge) Error() string { return e.err.Error() }
 func (e *tileTooLarge) Unwrap() error { return e.err }
-
-// inBands runs fn over row bands [y0, y1) of an h-row canvas, one band per
-// core, at the same time. fn must only touch its own rows.
-func inBands(h int, fn func(y0, y1 int) error) error {
-	bands := min(runtime.NumCPU(), 8, max(h/64, 1))
-	if bands == 1 {
-		return fn(0, h)
-	}
-	var g errgroup.Group
-	for b := 0; b < bands; b++ {
-		y0, y1 := b*h/bands, (b+1)*h/bands
-		g.Go(func() error { return fn(y0, y1) })
-	}
-	return g.Wait()
-}
 
 // stepInputs are what every tile of a stage shares.
 type stepInputs struct {
@@ -856,18 +833,21 @@ func wavefront(ctx context.Context, r *runner, grid *stages.TileGrid, smp stages
 	stepped := make([]int, L) // per step, tile rows stepped
 	rowsPerTile := max(len(in.classes), 1)
 	sent, landed := 0, 0
+	var next *request // the next tile's request, made once, until it is sent
 	for landed < total {
 		var send chan<- *request
-		var q *request
-		if sent < total && sent-landed < maxOut {
+		if next == nil && sent < total && sent-landed < maxOut {
 			s, ti := sent/len(tiles), sent%len(tiles)
 			if s == 0 || stepped[s-1] > need[ti/C] {
-				q = newRequest(s, ti)
-				send = r.reqs
+				next = newRequest(s, ti)
 			}
 		}
+		if next != nil {
+			send = r.reqs
+		}
 		select {
-		case send <- q:
+		case send <- next:
+			next = nil
 			sent++
 		case resp := <-replies:
 			landed++

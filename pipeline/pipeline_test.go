@@ -133,6 +133,16 @@ func TestOracleGuidance(t *testing.T) {
 	}
 }
 
+// convSR is e's runner of the conv-sr fixture.
+func convSR(t *testing.T, e *Engine) *runner {
+	t.Helper()
+	r, err := e.runner("conv-sr")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
 // generateAtOnce generates n copies of it at the same time on e and
 // returns their images (nil for one that failed, with the error reported).
 func generateAtOnce(t *testing.T, e *Engine, it Item, n int) [][]float32 {
@@ -232,10 +242,7 @@ func TestWavefrontMatchesUntiledForEverySampler(t *testing.T) {
 func TestWavefrontOverlapsSteps(t *testing.T) {
 	in := writeGradient(t, 24, 24)
 	e := newEngine(t, Options{Batch: 1, Lanes: 2})
-	r, err := e.runner("conv-sr")
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := convSR(t, e)
 	var mu sync.Mutex
 	var events []string
 	r.trace = func(q *request) {
@@ -244,7 +251,7 @@ func TestWavefrontOverlapsSteps(t *testing.T) {
 		mu.Unlock()
 	}
 	it := upscaleItem(in, 32, 8, intp(3))
-	_, err = e.Generate(context.Background(), it, func(p Progress) {
+	_, err := e.Generate(context.Background(), it, func(p Progress) {
 		mu.Lock()
 		events = append(events, fmt.Sprintf("done %d", p.Step-1))
 		mu.Unlock()
@@ -304,10 +311,7 @@ func TestPanicFailsOnlyThatItem(t *testing.T) {
 	failsThenWorks(e, func(Progress) { panic("boom") }, "panic", "engine unusable after a panic")
 	// A panic on the batcher's goroutine, which every item shares, fails
 	// the items in that batch and not the process or the batcher.
-	r, err := e.runner("conv-sr")
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := convSR(t, e)
 	var once sync.Once
 	r.trace = func(q *request) { once.Do(func() { panic("boom in the batcher") }) }
 	failsThenWorks(e, nil, "boom in the batcher", "batcher unusable after a panic")
@@ -405,10 +409,7 @@ func TestOutOfMemoryHalvesBatchThenTile(t *testing.T) {
 		t.Fatal(err)
 	}
 	e := newEngine(t, Options{Batch: 4})
-	r, err := e.runner("conv-sr")
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := convSR(t, e)
 	// Runs of more than two rows, and tiles above 32 pixels, "run out of memory".
 	var failures atomic.Int64 // Runs on several lanes call inject at once
 	r.inject = func(h, w, rows int) error {
@@ -457,10 +458,7 @@ func TestStageBatchBeatsEngineBatch(t *testing.T) {
 		t.Fatal(err)
 	}
 	e := newEngine(t, Options{Batch: 1, Lanes: 1})
-	r, err := e.runner("conv-sr")
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := convSR(t, e)
 	var mu sync.Mutex
 	most := 0
 	r.inject = func(h, w, rows int) error {
@@ -544,10 +542,7 @@ func TestDevicesShareTheTiles(t *testing.T) {
 func TestOutOfMemorySplitStaysInItsLane(t *testing.T) {
 	in := writeGradient(t, 20, 20)
 	e := newEngine(t, Options{Batch: 1, Lanes: 1})
-	r, err := e.runner("conv-sr")
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := convSR(t, e)
 	r.inject = func(h, w, rows int) error {
 		if rows > 2 {
 			time.Sleep(30 * time.Millisecond) // the next batch is ready by now

@@ -65,12 +65,14 @@ type runner struct {
 	// (0: none has); it caps a stage's own batch too.
 	oomCap atomic.Int64
 	// auto is set when the batch is chosen from the memory budget by a
-	// probe Run of each new tile shape (device.probed records the shapes done).
+	// probe Run of each new tile shape; probed records the shapes done.
+	// The first device's loop probes for all (and alone touches probed):
+	// a probe reads the process's memory, which other devices' Runs move.
 	auto     bool
 	budget   int64
+	probed   map[[2]int]bool
 	runNanos atomic.Int64 // total time inside ONNX Runtime
 	rowsRun  atomic.Int64
-	runs     atomic.Int64
 
 	// preds recycles prediction buffers: at a 4096² canvas a step's tiles
 	// would otherwise leave hundreds of megabytes of garbage behind.
@@ -96,22 +98,24 @@ type runner struct {
 }
 
 // device is one session of a runner's model with what its batcher
-// goroutine (loop) owns: the prepared bindings per shape and the tile
-// shapes it has probed.
+// goroutine (loop) owns: the prepared bindings per shape.
 type device struct {
 	id       int // the GPU of runtime.devices, or -1: the provider's own device_id
 	sess     *onnx.Session
 	bindings map[bindKey]*boundBatch
-	probed   map[[2]int]bool
 	// runs counts the device's Runs; running those executing now, and peak
 	// the most that ever did at once (its lanes at most).
 	runs, running, peak atomic.Int64
 }
 
-// close releases the runner's sessions; its loops must have returned.
+// close releases the runner's sessions and its solo runner's; their loops
+// must have returned.
 func (r *runner) close() {
 	for _, d := range r.devs {
 		d.sess.Close()
+	}
+	if r.solo != nil {
+		r.solo.close()
 	}
 }
 
@@ -211,6 +215,14 @@ func (r *runner) loop(ctx context.Context, d *device) error {
 			b.bind.Close()
 		}
 	}()
+	// There is room for requests up to four batches a lane, of the largest
+	// batch asked for; with several devices, one batch, so that a loop does
+	// not hold requests another device is free to run.
+	ahead := 4 * lanes
+	if len(r.devs) > 1 {
+		ahead = 1
+	}
+	room := func() bool { return len(pending) < ahead*max(int(r.maxBatch.Load()), stageBatch) }
 	for {
 		if ready != nil && inFlight < lanes {
 			launch()
@@ -221,9 +233,7 @@ func (r *runner) loop(ctx context.Context, d *device) error {
 				continue
 			}
 			k := r.key(pending[0])
-			// One device probes each shape for all: a probe measures the
-			// process's memory, which the other devices' Runs would move.
-			if r.auto && d == r.devs[0] && !d.probed[[2]int{k.h, k.w}] {
+			if r.auto && d == r.devs[0] && !r.probed[[2]int{k.h, k.w}] {
 				for inFlight > 0 { // the probe measures its own Run alone
 					land(<-landed)
 				}
@@ -243,14 +253,7 @@ func (r *runner) loop(ctx context.Context, d *device) error {
 			continue
 		}
 		// Wait for a Run to land, or for requests while there is room to
-		// gather them: four batches a lane, of the largest batch asked for.
-		room := func() bool {
-			ahead := 4 * lanes
-			if len(r.devs) > 1 {
-				ahead = 1
-			}
-			return len(pending) < ahead*max(int(r.maxBatch.Load()), stageBatch)
-		}
+		// gather them.
 		var reqs <-chan *request
 		if room() {
 			reqs = r.reqs
@@ -374,7 +377,7 @@ func (r *runner) probe(ctx context.Context, d *device, q *request) {
 		limit = maxAutoBatchGPU
 	}
 	n := autoBatch(r.budget, residentBytes(), growth/int64(q.rows()), rowBytes, limit)
-	d.probed[[2]int{q.h, q.w}] = true
+	r.probed[[2]int{q.h, q.w}] = true
 	if c := int(r.oomCap.Load()); c > 0 {
 		n = min(n, c) // a Run of more rows has run out of memory already
 	}
@@ -493,7 +496,6 @@ func (r *runner) execute(ctx context.Context, b *boundBatch) (err error) {
 	if err != nil {
 		return err
 	}
-	r.runs.Add(1)
 	d.runs.Add(1)
 	r.rowsRun.Add(int64(b.rows))
 	return nil
@@ -541,7 +543,14 @@ func (r *runner) totalLanes() int { return max(r.lanes, 1) * len(r.devs) }
 
 func (r *runner) stats() Stats {
 	run := time.Duration(r.runNanos.Load()).Seconds()
-	return Stats{RunSeconds: run, BusySeconds: run / float64(r.totalLanes()), Rows: r.rowsRun.Load(), Runs: r.runs.Load()}
+	s := Stats{RunSeconds: run, BusySeconds: run / float64(r.totalLanes()), Rows: r.rowsRun.Load()}
+	for _, d := range r.devs {
+		s.Runs += d.runs.Load()
+	}
+	if r.solo != nil { // the solo runner's Runs count with the model's (r.solo is set under Engine.mu, which callers hold)
+		s.add(r.solo.stats())
+	}
+	return s
 }
 
 // collect copies each request's rows out of a binding that has run.

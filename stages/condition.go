@@ -4,9 +4,9 @@ import (
 	"fmt"
 	"math"
 	"runtime"
-	"sync"
 
 	"github.com/disintegration/imaging"
+	"golang.org/x/sync/errgroup"
 )
 
 // Filter names the resampling filter used to bring a previous stage's image
@@ -55,7 +55,7 @@ func Resample(dst, src []float32, c, h, w, dh, dw int, f Filter) error {
 	// two cores. Each output value sums the same terms in the same order
 	// however the rows are split.
 	tmp := make([]float64, c*h*dw)
-	inRowBands(c*h, func(r0, r1 int) {
+	_ = InBands(c*h, 16, func(r0, r1 int) error {
 		for r := r0; r < r1; r++ {
 			row := src[r*w : (r+1)*w]
 			t := tmp[r*dw : (r+1)*dw]
@@ -67,8 +67,9 @@ func Resample(dst, src []float32, c, h, w, dh, dw int, f Filter) error {
 				t[x] = s
 			}
 		}
+		return nil
 	})
-	inRowBands(c*dh, func(r0, r1 int) {
+	_ = InBands(c*dh, 16, func(r0, r1 int) error {
 		acc := make([]float64, dw)
 		for r := r0; r < r1; r++ {
 			ch, y := r/dh, r%dh
@@ -92,20 +93,25 @@ func Resample(dst, src []float32, c, h, w, dh, dw int, f Filter) error {
 				o[x] = float32(s)
 			}
 		}
+		return nil
 	})
 	return nil
 }
 
-// inRowBands runs fn over [0, n) split into one band of rows per core, at
-// the same time.
-func inRowBands(n int, fn func(r0, r1 int)) {
-	bands := min(runtime.NumCPU(), max(n/16, 1))
-	var wg sync.WaitGroup
+// InBands runs fn over rows [0, n) split into bands of at least minRows,
+// one band per core (at most 8), at the same time, and returns the first
+// error. fn must only touch its own rows.
+func InBands(n, minRows int, fn func(r0, r1 int) error) error {
+	bands := min(runtime.NumCPU(), 8, max(n/max(minRows, 1), 1))
+	if bands == 1 {
+		return fn(0, n)
+	}
+	var g errgroup.Group
 	for b := 0; b < bands; b++ {
 		r0, r1 := b*n/bands, (b+1)*n/bands
-		wg.Go(func() { fn(r0, r1) })
+		g.Go(func() error { return fn(r0, r1) })
 	}
-	wg.Wait()
+	return g.Wait()
 }
 
 type indexWeight struct {
