@@ -61,17 +61,13 @@ func (a *app) prepareOutput() (jobs.WriteOptions, error) {
 }
 
 // newEngine opens ONNX Runtime and an engine on the configured models, with
-// run's --batch where it was given; closeAll releases both.
+// run's --batch (0, auto, elsewhere); closeAll releases both.
 func (a *app) newEngine() (eng *pipeline.Engine, closeAll func(), err error) {
 	env, err := onnx.Open(a.cfg.Runtime, a.logger)
 	if err != nil {
 		return nil, nil, err
 	}
-	batch := 0
-	if a.batchFlag != nil && a.batchFlag.Changed {
-		batch, _ = strconv.Atoi(a.batchFlag.Value.String())
-	}
-	eng = pipeline.New(env, a.resolver(), pipeline.Options{Workers: a.cfg.Workers, Batch: batch, MemoryBudget: a.cfg.Memory.Budget}, a.logger)
+	eng = pipeline.New(env, a.resolver(), pipeline.Options{Workers: a.cfg.Workers, Batch: a.batch, MemoryBudget: a.cfg.Memory.Budget}, a.logger)
 	return eng, func() { eng.Close(); env.Close() }, nil
 }
 

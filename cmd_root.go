@@ -7,7 +7,6 @@ import (
 	"runtime/pprof"
 
 	"github.com/spf13/cobra"
-	"github.com/spf13/pflag"
 
 	"tessera/config"
 )
@@ -18,7 +17,7 @@ type app struct {
 	cfg        config.Config
 	logger     *slog.Logger
 	flags      []config.Flag // subcommand flags bound to config keys
-	batchFlag  *pflag.Flag
+	batch      int           // run's --batch: most tiles per Run, 0 = auto
 }
 
 func newRootCmd() *cobra.Command {

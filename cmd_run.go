@@ -48,7 +48,7 @@ an item failed or a job file was rejected.`,
 	f := cmd.Flags()
 	f.String("out", "", "output root directory (config output.root)")
 	f.Int("workers", 0, "items worked at once (config workers)")
-	f.Int("batch", 0, "most tiles per model Run, 0 = auto (per-stage batch in the job file wins)")
+	f.IntVar(&a.batch, "batch", 0, "most tiles per model Run, 0 = auto (per-stage batch in the job file wins)")
 	f.BoolVarP(&quiet, "quiet", "q", false, "print only the summary")
 	bindWorkFlags(a, f, "Ctrl-C or SIGTERM")
 	bindQueueFlag(a, f)
@@ -56,7 +56,6 @@ an item failed or a job file was rejected.`,
 		config.Flag{Key: "output.root", Flag: f.Lookup("out")},
 		config.Flag{Key: "workers", Flag: f.Lookup("workers")},
 	)
-	a.batchFlag = f.Lookup("batch")
 	return cmd
 }
 

@@ -249,8 +249,7 @@ func Load(file string, flags ...Flag) (Config, error) {
 	var cfg Config
 	hook := mapstructure.ComposeDecodeHookFunc(
 		mapstructure.StringToTimeDurationHookFunc(),
-		intListHook,
-		mapstructure.StringToSliceHookFunc(","),
+		mapstructure.StringToWeakSliceHookFunc(","), // "0,1" from the env is a list; weak typing reads its ints
 		byteSizeHook,
 	)
 	if err := v.UnmarshalExact(&cfg, viper.DecodeHook(hook)); err != nil {
@@ -291,27 +290,6 @@ func setDefaults(v *viper.Viper, prefix string, val reflect.Value) {
 		}
 		v.SetDefault(key, fv.Interface())
 	}
-}
-
-// intListHook reads a list of integers given as one string, as an
-// environment variable gives it ("0,1").
-func intListHook(from, to reflect.Type, data any) (any, error) {
-	if from.Kind() != reflect.String || to != reflect.TypeOf([]int(nil)) {
-		return data, nil
-	}
-	str := strings.TrimSpace(data.(string))
-	if str == "" {
-		return []int{}, nil
-	}
-	var out []int
-	for _, part := range strings.Split(str, ",") {
-		n, err := strconv.Atoi(strings.TrimSpace(part))
-		if err != nil {
-			return nil, fmt.Errorf("%q is not a list of integers", str)
-		}
-		out = append(out, n)
-	}
-	return out, nil
 }
 
 // byteSizeHook lets int64 byte counts be written as "8GiB", "512MB" or "0".
@@ -401,7 +379,7 @@ func (c *Config) Validate() error {
 		p = append(p, key+": "+fmt.Sprintf(format, args...))
 	}
 	if _, err := stages.PNGCompression(c.Output.Compression); err != nil {
-		add("output.compression", "%q: want fast, default, best or none", c.Output.Compression)
+		add("output.compression", "%v", err)
 	}
 	if c.Output.Root == "" {
 		add("output.root", "must not be empty")
@@ -450,7 +428,7 @@ func (c *Config) Validate() error {
 	if r.Lanes < 0 {
 		add("runtime.lanes", "must be 0 (auto) or positive, got %d", r.Lanes)
 	}
-	if len(r.Devices) > 0 && (len(r.Providers) == 0 || r.Providers[0] == ProviderCPU) {
+	if len(r.Devices) > 0 && !r.GPU() {
 		add("runtime.devices", "lists GPUs, so the first provider must be cuda or tensorrt (runtime.providers is %v)", r.Providers)
 	}
 	seenDev := map[int]bool{}
@@ -542,6 +520,11 @@ func (c *Config) Validate() error {
 		return &ValidationError{Problems: p}
 	}
 	return nil
+}
+
+// GPU says whether a GPU provider (cuda or tensorrt) leads the providers.
+func (r Runtime) GPU() bool {
+	return len(r.Providers) > 0 && r.Providers[0] != ProviderCPU
 }
 
 // IntraOpThreads is the intra-op thread budget: Threads, or all cores when 0.

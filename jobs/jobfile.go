@@ -100,25 +100,17 @@ func readJobFile(path string, cfg config.Config) ([]byte, error) {
 // validates everything and expands counts, seed lists and image globs.
 // A file without a name is named after its stem.
 func Parse(name string, data []byte, cfg config.Config, now time.Time) (*Job, error) {
-	return ParseAs(name, "", data, cfg, now)
-}
-
-// ParseAs is Parse with the name a file without `name:` takes; "" means
-// the file's stem.
-func ParseAs(name, defaultJob string, data []byte, cfg config.Config, now time.Time) (*Job, error) {
-	root, err := decodeStrict(name, data)
+	root, f, err := decodeStrict(name, data)
 	if err != nil {
 		return nil, fmt.Errorf("job file %s: %w", name, err)
 	}
-	return parseTree(name, defaultJob, root, cfg, now)
+	return parseTree(name, "", root, f, cfg, now)
 }
 
-// parseTree is ParseAs on the tree decodeStrict made of the file's bytes.
-func parseTree(name, defaultJob string, root map[string]any, cfg config.Config, now time.Time) (*Job, error) {
-	var f File
-	if err := remarshal(root, &f); err != nil {
-		return nil, fmt.Errorf("job file %s: %w", name, err)
-	}
+// parseTree is Parse on what decodeStrict made of the file's bytes: the
+// generic tree and the typed File. defaultJob is the name a file without
+// `name:` takes; "" means the file's stem.
+func parseTree(name, defaultJob string, root map[string]any, f File, cfg config.Config, now time.Time) (*Job, error) {
 	v := &ValidationError{File: name}
 	bad := func(path, format string, args ...any) {
 		v.Problems = append(v.Problems, path+": "+fmt.Sprintf(format, args...))
@@ -439,9 +431,10 @@ func resolveDir(dir string) realDir {
 	return realDir{real: real}
 }
 
-// decodeStrict decodes into a generic tree, rejecting unknown keys by
-// decoding once more into the typed File. The top level is a mapping.
-func decodeStrict(name string, data []byte) (map[string]any, error) {
+// decodeStrict decodes into the typed File, rejecting unknown keys with
+// the line they are on, and into a generic tree, whose top level must be a
+// mapping.
+func decodeStrict(name string, data []byte) (map[string]any, File, error) {
 	var generic any
 	var f File
 	switch strings.ToLower(filepath.Ext(name)) {
@@ -449,19 +442,19 @@ func decodeStrict(name string, data []byte) (map[string]any, error) {
 		dec := yaml.NewDecoder(bytes.NewReader(data))
 		dec.KnownFields(true)
 		if err := dec.Decode(&f); err != nil {
-			return nil, errors.New(strings.TrimPrefix(err.Error(), "yaml: "))
+			return nil, f, errors.New(strings.TrimPrefix(err.Error(), "yaml: "))
 		}
 		if err := yaml.Unmarshal(data, &generic); err != nil {
-			return nil, err
+			return nil, f, err
 		}
 	case ".json":
 		dec := json.NewDecoder(bytes.NewReader(data))
 		dec.DisallowUnknownFields()
 		if err := dec.Decode(&f); err != nil {
-			return nil, jsonError(data, err)
+			return nil, f, jsonError(data, err)
 		}
 		if err := json.Unmarshal(data, &generic); err != nil {
-			return nil, err
+			return nil, f, err
 		}
 	case ".toml":
 		dec := toml.NewDecoder(bytes.NewReader(data))
@@ -469,22 +462,22 @@ func decodeStrict(name string, data []byte) (map[string]any, error) {
 		if err := dec.Decode(&f); err != nil {
 			var sm *toml.StrictMissingError
 			if errors.As(err, &sm) {
-				return nil, errors.New(strings.TrimSpace(sm.String()))
+				return nil, f, errors.New(strings.TrimSpace(sm.String()))
 			}
-			return nil, err
+			return nil, f, err
 		}
 		if err := toml.Unmarshal(data, &generic); err != nil {
-			return nil, err
+			return nil, f, err
 		}
 	default:
-		return nil, fmt.Errorf("unknown format %q (want .yaml, .yml, .json or .toml)", filepath.Ext(name))
+		return nil, f, fmt.Errorf("unknown format %q (want .yaml, .yml, .json or .toml)", filepath.Ext(name))
 	}
 	root, ok := generic.(map[string]any)
 	if !ok {
-		return nil, errors.New("the top level must be a mapping")
+		return nil, f, errors.New("the top level must be a mapping")
 	}
 	normalize(root)
-	return root, nil
+	return root, f, nil
 }
 
 // jsonError adds the line of a JSON syntax error.

@@ -576,14 +576,9 @@ func (q *Queue) UnfinishedOutputs(ctx context.Context, job string) ([]string, er
 	for i, st := range unfinished {
 		states[i] = "'" + string(st) + "'" // constants of River's, not input
 	}
-	field := func(name string) string {
-		if q.pg {
-			return "args->>'" + name + "'"
-		}
-		return "json_extract(args, '$." + name + "')"
-	}
-	rows, err := q.db.QueryContext(ctx, "SELECT "+field("output")+" FROM river_job WHERE kind = "+q.arg(1)+
-		" AND state IN ("+strings.Join(states, ", ")+") AND "+field("job")+" = "+q.arg(2), ItemKind, job)
+	// ->> reads a JSON field in PostgreSQL and in SQLite (3.38 and later) alike.
+	rows, err := q.db.QueryContext(ctx, "SELECT args ->> 'output' FROM river_job WHERE kind = "+q.arg(1)+
+		" AND state IN ("+strings.Join(states, ", ")+") AND args ->> 'job' = "+q.arg(2), ItemKind, job)
 	if err != nil {
 		return nil, fmt.Errorf("queue: list unfinished items of %s: %w", job, err)
 	}
@@ -598,6 +593,18 @@ func (q *Queue) UnfinishedOutputs(ctx context.Context, job string) ([]string, er
 	}
 	return out, rows.Err()
 }
+
+// unfinished are the states of items that will still run: those that
+// JobInfo.Final does not call final.
+var unfinished = func() []rivertype.JobState {
+	var out []rivertype.JobState
+	for _, st := range allStates {
+		if !(JobInfo{State: string(st)}).Final() {
+			out = append(out, st)
+		}
+	}
+	return out
+}()
 
 var allStates = []rivertype.JobState{
 	rivertype.JobStateAvailable, rivertype.JobStateCancelled, rivertype.JobStateCompleted,

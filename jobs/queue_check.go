@@ -29,11 +29,11 @@ func LoadCheckedAt(path, defaultJob string, cfg config.Config, now time.Time, ex
 	if err := checkEncoding(path, data); err != nil {
 		return nil, err
 	}
-	root, err := decodeStrict(path, data)
+	root, f, err := decodeStrict(path, data)
 	if err != nil {
 		return nil, fmt.Errorf("job file %s: %w", path, err)
 	}
-	job, err := parseTree(path, defaultJob, root, cfg, now)
+	job, err := parseTree(path, defaultJob, root, f, cfg, now)
 	if err != nil {
 		return nil, err
 	}
@@ -51,7 +51,7 @@ func CheckBytes(path string, data []byte, cfg config.Config, exists func(ref str
 	if err := checkEncoding(path, data); err != nil {
 		return err
 	}
-	root, err := decodeStrict(path, data)
+	root, _, err := decodeStrict(path, data)
 	if err != nil {
 		return &ValidationError{File: path, Problems: []string{err.Error()}}
 	}

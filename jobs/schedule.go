@@ -10,7 +10,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/riverqueue/river/rivertype"
 	"github.com/robfig/cron/v3"
 
 	"tessera/config"
@@ -183,18 +182,6 @@ func (s *Scheduler) Run(ctx context.Context) {
 	<-ctx.Done()
 	wg.Wait()
 }
-
-// unfinished are the states of items that will still run: those that
-// JobInfo.Final does not call final.
-var unfinished = func() []rivertype.JobState {
-	var out []rivertype.JobState
-	for _, st := range allStates {
-		if !(JobInfo{State: string(st)}).Final() {
-			out = append(out, st)
-		}
-	}
-	return out
-}()
 
 // fire enqueues the items of one firing at T, unless an earlier firing of
 // the same job has unfinished items.
