@@ -43,7 +43,8 @@ type upscaleReport struct {
 	PSNRTessera        float64 `json:"psnr_tessera_db"`
 	PSNRLanczos        float64 `json:"psnr_lanczos_db"`
 	PSNRBicubic        float64 `json:"psnr_bicubic_db"`
-	PSNRTiledVsUntiled float64 `json:"psnr_tiled_vs_untiled_db"`
+	PSNRTiledVsUntiled dB      `json:"psnr_tiled_vs_untiled_db"` // null when identical
+	TiledIdentical     bool    `json:"tiled_identical"`
 	SeamScore          float64 `json:"seam_score"`
 	Seconds            float64 `json:"seconds"`
 }
@@ -112,7 +113,7 @@ SR step per stage to report peak RSS at that size.`,
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	cmd.Flags().BoolVar(&memory, "memory", false, "add a 4096² item to measure peak memory")
 	cmd.Flags().IntVar(&repeat, "repeat", 1, "measure the 512² and 1024² items this many times and report medians")
-	cmd.Flags().StringVar(&image, "image", filepath.Join("testdata", "images", "chelsea-256.png"), "photograph for the upscaling measurement (\"\" skips it)")
+	cmd.Flags().StringVar(&image, "image", benchPhoto, "photograph for the upscaling measurement (default: the embedded "+models.BenchPhotoName+"; \"\" skips it)")
 	return cmd
 }
 
@@ -199,7 +200,7 @@ func measure(ctx context.Context, eng *pipeline.Engine, name string, it pipeline
 	pipeline.ResetPeakResident()
 	before := eng.Stats()
 	start := time.Now()
-	res, err := eng.Generate(ctx, it, nil)
+	res, err := generate(ctx, eng, it)
 	if err != nil {
 		return nil, nil, fmt.Errorf("%s: %w", name, err)
 	}
@@ -251,7 +252,45 @@ func median(v []float64) float64 {
 	return (s[n/2-1] + s[n/2]) / 2
 }
 
+// benchPhoto is --image's default: the embedded photograph.
+const benchPhoto = "embedded"
+
+// generate makes an item as the queue's worker would: its input read, its
+// plan made, then Generate with the plan.
+func generate(ctx context.Context, eng *pipeline.Engine, it pipeline.Item) (*pipeline.Result, error) {
+	if err := it.SetInput(); err != nil {
+		return nil, err
+	}
+	plan, err := eng.Plan(it)
+	if err != nil {
+		return nil, err
+	}
+	return eng.Generate(ctx, it, plan, nil)
+}
+
+// dB is a PSNR in decibels. JSON has no infinity, so +Inf (identical
+// images) is written as null; tiled_identical says so in words.
+type dB float64
+
+func (d dB) MarshalJSON() ([]byte, error) {
+	if math.IsInf(float64(d), 0) || math.IsNaN(float64(d)) {
+		return []byte("null"), nil
+	}
+	return json.Marshal(float64(d))
+}
+
 func benchUpscale(ctx context.Context, eng *pipeline.Engine, path string, log io.Writer) (*upscaleReport, error) {
+	tmp, err := os.MkdirTemp("", "tessera-bench")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(tmp)
+	if path == benchPhoto {
+		path = filepath.Join(tmp, models.BenchPhotoName)
+		if err := os.WriteFile(path, models.BenchPhoto, 0o644); err != nil {
+			return nil, err
+		}
+	}
 	orig, fw, fh, err := pipeline.LoadImage(path)
 	if err != nil {
 		return nil, err
@@ -263,11 +302,6 @@ func benchUpscale(ctx context.Context, eng *pipeline.Engine, path string, log io
 	if err := stages.Resample(small, ref, 3, h, w, lh, lw, stages.FilterLanczos); err != nil {
 		return nil, err
 	}
-	tmp, err := os.MkdirTemp("", "tessera-bench")
-	if err != nil {
-		return nil, err
-	}
-	defer os.RemoveAll(tmp)
 	lowPath := filepath.Join(tmp, "low.png")
 	if err := pipeline.SaveImage(lowPath, small, lw, lh); err != nil {
 		return nil, err
@@ -293,17 +327,18 @@ func benchUpscale(ctx context.Context, eng *pipeline.Engine, path string, log io
 	}
 	fmt.Fprintf(log, "bench: upscale %s 4x, tiled and untiled ...\n", filepath.Base(path))
 	start := time.Now()
-	tiled, err := eng.Generate(ctx, item(160), nil)
+	tiled, err := generate(ctx, eng, item(160))
 	if err != nil {
 		return nil, err
 	}
 	up.Seconds = time.Since(start).Seconds()
-	untiled, err := eng.Generate(ctx, item(max(w, h)), nil)
+	untiled, err := generate(ctx, eng, item(max(w, h)))
 	if err != nil {
 		return nil, err
 	}
 	up.PSNRTessera = pipeline.PSNR(tiled.Image, ref)
-	up.PSNRTiledVsUntiled = pipeline.PSNR(tiled.Image, untiled.Image)
+	up.PSNRTiledVsUntiled = dB(pipeline.PSNR(tiled.Image, untiled.Image))
+	up.TiledIdentical = math.IsInf(float64(up.PSNRTiledVsUntiled), 1)
 	if g, err := eng.Grid(tiled.Plan.Stages[0]); err == nil {
 		up.SeamScore = pipeline.SeamScore(tiled.Image, 3, h, w, g)
 	}

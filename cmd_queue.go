@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net/url"
 	"path/filepath"
 	"strconv"
 
@@ -46,10 +45,14 @@ func (a *app) resolver() models.Resolver {
 }
 
 // prepareOutput readies the output root for a process that works items
-// (run, serve): it removes temp files a crash left behind and returns how
-// images are written.
+// (run, serve), before any item is computed: it creates the root, checks
+// that a file can be written in it, removes temp files a crash left behind
+// and returns how images are written.
 func (a *app) prepareOutput() (jobs.WriteOptions, error) {
 	root := a.cfg.Output.Root
+	if err := jobs.CheckRoot(root); err != nil {
+		return jobs.WriteOptions{}, fmt.Errorf("output.root: %w", err)
+	}
 	if n, err := jobs.RemoveStaleTemps(root); err == nil && n > 0 {
 		a.logger.Info("removed temp files left by an interrupted run", "count", n, "dir", root)
 	}
@@ -76,15 +79,16 @@ func (a *app) openQueue(ctx context.Context, run jobs.ItemRunner) (*jobs.Queue, 
 	return jobs.OpenQueue(ctx, jobs.QueueOptions{
 		URL: a.cfg.Queue.URL, Run: run, Workers: a.cfg.Workers, Logger: a.logger,
 		RescueAfter: a.cfg.Queue.RescueAfter, ReapEvery: a.cfg.Queue.ReapEvery,
+		ItemTimeout: a.cfg.Queue.ItemTimeout, TileTimeout: a.cfg.Queue.TileTimeout,
 	})
 }
 
-// loadJobFiles loads and checks job files, each on its own: a bad file is
-// reported on stderr and listed in bad, and the others go on.
+// loadJobFiles loads, checks and plans job files, each on its own: a bad
+// file is reported on stderr and listed in bad, and the others go on.
 func (a *app) loadJobFiles(files []string, stderr io.Writer) (loaded []*jobs.Job, bad []string) {
-	exists := modelExists(a.resolver())
+	describe := a.resolver().Manifests()
 	for _, f := range files {
-		job, err := jobs.LoadChecked(f, a.cfg, exists)
+		job, err := jobs.LoadChecked(f, a.cfg, describe)
 		if err != nil {
 			fmt.Fprintf(stderr, "tessera: %v\n", err)
 			bad = append(bad, f)
@@ -93,15 +97,6 @@ func (a *app) loadJobFiles(files []string, stderr io.Writer) (loaded []*jobs.Job
 		loaded = append(loaded, job)
 	}
 	return loaded, bad
-}
-
-// modelExists reports whether a model reference would resolve, without
-// loading ONNX Runtime.
-func modelExists(r models.Resolver) func(string) error {
-	return func(ref string) error {
-		_, _, err := r.Find(ref)
-		return err
-	}
 }
 
 // selectJobs finds the queue jobs that args name: a job id, an output path
@@ -221,16 +216,4 @@ func (a *app) retryOrCancel(ctx context.Context, args []string, stdout io.Writer
 	}
 	fmt.Fprintf(stdout, "%d item(s) %s\n", n, verb)
 	return nil
-}
-
-// redactURL drops a password from a queue URL before it is printed.
-func redactURL(s string) string {
-	u, err := url.Parse(s)
-	if err != nil || u.User == nil {
-		return s
-	}
-	if _, ok := u.User.Password(); ok {
-		u.User = url.UserPassword(u.User.Username(), "xxxxx")
-	}
-	return u.String()
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -80,10 +81,10 @@ func (a *app) run(ctx context.Context, stop func(), files []string, stdout, stde
 	}
 	var eng *pipeline.Engine
 	var prog *progress
-	runner := func(ctx context.Context, job string, it pipeline.Item) (err error) {
-		prog.start(it)
-		defer func() { prog.finish(it, err) }()
-		return makeItem(ctx, eng, job, it, prog.step, wo)
+	runner := func(ctx context.Context, args jobs.ItemArgs) (err error) {
+		prog.start(args.Item)
+		defer func() { prog.finish(args.Item, err, stopped(ctx, err)) }()
+		return jobs.MakeItem(ctx, eng, args, prog.step, wo)
 	}
 	q, err := a.openQueue(context.WithoutCancel(ctx), runner)
 	if err != nil {
@@ -95,6 +96,12 @@ func (a *app) run(ctx context.Context, stop func(), files []string, stdout, stde
 	var waiting []jobs.Enqueued
 	for _, j := range loaded {
 		res, err := q.Enqueue(context.WithoutCancel(ctx), j)
+		var verr *jobs.ValidationError
+		if errors.As(err, &verr) {
+			fmt.Fprintf(stderr, "tessera: %v\n", err) // this file's fault; the others go on
+			badFiles = append(badFiles, j.Path)
+			continue
+		}
 		if err != nil {
 			return err
 		}

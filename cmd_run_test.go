@@ -386,52 +386,66 @@ func TestSubmitStatusRetryCancel(t *testing.T) {
 // badJobFiles maps each file of testdata/jobs/bad to a piece of the message
 // that must reject it.
 var badJobFiles = map[string]string{
-	"alias-bomb.yaml":             "cannot unmarshal !!seq into uint64",
-	"count-enormous.yaml":         "items[0].count: must be between 1 and 10000, got 1000000",
-	"count-negative.yaml":         "items[0].count: must be between 1 and 10000, got -3",
-	"count-too-many-items.yaml":   "expand to 12000 items, limit 10000 (limits.max_items)",
-	"count-zero.yaml":             "items[0].count: must be between 1 and 10000, got 0",
-	"duplicate-key.yaml":          `mapping key "version" already defined`,
-	"empty.yaml":                  "empty.yaml: empty",
-	"format-unknown.ini":          `unknown format ".ini"`,
-	"image-and-images.yaml":       "items[0].image: give image or images, not both",
-	"images-match-nothing.yaml":   `items[0].images: "no-such-dir/*.png" matches no file`,
-	"invalid-utf8.json":           "line 1: not valid UTF-8",
-	"invalid-utf8.yaml":           "line 2: not valid UTF-8",
-	"items-empty.yaml":            "items: no items",
-	"model-unknown-base.yaml":     `items[1].base.model: unknown model "no-such-base"`,
-	"model-unknown-sr.json":       `defaults.sr.model: unknown model "demo-sr-xl"`,
-	"noise-level-negative.yaml":   "items[0].sr.noise_level: must be in [0, 1], got -0.5",
-	"output-duplicate.yaml":       "is also the output of index 0",
-	"path-absolute-output.yaml":   "is absolute; outputs go under output.root",
-	"path-escape-output.yaml":     `"../../{job}-{seed}.png" leaves output.root`,
-	"path-model-not-allowed.yaml": `items[0].sr.model: model "/etc/passwd": paths to models are not allowed`,
-	"path-name-escape.yaml":       `name: "../evil": use letters, digits`,
-	"sampler-unknown.yaml":        `items[0].base.sampler: "plms"`,
-	"seeds-and-count.yaml":        "items[0].seeds: give seeds or count, not both",
-	"size-huge.yaml":              "items[0].width: must be a multiple of 8 and at most 16384, got 100000",
-	"size-negative.yaml":          "items[0].height: must be a multiple of 8 and at most 16384, got -8",
-	"size-not-multiple.yaml":      "items[0].width: must be a multiple of 8 and at most 16384, got 100",
-	"size-over-max-pixels.yaml":   "16384x16384 is over limits.max_pixels",
-	"steps-over-limit.yaml":       "items[0].sr.steps: must be between 1 and 1000 (limits.max_steps), got 5000",
-	"strength-over-one.yaml":      "items[0].sr.strength: must be in (0, 1], got 2",
-	"syntax-indent.yaml":          "line 9: mapping values are not allowed in this context",
-	"syntax-trailing-comma.json":  "line 2: invalid character ']'",
-	"syntax-unclosed.yaml":        "line 7: did not find expected ',' or '}'",
-	"syntax.toml":                 "toml: expected character ]",
-	"template-unknown-field.yaml": "unknown template field {jobb}",
-	"too-large.yaml":              "bytes, limit 16384 (limits.max_job_bytes)",
-	"top-level-list.yaml":         "cannot unmarshal !!seq into jobs.File",
-	"type-item-scalar.yaml":       "line 8: cannot unmarshal !!int `7` into jobs.ItemSpec",
-	"type-items-scalar.yaml":      "line 7: cannot unmarshal !!int `5` into []jobs.ItemSpec",
-	"type-seed-negative.json":     "cannot unmarshal number -1 into Go struct field ItemSpec.items.seed of type uint64",
-	"type-steps-float.toml":       "toml: float cannot be assigned to int",
-	"type-width-string.yaml":      "line 8: cannot unmarshal !!str `big` into int",
-	"unknown-key-item.yaml":       "line 8: field sede not found in type jobs.ItemSpec",
-	"unknown-key-stage.toml":      "modle",
-	"unknown-key-top.yaml":        "line 2: field colour not found in type jobs.File",
-	"version-2.yaml":              "version: 2 is not supported (want 1)",
-	"version-missing.yaml":        "version: 0 is not supported (want 1)",
+	"alias-bomb.yaml":                      "cannot unmarshal !!seq into uint64",
+	"count-enormous.yaml":                  "items[0].count: must be between 1 and 10000, got 1000000",
+	"count-negative.yaml":                  "items[0].count: must be between 1 and 10000, got -3",
+	"count-too-many-items.yaml":            "items[1]: expands to 6000 more items, over limits.max_items (10000)",
+	"images-times-count.yaml":              "items[0]: expands to 20000 more items, over limits.max_items (10000)",
+	"pad-width-huge.yaml":                  "items[0].output: {index:0999999}: a zero-pad width is at most 32",
+	"scale-nan.yaml":                       "items[0].scale: must be a finite number, got NaN",
+	"guidance-infinite.toml":               "defaults.base.guidance: must be a finite number, got +Inf",
+	"width-fraction.yaml":                  "items[0].width: must be a whole number, got 8.5",
+	"seed-fraction.json":                   "cannot unmarshal number 1.7 into Go struct field ItemSpec.items.seed of type uint64",
+	"path-name-too-long.yaml":              "is 306 bytes; at most",
+	"upscale-over-max-pixels.yaml":         "items[0].image: upscaled to 32768x32768, over limits.max_pixels",
+	"upscale-scale16-over-max-pixels.yaml": "items[0].image: upscaled to 131072x131072, over limits.max_pixels",
+	"upscale-scale-tiny.yaml":              "scale: 0.001 makes 0x0",
+	"image-is-directory.yaml":              "is a directory, not an image file",
+	"image-garbage-jpeg.yaml":              "garbage.jpg: not an image Tessera reads",
+	"model-sr-as-base.yaml":                "items[0]: base.model: oracle-sr is a sr model, not a base model",
+	"tile-huge.yaml":                       "items[0].sr.tile: size and overlap must be in [0, 4096], got 100000",
+	"count-zero.yaml":                      "items[0].count: must be between 1 and 10000, got 0",
+	"duplicate-key.yaml":                   `mapping key "version" already defined`,
+	"empty.yaml":                           "empty.yaml: empty",
+	"format-unknown.ini":                   `unknown format ".ini"`,
+	"image-and-images.yaml":                "items[0].image: give image or images, not both",
+	"images-match-nothing.yaml":            `items[0].images: "no-such-dir/*.png" matches no file`,
+	"invalid-utf8.json":                    "line 1: not valid UTF-8",
+	"invalid-utf8.yaml":                    "line 2: not valid UTF-8",
+	"items-empty.yaml":                     "items: no items",
+	"model-unknown-base.yaml":              `items[1].base.model: unknown model "no-such-base"`,
+	"model-unknown-sr.json":                `defaults.sr.model: unknown model "demo-sr-xl"`,
+	"noise-level-negative.yaml":            "items[0].sr.noise_level: must be in [0, 1], got -0.5",
+	"output-duplicate.yaml":                "is also the output of index 0",
+	"path-absolute-output.yaml":            "is absolute; outputs go under output.root",
+	"path-escape-output.yaml":              `"../../{job}-{seed}.png" leaves output.root`,
+	"path-model-not-allowed.yaml":          `items[0].sr.model: model "/etc/passwd": paths to models are not allowed`,
+	"path-name-escape.yaml":                `name: "../evil": use letters, digits`,
+	"sampler-unknown.yaml":                 `items[0].base.sampler: "plms"`,
+	"seeds-and-count.yaml":                 "items[0].seeds: give seeds or count, not both",
+	"size-huge.yaml":                       "items[0].width: must be a multiple of 8 and at most 16384, got 100000",
+	"size-negative.yaml":                   "items[0].height: must be a multiple of 8 and at most 16384, got -8",
+	"size-not-multiple.yaml":               "items[0].width: must be a multiple of 8 and at most 16384, got 100",
+	"size-over-max-pixels.yaml":            "16384x16384 is over limits.max_pixels",
+	"steps-over-limit.yaml":                "items[0].sr.steps: must be between 1 and 1000 (limits.max_steps), got 5000",
+	"strength-over-one.yaml":               "items[0].sr.strength: must be in (0, 1], got 2",
+	"syntax-indent.yaml":                   "line 9: mapping values are not allowed in this context",
+	"syntax-trailing-comma.json":           "line 2: invalid character ']'",
+	"syntax-unclosed.yaml":                 "line 7: did not find expected ',' or '}'",
+	"syntax.toml":                          "toml: expected character ]",
+	"template-unknown-field.yaml":          "unknown template field {jobb}",
+	"too-large.yaml":                       "bytes, limit 16384 (limits.max_job_bytes)",
+	"top-level-list.yaml":                  "cannot unmarshal !!seq into jobs.File",
+	"type-item-scalar.yaml":                "line 8: cannot unmarshal !!int `7` into jobs.ItemSpec",
+	"type-items-scalar.yaml":               "line 7: cannot unmarshal !!int `5` into []jobs.ItemSpec",
+	"type-seed-negative.json":              "cannot unmarshal number -1 into Go struct field ItemSpec.items.seed of type uint64",
+	"type-steps-float.toml":                "toml: float cannot be assigned to int",
+	"type-width-string.yaml":               "line 8: cannot unmarshal !!str `big` into int",
+	"unknown-key-item.yaml":                "line 8: field sede not found in type jobs.ItemSpec",
+	"unknown-key-stage.toml":               "modle",
+	"unknown-key-top.yaml":                 "line 2: field colour not found in type jobs.File",
+	"version-2.yaml":                       "version: 2 is not supported (want 1)",
+	"version-missing.yaml":                 "version: 0 is not supported (want 1)",
 }
 
 // TestRunBadJobFiles runs every bad job file together with a good one:
@@ -495,15 +509,20 @@ func TestRunBadJobFiles(t *testing.T) {
 	e.checkOutputs(t, good)
 }
 
-// TestRunPermanentFailures: invalid input fails its item at once, with the
-// reason and without retries, while the other items are made.
+// TestRunPermanentFailures: invalid input that only shows when the item is
+// worked (an image whose header is fine and whose pixels are cut off) fails
+// its item at once, with the reason and without retries, while the other
+// items are made; invalid input that the header or the models show (a
+// file that is not an image, an SR model as the base) rejects the job
+// file before anything is queued.
 func TestRunPermanentFailures(t *testing.T) {
 	e := newRunEnv(t, "")
-	if err := os.WriteFile(filepath.Join(e.dir, "broken.png"), []byte("\x89PNG\r\n\x1a\nthis is not the rest of a PNG"), 0o644); err != nil {
+	full := writeTestPNG(t, filepath.Join(e.dir, "in.png"), 16, 16)
+	if err := os.WriteFile(filepath.Join(e.dir, "cut.png"), full[:len(full)-40], 0o644); err != nil {
 		t.Fatal(err)
 	}
-	job := filepath.Join(e.dir, "mixed.yaml")
-	body := `version: 1
+	os.WriteFile(filepath.Join(e.dir, "broken.png"), []byte("\x89PNG\r\n\x1a\nthis is not the rest of a PNG"), 0o644)
+	head := `version: 1
 defaults:
   width: 128
   height: 128
@@ -511,29 +530,30 @@ defaults:
   sr: {model: oracle-sr, steps: 4, tile: {size: 48, overlap: 8}}
 items:
   - {seed: 1}
-  - {seed: 2, image: broken.png, scale: 4, width: 0, height: 0}
-  - {seed: 3, base: {model: oracle-sr}}
 `
-	if err := os.WriteFile(job, []byte(body), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	job := filepath.Join(e.dir, "mixed.yaml")
+	os.WriteFile(job, []byte(head+"  - {seed: 2, image: cut.png, scale: 4}\n"), 0o644)
 	r := e.tessera(t, "run", "-q", job)
-	if r.code != 1 || !strings.Contains(r.stdout, "1 images made, 0 already done, 2 failed") {
+	if r.code != 1 || !strings.Contains(r.stdout, "1 images made, 0 already done, 1 failed") || !strings.Contains(r.stdout, "cut.png") {
 		t.Fatalf("run: %+v", r)
 	}
-	for _, want := range []string{"broken.png", "oracle-sr is a sr model"} {
-		if !strings.Contains(r.stdout, want) {
-			t.Errorf("summary lacks %q:\n%s", want, r.stdout)
-		}
-	}
 	st := e.status(t)
-	if st.Counts["cancelled"] != 2 || st.Counts["completed"] != 1 || len(st.Failures) != 2 {
+	if st.Counts["cancelled"] != 1 || st.Counts["completed"] != 1 || len(st.Failures) != 1 {
 		t.Fatalf("status: %+v", st)
 	}
-	for _, f := range st.Failures {
-		if f.Attempt != 1 || f.Error == "" {
-			t.Errorf("failure retried or without reason: %+v", f)
+	if f := st.Failures[0]; f.Attempt != 1 || !strings.HasPrefix(f.Error, "invalid input: image ") {
+		t.Errorf("failure retried or without reason: %+v", f)
+	}
+	rejected := filepath.Join(e.dir, "rejected.yaml")
+	os.WriteFile(rejected, []byte(head+"  - {seed: 2, image: broken.png, scale: 4}\n  - {seed: 3, base: {model: oracle-sr}}\n"), 0o644)
+	r = e.tessera(t, "run", "-q", rejected)
+	for _, want := range []string{"items[1].image: image ", "broken.png: not an image", "items[2]: base.model: oracle-sr is a sr model"} {
+		if !strings.Contains(r.stderr, want) {
+			t.Errorf("rejection lacks %q: %+v", want, r)
 		}
+	}
+	if st := e.status(t); r.code != 1 || st.Counts["cancelled"]+st.Counts["completed"] != 2 {
+		t.Errorf("the rejected file queued items: %+v, %+v", r, st)
 	}
 }
 

@@ -72,18 +72,22 @@ func (a *app) serve(ctx context.Context, stop func()) error {
 		return err
 	}
 	var eng *pipeline.Engine
-	runner := func(ctx context.Context, job string, it pipeline.Item) error {
+	runner := func(ctx context.Context, args jobs.ItemArgs) error {
 		start := time.Now()
+		it := args.Item
 		timer := m.StageTimer(it.Image != "")
-		err := makeItem(ctx, eng, job, it, timer.Step, wo)
+		err := jobs.MakeItem(ctx, eng, args, timer.Step, wo)
 		if err == nil {
 			timer.Done()
 		}
 		m.ObserveItem(time.Since(start), err)
-		if err != nil && ctx.Err() == nil {
-			log.Warn("item failed", "job", job, "item", it.Index, "output", it.Output, "err", err)
-		} else if err == nil {
-			log.Debug("item done", "job", job, "item", it.Index, "output", it.Output, "seconds", time.Since(start).Seconds())
+		switch {
+		case err == nil:
+			log.Debug("item done", "job", args.Job, "item", it.Index, "output", it.Output, "seconds", time.Since(start).Seconds())
+		case stopped(ctx, err):
+			log.Info("item requeued: stopping", "job", args.Job, "item", it.Index, "output", it.Output)
+		default:
+			log.Warn("item failed", "job", args.Job, "item", it.Index, "output", it.Output, "class", pipeline.Classify(err).String(), "err", err)
 		}
 		return err
 	}
@@ -94,11 +98,10 @@ func (a *app) serve(ctx context.Context, stop func()) error {
 	defer q.Close()
 	m.AddQueue(q.Counts)
 
-	exists := modelExists(a.resolver())
 	sched, err := jobs.NewScheduler(jobs.SchedulerOptions{
 		Schedules: cfg.Schedules, Queue: q, Logger: log,
 		Load: func(path string, now time.Time) (*jobs.Job, error) {
-			return jobs.LoadCheckedAt(path, "", cfg, now, exists)
+			return jobs.LoadCheckedAt(path, "", cfg, now, a.resolver().Manifests())
 		},
 	})
 	if err != nil {
@@ -110,7 +113,7 @@ func (a *app) serve(ctx context.Context, stop func()) error {
 		w, err := jobs.NewWatcher(jobs.WatchOptions{
 			Dir: wc.Dir, Settle: wc.Settle, Rescan: wc.Rescan, Recursive: wc.Recursive, Logger: log,
 			Load: func(path string) (*jobs.Job, error) {
-				return jobs.LoadCheckedAt(path, watchedJobName(wc.Dir, path), cfg, time.Now(), exists)
+				return jobs.LoadCheckedAt(path, watchedJobName(wc.Dir, path), cfg, time.Now(), a.resolver().Manifests())
 			},
 			Enqueue: q.Enqueue,
 		})
@@ -138,7 +141,9 @@ func (a *app) serve(ctx context.Context, stop func()) error {
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
 		health(w, r, q, &stopping)
 	})
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	// Timeouts so that idle or slow clients cannot hold connections open.
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second,
+		WriteTimeout: 30 * time.Second, IdleTimeout: 2 * time.Minute}
 	srvErr := make(chan error, 1)
 	go func() {
 		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -182,7 +187,7 @@ func (a *app) serve(ctx context.Context, stop func()) error {
 		defer wg.Done()
 		sched.Run(triggers)
 	}()
-	log.Info("serving", "addr", ln.Addr().String(), "queue", cfg.Queue.URL, "workers", cfg.Workers,
+	log.Info("serving", "addr", ln.Addr().String(), "queue", config.RedactURL(cfg.Queue.URL), "workers", cfg.Workers,
 		"watch", len(watchers), "schedules", len(cfg.Schedules))
 
 	var failure error
@@ -235,30 +240,10 @@ func watchedJobName(root, path string) string {
 	}, name)
 }
 
-// makeItem makes and writes one item, as tessera run does.
-func makeItem(ctx context.Context, eng *pipeline.Engine, job string, it pipeline.Item, step func(pipeline.Progress), wo jobs.WriteOptions) error {
-	if it.Image != "" {
-		// The header is enough to fail a bad file for good; Generate decodes it.
-		if _, _, err := pipeline.CheckImage(it.Image); err != nil {
-			return jobs.Permanent(err)
-		}
-	} else {
-		plan, err := eng.Plan(it)
-		if err != nil {
-			if pipeline.Transient(err) {
-				return err // retried with backoff
-			}
-			return jobs.Permanent(err)
-		}
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, jobs.ItemTimeout(plan.TileSteps()))
-		defer cancel()
-	}
-	res, err := eng.Generate(ctx, it, step)
-	if err != nil {
-		return err
-	}
-	return jobs.Write(job, it, res, wo)
+// stopped reports whether err is the cancellation of a stop that was asked
+// for (the item goes back in the queue), not a failure.
+func stopped(ctx context.Context, err error) bool {
+	return ctx.Err() != nil && errors.Is(err, context.Canceled)
 }
 
 // health answers /healthz: 200 while the queue database answers, 503 when

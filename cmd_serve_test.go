@@ -304,13 +304,14 @@ func TestServeWatch(t *testing.T) {
 			t.Errorf("%s = %v, want %v", prefix, got, want)
 		}
 	}
-	// 64x64 items are the base stage alone: the base model worked, the SR
-	// model is loaded (for planning) and idle.
+	// 64x64 items are the base stage alone: the base model worked; the SR
+	// model was never loaded (plans need only its manifest), so it has no
+	// series at all.
 	if got := serveMetric(t, e.addr, `tessera_tiles_total{model="oracle-base",provider="cpu"}`); got <= 0 {
 		t.Errorf("base model tiles = %v", got)
 	}
-	if got := serveMetric(t, e.addr, `tessera_tiles_total{model="oracle-sr",provider="cpu"}`); got != 0 {
-		t.Errorf("SR model tiles = %v, want 0", got)
+	if got := serveMetric(t, e.addr, `tessera_tiles_total{model="oracle-sr",provider="cpu"}`); got != -1 {
+		t.Errorf("SR model tiles = %v, want no series (-1)", got)
 	}
 	// One lane for a base model; busy time is Run time over the lanes.
 	if got := serveMetric(t, e.addr, `tessera_model_lanes{model="oracle-base",provider="cpu"}`); got != 1 {

@@ -11,6 +11,7 @@ import (
 	"github.com/riverqueue/river/rivertype"
 	"github.com/spf13/cobra"
 
+	"tessera/config"
 	"tessera/jobs"
 )
 
@@ -46,7 +47,7 @@ func (a *app) status(ctx context.Context, w io.Writer, asJSON bool, last int) er
 		return err
 	}
 	defer q.Close()
-	st := queueStatus{Queue: redactURL(a.cfg.Queue.URL)}
+	st := queueStatus{Queue: config.RedactURL(a.cfg.Queue.URL)}
 	if st.Counts, err = q.Counts(ctx); err != nil {
 		return err
 	}

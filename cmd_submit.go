@@ -2,12 +2,14 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 
 	"github.com/spf13/cobra"
 
 	"tessera/config"
+	"tessera/jobs"
 )
 
 func newSubmitCmd(a *app) *cobra.Command {
@@ -39,6 +41,12 @@ func (a *app) submit(ctx context.Context, files []string, stdout, stderr io.Writ
 	defer q.Close()
 	for _, j := range loaded {
 		res, err := q.Enqueue(ctx, j)
+		var verr *jobs.ValidationError
+		if errors.As(err, &verr) {
+			fmt.Fprintf(stderr, "tessera: %v\n", err) // this file's fault; the others go on
+			bad = append(bad, j.Path)
+			continue
+		}
 		if err != nil {
 			return err
 		}

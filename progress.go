@@ -63,12 +63,13 @@ func (p *progress) step(ev pipeline.Progress) {
 	}
 }
 
-func (p *progress) finish(it pipeline.Item, err error) {
+// finish ends an item: written, failed, or requeued (a stop was asked for).
+func (p *progress) finish(it pipeline.Item, err error, requeued bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	delete(p.items, it.Index)
 	p.done++
-	if err != nil {
+	if err != nil && !requeued {
 		p.failed++
 	}
 	if p.quiet {
@@ -77,9 +78,12 @@ func (p *progress) finish(it pipeline.Item, err error) {
 	if p.tty {
 		p.clear()
 	}
-	if err != nil {
-		fmt.Fprintf(p.w, "item %d (seed %d): FAILED: %v\n", it.Index, it.Seed, err)
-	} else {
+	switch {
+	case requeued:
+		fmt.Fprintf(p.w, "item %d (seed %d): stopped, requeued\n", it.Index, it.Seed)
+	case err != nil:
+		fmt.Fprintf(p.w, "item %d (seed %d): FAILED (%s): %v\n", it.Index, it.Seed, pipeline.Classify(err), err)
+	default:
 		fmt.Fprintf(p.w, "item %d (seed %d): wrote %s\n", it.Index, it.Seed, it.Output)
 	}
 	if p.tty {

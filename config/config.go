@@ -72,6 +72,10 @@ type Queue struct {
 	// ReapEvery is how often items held by stopped processes are put back
 	// in the queue (--reap-every).
 	ReapEvery time.Duration `mapstructure:"reap_every"`
+	// ItemTimeout and TileTimeout bound one attempt at an item:
+	// ItemTimeout plus TileTimeout for each tile evaluation of its plan.
+	ItemTimeout time.Duration `mapstructure:"item_timeout"`
+	TileTimeout time.Duration `mapstructure:"tile_timeout"`
 }
 
 // Runtime configures ONNX Runtime.
@@ -135,6 +139,10 @@ type Memory struct {
 type Models struct {
 	Dirs       []string `mapstructure:"dirs"`
 	AllowPaths bool     `mapstructure:"allow_paths"`
+	// DefaultBase and DefaultSR are the models of a job file that names
+	// none (base.model, sr.model); "" makes the field required.
+	DefaultBase string `mapstructure:"default_base"`
+	DefaultSR   string `mapstructure:"default_sr"`
 }
 
 // Limits bound what one job file may ask for.
@@ -183,7 +191,7 @@ const (
 func Default() Config {
 	return Config{
 		Output:  Output{Root: "./out", Compression: "fast"},
-		Queue:   Queue{URL: "sqlite://.tessera/queue.db", Grace: 30 * time.Second, RescueAfter: time.Hour, ReapEvery: 2 * time.Second},
+		Queue:   Queue{URL: "sqlite://.tessera/queue.db", Grace: 30 * time.Second, RescueAfter: time.Hour, ReapEvery: 2 * time.Second, ItemTimeout: time.Minute, TileTimeout: time.Second},
 		Workers: 1,
 		Runtime: Runtime{
 			Providers:    []string{ProviderCPU},
@@ -201,7 +209,7 @@ func Default() Config {
 				TimingCachePath: ".tessera/trt",
 			},
 		},
-		Models: Models{Dirs: []string{"./models"}},
+		Models: Models{Dirs: []string{"./models"}, DefaultBase: "demo-base", DefaultSR: "demo-sr"},
 		Limits: Limits{
 			MaxPixels:   64 << 20,
 			MaxItems:    10000,
@@ -383,6 +391,12 @@ func (c *Config) Validate() error {
 	}
 	if c.Output.Root == "" {
 		add("output.root", "must not be empty")
+	}
+	if c.Queue.ItemTimeout <= 0 {
+		add("queue.item_timeout", "must be positive, got %s", c.Queue.ItemTimeout)
+	}
+	if c.Queue.TileTimeout <= 0 {
+		add("queue.tile_timeout", "must be positive, got %s", c.Queue.TileTimeout)
 	}
 	if c.Queue.Grace < 0 {
 		add("queue.grace", "must not be negative, got %s", c.Queue.Grace)

@@ -7,8 +7,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
+	"reflect"
 	"regexp"
 	"sort"
 	"strconv"
@@ -56,6 +58,12 @@ type Job struct {
 	Name  string
 	Path  string
 	Items []pipeline.Item
+	// Plans holds each item's plan (Plans[i] is Items[i]'s), made when the
+	// file was loaded with its models' manifests; nil when it was parsed
+	// without them (Parse), which Enqueue refuses.
+	Plans []pipeline.Plan
+	// Root is the absolute output root the outputs were resolved under.
+	Root string
 }
 
 // ValidationError lists every problem of a job file, each with its path.
@@ -104,17 +112,23 @@ func Parse(name string, data []byte, cfg config.Config, now time.Time) (*Job, er
 	if err != nil {
 		return nil, fmt.Errorf("job file %s: %w", name, err)
 	}
-	return parseTree(name, "", root, f, cfg, now)
+	return parseTree(name, "", root, f, cfg, now, nil)
 }
 
 // parseTree is Parse on what decodeStrict made of the file's bytes: the
 // generic tree and the typed File. defaultJob is the name a file without
-// `name:` takes; "" means the file's stem.
-func parseTree(name, defaultJob string, root map[string]any, f File, cfg config.Config, now time.Time) (*Job, error) {
+// `name:` takes; "" means the file's stem. With describe set, each item is
+// planned (pipeline.MakePlan) and its plan checked against the limits.
+//
+// Relative paths in the file (image, images, model paths) are taken
+// relative to the file's directory and, like the output root, stored
+// absolute, so that whichever process works an item finds its files.
+func parseTree(name, defaultJob string, root map[string]any, f File, cfg config.Config, now time.Time, describe pipeline.Describe) (*Job, error) {
 	v := &ValidationError{File: name}
 	bad := func(path, format string, args ...any) {
 		v.Problems = append(v.Problems, path+": "+fmt.Sprintf(format, args...))
 	}
+	checkNumbers(root, reflect.TypeOf(File{}), "", bad)
 	if f.Version != 1 {
 		bad("version", "%d is not supported (want 1)", f.Version)
 	}
@@ -124,17 +138,27 @@ func parseTree(name, defaultJob string, root map[string]any, f File, cfg config.
 	if f.Name == "" {
 		f.Name = strings.TrimSuffix(filepath.Base(name), filepath.Ext(name))
 	}
-	if !safeName.MatchString(f.Name) {
-		bad("name", "%q: use letters, digits, '.', '_' and '-'", f.Name)
+	if !safeName.MatchString(f.Name) || len(f.Name) > maxNameBytes {
+		bad("name", "%q: use letters, digits, '.', '_' and '-', at most %d of them", f.Name, maxNameBytes)
 	}
 	if len(f.Items) == 0 {
 		bad("items", "no items")
 	}
+	if len(v.Problems) > 0 {
+		return nil, v // a number that is not one would only be reported again below
+	}
 	defaults, _ := root["defaults"].(map[string]any)
 	rawItems, _ := root["items"].([]any)
-	dir := filepath.Dir(name)
-	inside := newRootCheck(cfg.Output.Root)
-	job := &Job{Name: f.Name, Path: name}
+	dir, err := filepath.Abs(filepath.Dir(name))
+	if err != nil {
+		return nil, fmt.Errorf("job file %s: %w", name, err)
+	}
+	outRoot, err := filepath.Abs(cfg.Output.Root)
+	if err != nil {
+		return nil, fmt.Errorf("output.root: %w", err)
+	}
+	inside := newRootCheck(outRoot)
+	job := &Job{Name: f.Name, Path: name, Root: outRoot}
 	index := 0
 	for i, raw := range rawItems {
 		path := fmt.Sprintf("items[%d]", i)
@@ -148,13 +172,28 @@ func parseTree(name, defaultJob string, root map[string]any, f File, cfg config.
 			bad(path, "%v", err)
 			continue
 		}
-		items, problems := expand(spec, path, dir, cfg)
+		// An upscale's size is its own: the defaults' width and height are
+		// those of generated items, and would otherwise override its scale.
+		_, w := m["width"]
+		_, h := m["height"]
+		if spec.Image != "" || spec.Images != "" {
+			if !w && !h {
+				spec.Width, spec.Height = 0, 0
+			} else if _, sc := m["scale"]; sc && spec.Width != 0 {
+				bad(path+".scale", "give scale or width and height, not both")
+				continue
+			}
+		}
+		items, problems := expand(spec, path, dir, cfg, cfg.Limits.MaxItems-index)
 		v.Problems = append(v.Problems, problems...)
+		if index+len(items) > cfg.Limits.MaxItems {
+			break // reported by expand; nothing more is expanded
+		}
 		for _, it := range items {
 			it.Index = index
 			index++
 			tmpl := firstNonEmpty(spec.Output, f.Output, DefaultOutput)
-			out, err := resolveOutput(tmpl, cfg.Output.Root, f.Name, it, now)
+			out, err := resolveOutput(tmpl, outRoot, f.Name, it, now)
 			if err == nil {
 				err = inside.check(out)
 			}
@@ -163,11 +202,16 @@ func parseTree(name, defaultJob string, root map[string]any, f File, cfg config.
 				continue
 			}
 			it.Output = out
+			if describe != nil {
+				plan, err := planItem(it, describe, cfg.Limits)
+				if err != nil {
+					bad(path, "%v", err)
+					continue
+				}
+				job.Plans = append(job.Plans, plan)
+			}
 			job.Items = append(job.Items, it)
 		}
-	}
-	if len(job.Items) > cfg.Limits.MaxItems {
-		bad("items", "expand to %d items, limit %d (limits.max_items)", len(job.Items), cfg.Limits.MaxItems)
 	}
 	seen := map[string]int{}
 	for _, it := range job.Items {
@@ -182,6 +226,34 @@ func parseTree(name, defaultJob string, root map[string]any, f File, cfg config.
 	return job, nil
 }
 
+// planItem makes an item's plan and checks it against the limits: the
+// output and every stage's canvas within limits.max_pixels.
+func planItem(it pipeline.Item, describe pipeline.Describe, lim config.Limits) (pipeline.Plan, error) {
+	p, err := pipeline.MakePlan(it, describe)
+	if err != nil {
+		return p, err
+	}
+	for i, st := range p.Stages {
+		if int64(st.Width)*int64(st.Height) > lim.MaxPixels {
+			return p, fmt.Errorf("stage %d (%s) works a %dx%d canvas, over limits.max_pixels (%d)", i, st.Kind, st.Width, st.Height, lim.MaxPixels)
+		}
+		if st.Steps > lim.MaxSteps {
+			return p, fmt.Errorf("%s.steps: %d (from the model's defaults) is over limits.max_steps (%d)", st.Kind, st.Steps, lim.MaxSteps)
+		}
+	}
+	return p, nil
+}
+
+// Bounds on what a job file may ask for that no limit in the configuration
+// covers, checked before anything of that size is made.
+const (
+	maxPad       = 32   // zero-pad width of a template field, {index:032}
+	maxNameBytes = 255  // a job name, and each part of an output path (NAME_MAX)
+	maxPathBytes = 4000 // a whole output path, below PATH_MAX
+	maxTile      = 4096 // tile.size, tile.overlap, tile.halo
+	maxBatch     = 1024 // tiles in one Run
+)
+
 var safeName = regexp.MustCompile(`^[A-Za-z0-9._-]+$`)
 
 func firstNonEmpty(vs ...string) string {
@@ -193,8 +265,10 @@ func firstNonEmpty(vs ...string) string {
 	return ""
 }
 
-// expand turns one merged item spec into work items and reports its problems.
-func expand(s ItemSpec, path, dir string, cfg config.Config) ([]pipeline.Item, []string) {
+// expand turns one merged item spec into work items and reports its
+// problems. room is how many items the job may still expand to; a spec
+// that would make more is refused before any of them is made.
+func expand(s ItemSpec, path, dir string, cfg config.Config, room int) ([]pipeline.Item, []string) {
 	var p []string
 	bad := func(field, format string, args ...any) {
 		p = append(p, path+"."+field+": "+fmt.Sprintf(format, args...))
@@ -202,6 +276,12 @@ func expand(s ItemSpec, path, dir string, cfg config.Config) ([]pipeline.Item, [
 	upscale := s.Image != "" || s.Images != ""
 	if s.Image != "" && s.Images != "" {
 		bad("image", "give image or images, not both")
+	}
+	if s.Base.Model == "" && !upscale {
+		s.Base.Model = cfg.Models.DefaultBase
+	}
+	if s.SR.Model == "" {
+		s.SR.Model = cfg.Models.DefaultSR
 	}
 	if !upscale {
 		if s.Width <= 0 || s.Width%8 != 0 || s.Width > 16384 {
@@ -211,21 +291,26 @@ func expand(s ItemSpec, path, dir string, cfg config.Config) ([]pipeline.Item, [
 			bad("height", "must be a multiple of 8 and at most 16384, got %d", s.Height)
 		}
 		if s.Base.Model == "" {
-			bad("base.model", "required to generate (or give image: to upscale)")
+			bad("base.model", "required to generate (or give image: to upscale; models.default_base is empty)")
 		}
-	} else if s.Scale < 0 || s.Scale > 16 {
-		bad("scale", "must be in (0, 16], got %g", s.Scale)
+	} else {
+		if s.Scale < 0 || s.Scale > 16 {
+			bad("scale", "must be in (0, 16], got %g", s.Scale)
+		}
+		if (s.Width == 0) != (s.Height == 0) || s.Width < 0 || s.Height < 0 || s.Width > 16384 || s.Height > 16384 {
+			bad("width", "an upscale gives both width and height (at most 16384) or neither, got %dx%d", s.Width, s.Height)
+		}
+		if s.SR.Model == "" {
+			bad("sr.model", "required to upscale (models.default_sr is empty)")
+		}
 	}
 	if int64(s.Width)*int64(s.Height) > cfg.Limits.MaxPixels {
 		bad("width", "%dx%d is over limits.max_pixels (%d)", s.Width, s.Height, cfg.Limits.MaxPixels)
 	}
-	if s.SR.Model == "" {
-		bad("sr.model", "required")
-	}
 	for _, st := range []struct {
 		name string
-		p    pipeline.StageParams
-	}{{"base", s.Base}, {"sr", s.SR}} {
+		p    *pipeline.StageParams
+	}{{"base", &s.Base}, {"sr", &s.SR}} {
 		if st.p.Steps < 0 || st.p.Steps > cfg.Limits.MaxSteps {
 			bad(st.name+".steps", "must be between 1 and %d (limits.max_steps), got %d", cfg.Limits.MaxSteps, st.p.Steps)
 		}
@@ -235,8 +320,21 @@ func expand(s ItemSpec, path, dir string, cfg config.Config) ([]pipeline.Item, [
 		if nl := st.p.NoiseLevel; nl != nil && (*nl < 0 || *nl > 1) {
 			bad(st.name+".noise_level", "must be in [0, 1], got %g", *nl)
 		}
-		if st.p.Guidance < 0 || st.p.Eta < 0 || st.p.Batch < 0 {
-			bad(st.name, "guidance, eta and batch must not be negative")
+		if st.p.Guidance < 0 || st.p.Guidance > 100 || st.p.Eta < 0 || st.p.Eta > 1 {
+			bad(st.name, "guidance must be in [0, 100] and eta in [0, 1], got %g and %g", st.p.Guidance, st.p.Eta)
+		}
+		if st.p.Shift < 0 || st.p.Shift > 100 {
+			bad(st.name+".shift", "must be in [0, 100], got %g", st.p.Shift)
+		}
+		if st.p.Batch < 0 || st.p.Batch > maxBatch {
+			bad(st.name+".batch", "must be between 0 (auto) and %d, got %d", maxBatch, st.p.Batch)
+		}
+		tl := st.p.Tile
+		if tl.Size < 0 || tl.Size > maxTile || tl.Overlap > maxTile || tl.Overlap < -1 {
+			bad(st.name+".tile", "size and overlap must be in [0, %d], got %d and %d", maxTile, tl.Size, tl.Overlap)
+		}
+		if tl.Halo != nil && (*tl.Halo < 0 || *tl.Halo > maxTile) {
+			bad(st.name+".tile.halo", "must be in [0, %d], got %d", maxTile, *tl.Halo)
 		}
 		switch st.p.Sampler {
 		case "", "ddim", "euler", "dpm++2m", "dpmpp_2m":
@@ -248,9 +346,15 @@ func expand(s ItemSpec, path, dir string, cfg config.Config) ([]pipeline.Item, [
 		default:
 			bad(st.name+".filter", "%q (want lanczos or bicubic)", st.p.Filter)
 		}
+		if ref := st.p.Model; ref != "" && strings.ContainsAny(ref, `/\`) {
+			st.p.Model = joinDir(dir, ref) // a path: relative to the job file
+		}
 	}
 	if s.Count < 0 || s.Count > cfg.Limits.MaxItems {
 		bad("count", "must be between 1 and %d, got %d", cfg.Limits.MaxItems, s.Count)
+	}
+	if len(s.Seeds) > cfg.Limits.MaxItems {
+		bad("seeds", "%d seeds, limit %d (limits.max_items)", len(s.Seeds), cfg.Limits.MaxItems)
 	}
 	if len(s.Seeds) > 0 && s.Count > 0 {
 		bad("seeds", "give seeds or count, not both")
@@ -262,12 +366,9 @@ func expand(s ItemSpec, path, dir string, cfg config.Config) ([]pipeline.Item, [
 	if s.Seed != nil {
 		seed = *s.Seed
 	}
-	seeds := s.Seeds
-	if len(seeds) == 0 {
-		n := max(s.Count, 1)
-		for i := 0; i < n; i++ {
-			seeds = append(seeds, seed+uint64(i))
-		}
+	nSeeds := len(s.Seeds)
+	if nSeeds == 0 {
+		nSeeds = max(s.Count, 1)
 	}
 	images := []string{""}
 	if s.Image != "" {
@@ -281,15 +382,40 @@ func expand(s ItemSpec, path, dir string, cfg config.Config) ([]pipeline.Item, [
 		sort.Strings(matches)
 		images = matches
 	}
+	if n := int64(len(images)) * int64(nSeeds); n > int64(room) {
+		return nil, []string{fmt.Sprintf("%s: expands to %d more items, over limits.max_items (%d) with the items before it", path, n, cfg.Limits.MaxItems)}
+	}
 	class := -1
 	if s.Class != nil {
 		class = *s.Class
 	}
 	var items []pipeline.Item
 	for _, img := range images {
-		for _, sd := range seeds {
-			items = append(items, pipeline.Item{Seed: sd, Width: s.Width, Height: s.Height, Class: class, Image: img, Scale: s.Scale, Base: s.Base, SR: s.SR})
+		it := pipeline.Item{Width: s.Width, Height: s.Height, Class: class, Image: img, Scale: s.Scale, Base: s.Base, SR: s.SR}
+		if img != "" {
+			field := "image"
+			if s.Images != "" {
+				field = "images (" + filepath.Base(img) + ")"
+			}
+			if err := it.SetInput(); err != nil {
+				bad(field, "%v", err)
+				continue
+			}
+			if int64(it.Width)*int64(it.Height) > cfg.Limits.MaxPixels {
+				bad(field, "upscaled to %dx%d, over limits.max_pixels (%d)", it.Width, it.Height, cfg.Limits.MaxPixels)
+				continue
+			}
 		}
+		for k := 0; k < nSeeds; k++ {
+			it.Seed = seed + uint64(k)
+			if len(s.Seeds) > 0 {
+				it.Seed = s.Seeds[k]
+			}
+			items = append(items, it)
+		}
+	}
+	if len(p) > 0 {
+		return nil, p
 	}
 	return items, nil
 }
@@ -337,12 +463,17 @@ func resolveOutput(tmpl, root, job string, it pipeline.Item, now time.Time) (str
 			return m
 		}
 		if sub[2] != "" {
-			if n, ok := v.(int); ok {
-				width, _ := strconv.Atoi(sub[2])
-				return fmt.Sprintf("%0*d", width, n)
+			// Bounded before anything is padded: {index:0999999} would
+			// otherwise make a megabyte of zeros for every item.
+			width, err := strconv.Atoi(sub[2])
+			if err != nil || width > maxPad {
+				ferr = fmt.Errorf("{%s:%s}: a zero-pad width is at most %d", sub[1], sub[2], maxPad)
+				return m
 			}
-			if n, ok := v.(uint64); ok {
-				width, _ := strconv.Atoi(sub[2])
+			switch n := v.(type) {
+			case int:
+				return fmt.Sprintf("%0*d", width, n)
+			case uint64:
 				return fmt.Sprintf("%0*d", width, n)
 			}
 		}
@@ -361,7 +492,17 @@ func resolveOutput(tmpl, root, job string, it pipeline.Item, now time.Time) (str
 	if !strings.EqualFold(filepath.Ext(clean), ".png") {
 		clean += ".png"
 	}
-	return filepath.Join(root, clean), nil
+	for _, part := range strings.Split(clean, string(filepath.Separator)) {
+		// The sidecar's and the temp files' names are longer than the PNG's.
+		if len(part)+len(".tmp-")+len(tempOwner)+16 > maxNameBytes {
+			return "", fmt.Errorf("%q: the file name %.40q... is %d bytes; at most %d fit with the temp file's suffix", tmpl, part, len(part), maxNameBytes-len(".tmp-")-len(tempOwner)-16)
+		}
+	}
+	out = filepath.Join(root, clean)
+	if len(out) > maxPathBytes {
+		return "", fmt.Errorf("%q: the output path is %d bytes, at most %d", tmpl, len(out), maxPathBytes)
+	}
+	return out, nil
 }
 
 // rootCheck checks that an output, once symbolic links in the part of its
@@ -453,7 +594,10 @@ func decodeStrict(name string, data []byte) (map[string]any, File, error) {
 		if err := dec.Decode(&f); err != nil {
 			return nil, f, jsonError(data, err)
 		}
-		if err := json.Unmarshal(data, &generic); err != nil {
+		// Numbers as written, so that a seed above 2^53 keeps its digits.
+		gen := json.NewDecoder(bytes.NewReader(data))
+		gen.UseNumber()
+		if err := gen.Decode(&generic); err != nil {
 			return nil, f, err
 		}
 	case ".toml":
@@ -480,6 +624,64 @@ func decodeStrict(name string, data []byte) (map[string]any, File, error) {
 	return root, f, nil
 }
 
+// checkNumbers walks the decoded tree beside the type it decodes into (t,
+// a struct with yaml tags) and reports numbers the typed decode would take
+// silently: NaN or an infinity anywhere (`scale: .nan`), and a fraction
+// where a whole number goes (`width: 8.5`, which YAML would truncate).
+func checkNumbers(v any, t reflect.Type, path string, bad func(path, format string, args ...any)) {
+	for t != nil && t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	at := func(key string) string {
+		if path == "" {
+			return key
+		}
+		return path + "." + key
+	}
+	switch x := v.(type) {
+	case map[string]any:
+		for k, e := range x {
+			var ft reflect.Type
+			if t != nil && t.Kind() == reflect.Struct {
+				for i := 0; i < t.NumField(); i++ {
+					if strings.Split(t.Field(i).Tag.Get("yaml"), ",")[0] == k {
+						ft = t.Field(i).Type
+					}
+				}
+			}
+			checkNumbers(e, ft, at(k), bad)
+		}
+	case []any:
+		var et reflect.Type
+		if t != nil && (t.Kind() == reflect.Slice || t.Kind() == reflect.Array) {
+			et = t.Elem()
+		}
+		for i, e := range x {
+			p := fmt.Sprintf("%s[%d]", path, i)
+			if path == "" {
+				p = fmt.Sprintf("[%d]", i)
+			}
+			checkNumbers(e, et, p, bad)
+		}
+	case float64:
+		switch {
+		case math.IsNaN(x) || math.IsInf(x, 0):
+			bad(path, "must be a finite number, got %v", x)
+		case t != nil && isWhole(t.Kind()) && x != math.Trunc(x):
+			bad(path, "must be a whole number, got %v", x)
+		}
+	}
+}
+
+func isWhole(k reflect.Kind) bool {
+	switch k {
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
+		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		return true
+	}
+	return false
+}
+
 // jsonError adds the line of a JSON syntax error.
 func jsonError(data []byte, err error) error {
 	var se *json.SyntaxError
@@ -491,9 +693,19 @@ func jsonError(data []byte, err error) error {
 }
 
 // normalize turns yaml's map[any]any (not produced by yaml.v3 for string
-// keys, but possible for others) into map[string]any throughout.
+// keys, but possible for others) into map[string]any throughout, and
+// JSON's numbers into int64 or uint64 where they are whole, else float64.
 func normalize(v any) any {
 	switch t := v.(type) {
+	case json.Number:
+		if i, err := strconv.ParseInt(string(t), 10, 64); err == nil {
+			return i
+		}
+		if u, err := strconv.ParseUint(string(t), 10, 64); err == nil {
+			return u
+		}
+		f, _ := t.Float64()
+		return f
 	case map[string]any:
 		for k, x := range t {
 			t[k] = normalize(x)

@@ -2,6 +2,8 @@ package jobs
 
 import (
 	"fmt"
+	"image"
+	"image/png"
 	"os"
 	"path/filepath"
 	"strings"
@@ -52,7 +54,8 @@ func TestParseExpands(t *testing.T) {
 	if last.Width != 512 || last.Height != 256 || last.SR.Steps != 10 || last.SR.Tile.Size != 128 || last.SR.Model != "demo-sr" || last.Base.Steps != 30 {
 		t.Fatalf("merged item = %+v", last)
 	}
-	if job.Items[2].Output != filepath.Join("out", "land", "0002-101.png") || job.Items[0].Class != -1 {
+	abs, _ := filepath.Abs(filepath.Join("out", "land", "0002-101.png"))
+	if job.Items[2].Output != abs || job.Items[0].Class != -1 {
 		t.Fatalf("item 2 = %+v", job.Items[2])
 	}
 }
@@ -121,15 +124,29 @@ func TestParseErrors(t *testing.T) {
 func TestImagesGlobStableOrder(t *testing.T) {
 	dir := t.TempDir()
 	for _, n := range []string{"c.png", "a.png", "b.jpg", "notes.txt"} {
-		os.WriteFile(filepath.Join(dir, n), []byte("x"), 0o644)
+		writePNG(t, filepath.Join(dir, n), 4, 4)
 	}
 	cfg := config.Default()
 	job, err := Parse(filepath.Join(dir, "up.yaml"), []byte("version: 1\noutput: \"{name}-x4.png\"\nitems:\n  - {images: \"*.png\", scale: 4, sr: {model: demo-sr}}\n"), cfg, now)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(job.Items) != 2 || filepath.Base(job.Items[0].Image) != "a.png" || filepath.Base(job.Items[1].Output) != "c-x4.png" {
+	if len(job.Items) != 2 || filepath.Base(job.Items[0].Image) != "a.png" || filepath.Base(job.Items[1].Output) != "c-x4.png" ||
+		job.Items[0].InputWidth != 4 || job.Items[0].Width != 16 {
 		t.Fatalf("items = %+v", job.Items)
+	}
+}
+
+// writePNG writes a w×h grey PNG.
+func writePNG(t testing.TB, path string, w, h int) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := png.Encode(f, image.NewGray(image.Rect(0, 0, w, h))); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -138,6 +155,7 @@ func FuzzParse(f *testing.F) {
 	f.Add("a.json", []byte(`{"version":1,"items":[{"count":2}]}`))
 	f.Add("a.toml", []byte("version = 1\n[[items]]\nseed = 3\n"))
 	cfg := config.Default()
+	root, _ := filepath.Abs(cfg.Output.Root)
 	f.Fuzz(func(t *testing.T, name string, data []byte) {
 		job, err := Parse(name, data, cfg, now)
 		if err == nil && len(job.Items) == 0 {
@@ -145,7 +163,7 @@ func FuzzParse(f *testing.F) {
 		}
 		if err == nil {
 			for _, it := range job.Items {
-				if !strings.HasPrefix(it.Output, filepath.Clean(cfg.Output.Root)+string(filepath.Separator)) {
+				if !strings.HasPrefix(it.Output, root+string(filepath.Separator)) {
 					t.Fatalf("output %q outside the root", it.Output)
 				}
 			}

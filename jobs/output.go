@@ -2,6 +2,7 @@ package jobs
 
 import (
 	"bytes"
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -64,17 +65,27 @@ func Done(it pipeline.Item) bool {
 	return hex.EncodeToString(sum[:]) == sc.PNGSHA256
 }
 
-// Write stores a finished image: the PNG (with an A1111 `parameters` chunk
-// and a `tessera` chunk holding the sidecar's JSON) and then the sidecar,
-// each atomically. The sidecar goes last, so an image whose sidecar exists
-// and matches is complete.
 // WriteOptions are what Write needs besides the image.
 type WriteOptions struct {
 	Version     string               // tessera's, recorded in the sidecar
 	Compression png.CompressionLevel // see stages.PNGCompression
 }
 
-func Write(job string, it pipeline.Item, res *pipeline.Result, o WriteOptions) error {
+// Write stores a finished image under root: the PNG (with an A1111
+// `parameters` chunk and a `tessera` chunk holding the sidecar's JSON) and
+// then the sidecar, each atomically. The sidecar goes last, so an image
+// whose sidecar exists and matches is complete.
+//
+// Every directory and file is opened relative to root with os.Root, which
+// follows no link out of it: a symbolic link made inside the output root
+// after the item was queued cannot send the image elsewhere. Such a link,
+// and an output outside root, are pipeline.ClassInvalid; an unwritable
+// root or a name too long for the file system are ClassEnvironment.
+func Write(root, job string, it pipeline.Item, res *pipeline.Result, o WriteOptions) error {
+	rel, err := filepath.Rel(root, it.Output)
+	if err != nil || rel == ".." || strings.HasPrefix(rel, ".."+string(filepath.Separator)) || filepath.IsAbs(rel) {
+		return pipeline.Invalidf("output %s is not under the output root %s", it.Output, root)
+	}
 	img, err := stages.TensorToNRGBA(res.Image, res.Channels, res.Height, res.Width)
 	if err != nil {
 		return err
@@ -92,11 +103,21 @@ func Write(job string, it pipeline.Item, res *pipeline.Result, o WriteOptions) e
 	if err := stages.EncodePNG(&buf, img, o.Compression, stages.ParametersChunk(params), stages.TesseraChunk(meta)); err != nil {
 		return fmt.Errorf("encode %s: %w", it.Output, err)
 	}
-	if err := os.MkdirAll(filepath.Dir(it.Output), 0o755); err != nil {
-		return err
+	// The root itself was checked when the item was queued; it may not
+	// exist yet where another process submitted the item.
+	if err := os.MkdirAll(root, 0o755); err != nil {
+		return pipeline.Environment(fmt.Errorf("output.root: %w", err))
 	}
-	if err := WriteFileAtomic(it.Output, buf.Bytes()); err != nil {
-		return err
+	r, err := os.OpenRoot(root)
+	if err != nil {
+		return pipeline.Environment(fmt.Errorf("output.root: %w", err))
+	}
+	defer r.Close()
+	if err := r.MkdirAll(filepath.Dir(rel), 0o755); err != nil {
+		return rootError(root, it.Output, err)
+	}
+	if err := writeInRoot(r, rel, buf.Bytes()); err != nil {
+		return rootError(root, it.Output, err)
 	}
 	sum := sha256.Sum256(buf.Bytes())
 	sc.PNGSHA256 = hex.EncodeToString(sum[:])
@@ -104,7 +125,60 @@ func Write(job string, it pipeline.Item, res *pipeline.Result, o WriteOptions) e
 	if err != nil {
 		return err
 	}
-	return WriteFileAtomic(SidecarPath(it.Output), append(side, '\n'))
+	if err := writeInRoot(r, SidecarPath(rel), append(side, '\n')); err != nil {
+		return rootError(root, SidecarPath(it.Output), err)
+	}
+	return nil
+}
+
+// rootError classifies an error of an os.Root operation: a path that
+// escapes the root (through a link) is the item's fault, the rest as
+// pipeline.Classify says.
+func rootError(root, out string, err error) error {
+	if strings.Contains(err.Error(), "escapes from parent") {
+		return pipeline.Invalidf("output %s leaves output.root %s through a symbolic link: %w", out, root, err)
+	}
+	return fmt.Errorf("write %s: %w", out, err)
+}
+
+// writeInRoot is WriteFileAtomic inside r: a temp file beside rel, written,
+// checked, synced, closed and renamed over rel, then the directory synced.
+func writeInRoot(r *os.Root, rel string, data []byte) (err error) {
+	var rnd [6]byte
+	rand.Read(rnd[:])
+	tmp := filepath.Join(filepath.Dir(rel), "."+filepath.Base(rel)+".tmp-"+tempOwner+"-"+hex.EncodeToString(rnd[:]))
+	f, err := r.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			f.Close()
+			r.Remove(tmp)
+		}
+	}()
+	n, err := f.Write(data)
+	if err == nil && n != len(data) {
+		err = errors.New("short write")
+	}
+	if err != nil {
+		return err
+	}
+	if err = f.Sync(); err != nil {
+		return err
+	}
+	if err = f.Close(); err != nil {
+		return err
+	}
+	if err = r.Rename(tmp, rel); err != nil {
+		return err
+	}
+	d, err := r.Open(filepath.Dir(rel))
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
 }
 
 // parametersOf renders the A1111 key/value line.
@@ -267,4 +341,30 @@ func RemoveStaleTemps(dir string) (int, error) {
 		return nil
 	})
 	return n, err
+}
+
+// CheckRoot makes the output root if it is missing and checks that a file
+// can be created, written and removed in it, so that a root that cannot
+// take images is found at start-up rather than after an item is computed.
+func CheckRoot(root string) error {
+	if err := os.MkdirAll(root, 0o755); err != nil {
+		return pipeline.Environment(err)
+	}
+	r, err := os.OpenRoot(root)
+	if err != nil {
+		return pipeline.Environment(err)
+	}
+	defer r.Close()
+	probe := ".tessera-write-check.tmp-" + tempOwner + "-0"
+	f, err := r.OpenFile(probe, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+	if err != nil {
+		return pipeline.Environment(fmt.Errorf("%s is not writable: %w", root, err))
+	}
+	_, werr := f.Write([]byte("ok"))
+	cerr := f.Close()
+	r.Remove(probe)
+	if werr != nil || cerr != nil {
+		return pipeline.Environment(fmt.Errorf("%s is not writable: %v", root, errors.Join(werr, cerr)))
+	}
+	return nil
 }

@@ -13,6 +13,44 @@ import (
 	"tessera/stages"
 )
 
+// A symbolic link made inside the output root after the item was queued
+// (its output checked) must not carry the image out of the root: nothing
+// is written outside, and the item fails as invalid, at once.
+func TestWriteRefusesLinkMadeAfterSubmit(t *testing.T) {
+	root, outside := t.TempDir(), t.TempDir()
+	it := pipeline.Item{Seed: 1, Width: 8, Height: 4, Class: -1, Output: filepath.Join(root, "job", "sub", "0000-1.png")}
+	res := &pipeline.Result{Image: make([]float32, 3*4*8), Channels: 3, Width: 8, Height: 4}
+	// The link appears at two depths: the output's own directory, and one above it.
+	for _, link := range []string{filepath.Join(root, "job", "sub"), filepath.Join(root, "job")} {
+		os.RemoveAll(filepath.Join(root, "job"))
+		if err := os.MkdirAll(filepath.Dir(link), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Symlink(outside, link); err != nil {
+			t.Fatal(err)
+		}
+		err := Write(root, "job", it, res, WriteOptions{Version: "test"})
+		if err == nil || pipeline.Classify(err) != pipeline.ClassInvalid || !strings.Contains(err.Error(), "leaves output.root") {
+			t.Fatalf("link %s: err = %v (%s)", link, err, pipeline.Classify(err))
+		}
+		var left []string
+		filepath.WalkDir(outside, func(p string, d os.DirEntry, err error) error {
+			if p != outside {
+				left = append(left, p)
+			}
+			return nil
+		})
+		if len(left) > 0 {
+			t.Fatalf("link %s: written outside the root: %v", link, left)
+		}
+	}
+	// An output that is not under the root at all is refused too.
+	it.Output = filepath.Join(outside, "x.png")
+	if err := Write(root, "job", it, res, WriteOptions{}); pipeline.Classify(err) != pipeline.ClassInvalid {
+		t.Fatalf("output outside the root: %v", err)
+	}
+}
+
 func TestWriteAndDone(t *testing.T) {
 	dir := t.TempDir()
 	it := pipeline.Item{Index: 3, Seed: 42, Width: 8, Height: 4, Class: -1, Output: filepath.Join(dir, "job", "0003-42.png"), SR: pipeline.StageParams{Model: "demo-sr"}}
@@ -24,7 +62,7 @@ func TestWriteAndDone(t *testing.T) {
 	if Done(it) {
 		t.Fatal("done before writing")
 	}
-	if err := Write("job", it, res, WriteOptions{Version: "test"}); err != nil {
+	if err := Write(dir, "job", it, res, WriteOptions{Version: "test"}); err != nil {
 		t.Fatal(err)
 	}
 	if !Done(it) {

@@ -38,9 +38,16 @@ const ItemKind = "tessera_item"
 // they make the same pixels (Hash, jobs.ItemHash) into the same file (Output):
 // inserting it again while one exists in any state but cancelled or discarded
 // adds nothing.
+//
+// Plan is the item's plan, made once when it was queued: its tile steps
+// give the attempt's timeout and the progress total. Root is the output
+// root the item's output was resolved under; the image is written inside
+// it, never through a link out of it.
 type ItemArgs struct {
 	Job    string        `json:"job"`
 	Item   pipeline.Item `json:"item"`
+	Plan   pipeline.Plan `json:"plan"`
+	Root   string        `json:"root"`
 	Hash   string        `json:"hash" river:"unique"`
 	Output string        `json:"output" river:"unique"`
 }
@@ -58,30 +65,16 @@ func (ItemArgs) InsertOpts() river.InsertOpts {
 // process killed while it held the item counts as an attempt.
 const MaxAttempts = 25
 
-// NewItemArgs is the queue job for an item of the named job.
-func NewItemArgs(job string, it pipeline.Item) ItemArgs {
-	return ItemArgs{Job: job, Item: it, Hash: ItemHash(it), Output: it.Output}
+// NewItemArgs is the queue job for an item of the named job, with its plan
+// and the output root it was resolved under.
+func NewItemArgs(job string, it pipeline.Item, plan pipeline.Plan, root string) ItemArgs {
+	return ItemArgs{Job: job, Item: it, Plan: plan, Root: root, Hash: ItemHash(it), Output: it.Output}
 }
 
-// PermanentError marks a failure that retrying cannot fix: invalid input, a
-// model that is missing or does not fit its contract, an unreadable image.
-type PermanentError struct{ Err error }
-
-func (e *PermanentError) Error() string { return e.Err.Error() }
-func (e *PermanentError) Unwrap() error { return e.Err }
-
-// Permanent wraps err so that the queue fails its item at once, without
-// retries; nil stays nil.
-func Permanent(err error) error {
-	if err == nil {
-		return nil
-	}
-	return &PermanentError{Err: err}
-}
-
-// ItemRunner makes and writes one item's image. Errors wrapped with
-// Permanent fail the item; others are retried with backoff.
-type ItemRunner func(ctx context.Context, job string, it pipeline.Item) error
+// ItemRunner makes and writes one item's image (see MakeItem). Errors are
+// classified by pipeline.Classify: a permanent class fails the item at
+// once with its reason; a transient one is retried with backoff.
+type ItemRunner func(ctx context.Context, a ItemArgs) error
 
 // QueueOptions configure OpenQueue.
 type QueueOptions struct {
@@ -99,7 +92,12 @@ type QueueOptions struct {
 	RescueAfter time.Duration
 	// PollEvery is how often idle workers look for new items (0 = 250ms).
 	PollEvery time.Duration
-	Logger    *slog.Logger
+	// ItemTimeout and TileTimeout bound an attempt: ItemTimeout plus
+	// TileTimeout per tile evaluation of the item's plan (0 = 1m and 1s;
+	// config queue.item_timeout and queue.tile_timeout).
+	ItemTimeout time.Duration
+	TileTimeout time.Duration
+	Logger      *slog.Logger
 }
 
 // Queue is the durable queue of work items, in River on SQLite or
@@ -174,6 +172,12 @@ func OpenQueue(ctx context.Context, opts QueueOptions) (*Queue, error) {
 	}
 	if opts.PollEvery <= 0 {
 		opts.PollEvery = 250 * time.Millisecond
+	}
+	if opts.ItemTimeout <= 0 {
+		opts.ItemTimeout = time.Minute
+	}
+	if opts.TileTimeout <= 0 {
+		opts.TileTimeout = time.Second
 	}
 	q := &Queue{opts: opts, logger: opts.Logger, id: newClientID()}
 	riverLogger := slog.New(quietHandler{opts.Logger.Handler()})
@@ -345,17 +349,29 @@ func IDs(es []Enqueued) []int64 {
 	return ids
 }
 
-// Enqueue inserts one queue job per item of job. Items the queue already
-// holds are not inserted again; a completed one whose output has since gone
-// missing (or no longer matches its sidecar) is made available again.
+// Enqueue inserts one queue job per item of job, with its plan. Items the
+// queue already holds are not inserted again; a completed one whose output
+// has since gone missing (or no longer matches its sidecar) is made
+// available again. A job without plans (Parse rather than LoadChecked), or
+// whose items cannot be encoded, is refused before anything is inserted,
+// with a *ValidationError.
 func (q *Queue) Enqueue(ctx context.Context, job *Job) ([]Enqueued, error) {
+	if len(job.Plans) != len(job.Items) {
+		return nil, &ValidationError{File: job.Path, Problems: []string{fmt.Sprintf("%d items but %d plans: load the job with its models (LoadChecked)", len(job.Items), len(job.Plans))}}
+	}
+	root := job.Root
+	for i, it := range job.Items {
+		if _, err := json.Marshal(NewItemArgs(job.Name, it, job.Plans[i], root)); err != nil {
+			return nil, &ValidationError{File: job.Path, Problems: []string{fmt.Sprintf("items (index %d): %v", it.Index, err)}}
+		}
+	}
 	out := make([]Enqueued, 0, len(job.Items))
 	const chunk = 500
 	for start := 0; start < len(job.Items); start += chunk {
 		items := job.Items[start:min(start+chunk, len(job.Items))]
 		params := make([]river.InsertManyParams, len(items))
 		for i, it := range items {
-			params[i] = river.InsertManyParams{Args: NewItemArgs(job.Name, it)}
+			params[i] = river.InsertManyParams{Args: NewItemArgs(job.Name, it, job.Plans[start+i], root)}
 		}
 		res, err := q.client.InsertMany(ctx, params)
 		if err != nil {
@@ -745,59 +761,30 @@ type itemWorker struct {
 	q *Queue
 }
 
-// Timeout bounds one attempt: a minute plus a second per estimated tile
-// evaluation, doubled, so that River's rescuer never takes a slow item for
-// a stuck one. The runner may set a tighter deadline from the real plan.
+// Timeout is River's bound on one attempt: twice the item's own
+// (attemptTimeout), so that River's rescuer never takes a slow item for a
+// stuck one before the item's own deadline has cancelled it.
 func (w *itemWorker) Timeout(job *river.Job[ItemArgs]) time.Duration {
-	return 2 * ItemTimeout(EstimateTileSteps(job.Args.Item))
+	return 2 * w.q.attemptTimeout(job.Args.Plan)
 }
 
-// ItemTimeout is the time allowed for an item of tileSteps tile
-// evaluations: a minute plus a second each.
-func ItemTimeout(tileSteps int) time.Duration {
-	return time.Minute + time.Duration(tileSteps)*time.Second
+// attemptTimeout is the time allowed for one attempt at an item of this
+// plan: queue.item_timeout plus queue.tile_timeout per tile evaluation.
+func (q *Queue) attemptTimeout(p pipeline.Plan) time.Duration {
+	return q.opts.ItemTimeout + time.Duration(p.TileSteps())*q.opts.TileTimeout
 }
 
-// EstimateTileSteps guesses an item's tile evaluations without its models:
-// a base stage and 4x SR stages of 256-pixel tiles with the steps given
-// (20 where none are), as the pipeline plans by default.
-func EstimateTileSteps(it pipeline.Item) int {
-	steps := func(p pipeline.StageParams) int {
-		s := p.Steps
-		if s <= 0 {
-			s = 20
-		}
-		if p.Guidance > 1 {
-			s *= 2
-		}
-		return s
-	}
-	n := 0
-	if it.Image == "" {
-		n += steps(it.Base)
-	}
-	tile := it.SR.Tile.Size
-	if tile <= 0 {
-		tile = 256
-	}
-	stride := max(tile-max(it.SR.Tile.Overlap, 0), tile/2)
-	w, h := max(it.Width, 256), max(it.Height, 256)
-	for w >= 64 && h >= 64 {
-		tiles := ((w + stride - 1) / stride) * ((h + stride - 1) / stride)
-		n += tiles * steps(it.SR)
-		w, h = w/4, h/4
-	}
-	return n
-}
-
-// Work makes one item. An item whose output and sidecar already exist and
-// agree is completed without work.
+// Work makes one item within its plan's timeout. An item whose output and
+// sidecar already exist and agree is completed without work. A failure of
+// a permanent class (pipeline.Classify) cancels the item with its class
+// and reason, at the first attempt; a transient one is retried.
 func (w *itemWorker) Work(ctx context.Context, job *river.Job[ItemArgs]) error {
-	it := job.Args.Item
-	if Done(it) {
+	if Done(job.Args.Item) {
 		return river.RecordOutput(ctx, itemOutput{Skipped: true})
 	}
-	err := w.q.opts.Run(ctx, job.Args.Job, it)
+	attempt, cancel := context.WithTimeout(ctx, w.q.attemptTimeout(job.Args.Plan))
+	defer cancel()
+	err := w.q.opts.Run(attempt, job.Args)
 	switch {
 	case err == nil:
 		return nil
@@ -806,9 +793,11 @@ func (w *itemWorker) Work(ctx context.Context, job *river.Job[ItemArgs]) error {
 		// queue, without counting the attempt.
 		return river.JobSnooze(0)
 	}
-	var perm *PermanentError
-	if errors.As(err, &perm) {
-		return river.JobCancel(perm.Err)
+	if c := pipeline.Classify(err); c.Permanent() {
+		return river.JobCancel(fmt.Errorf("%s: %w", c, err))
+	}
+	if ctx.Err() == nil && attempt.Err() != nil {
+		return fmt.Errorf("timed out after %s (queue.item_timeout + queue.tile_timeout × %d tile evaluations): %w", w.q.attemptTimeout(job.Args.Plan), job.Args.Plan.TileSteps(), err)
 	}
 	return err
 }

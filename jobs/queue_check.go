@@ -3,24 +3,29 @@ package jobs
 import (
 	"bytes"
 	"fmt"
+	"path/filepath"
+	"strings"
 	"time"
 	"unicode/utf8"
 
 	"tessera/config"
+	"tessera/pipeline"
 )
 
-// LoadChecked is Load followed by the checks of CheckBytes: every model the
-// file names must exist (exists returns an error for a reference that names
-// no model), each unknown model reported with its field path
-// (defaults.base.model, items[2].sr.model).
-func LoadChecked(path string, cfg config.Config, exists func(ref string) error) (*Job, error) {
-	return LoadCheckedAt(path, "", cfg, time.Now(), exists)
+// LoadChecked is Load followed by the checks of CheckBytes and the plan of
+// every item: every model the file names must be usable (describe returns
+// its manifest, or why it has none), each bad model reported with its
+// field path (defaults.base.model, items[2].sr.model), and every item's
+// plan (pipeline.MakePlan) must be made and fit the limits. The job's
+// Plans are what Enqueue stores with its items.
+func LoadChecked(path string, cfg config.Config, describe pipeline.Describe) (*Job, error) {
+	return LoadCheckedAt(path, "", cfg, time.Now(), describe)
 }
 
 // LoadCheckedAt is LoadChecked with the time that fills {date} and {time}
 // and the name a file without `name:` takes ("" = its stem). The file is
 // read, checked for encoding and decoded once.
-func LoadCheckedAt(path, defaultJob string, cfg config.Config, now time.Time, exists func(ref string) error) (*Job, error) {
+func LoadCheckedAt(path, defaultJob string, cfg config.Config, now time.Time, describe pipeline.Describe) (*Job, error) {
 	data, err := readJobFile(path, cfg)
 	if err != nil {
 		return nil, err
@@ -33,14 +38,11 @@ func LoadCheckedAt(path, defaultJob string, cfg config.Config, now time.Time, ex
 	if err != nil {
 		return nil, fmt.Errorf("job file %s: %w", path, err)
 	}
-	job, err := parseTree(path, defaultJob, root, f, cfg, now)
-	if err != nil {
+	// The models first: a bad one would fail every item's plan again.
+	if err := checkTree(path, root, cfg, existsOf(describe)); err != nil {
 		return nil, err
 	}
-	if err := checkTree(path, root, cfg, exists); err != nil {
-		return nil, err
-	}
-	return job, nil
+	return parseTree(path, defaultJob, root, f, cfg, now, describe)
 }
 
 // CheckBytes checks what Parse does not about a job file's bytes: that it
@@ -56,6 +58,17 @@ func CheckBytes(path string, data []byte, cfg config.Config, exists func(ref str
 		return &ValidationError{File: path, Problems: []string{err.Error()}}
 	}
 	return checkTree(path, root, cfg, exists)
+}
+
+// existsOf is the check of checkTree that a model is usable, from describe.
+func existsOf(describe pipeline.Describe) func(ref string) error {
+	if describe == nil {
+		return nil
+	}
+	return func(ref string) error {
+		_, err := describe(ref)
+		return err
+	}
 }
 
 func checkEncoding(path string, data []byte) error {
@@ -93,6 +106,11 @@ func checkTree(path string, root map[string]any, cfg config.Config, exists func(
 			ref, ok := sm["model"].(string)
 			if !ok || ref == "" {
 				continue
+			}
+			if strings.ContainsAny(ref, `/\`) && !filepath.IsAbs(ref) {
+				if dir, err := filepath.Abs(filepath.Dir(path)); err == nil {
+					ref = filepath.Join(dir, ref) // as expand resolves it
+				}
 			}
 			if err := exists(ref); err != nil {
 				models = append(models, fmt.Sprintf("%s.%s.model: %v", field, stage, err))

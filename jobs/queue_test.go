@@ -36,10 +36,11 @@ type queueBundle struct {
 func setup(t *testing.T, b backend, n int) queueBundle {
 	t.Helper()
 	out := t.TempDir()
-	job := &Job{Name: "t"}
+	job := &Job{Name: "t", Root: out}
 	for i := 0; i < n; i++ {
 		job.Items = append(job.Items, pipeline.Item{Index: i, Seed: uint64(100 + i), Width: 8, Height: 8, Class: -1,
 			SR: pipeline.StageParams{Model: "oracle-sr"}, Output: filepath.Join(out, fmt.Sprintf("%04d.png", i))})
+		job.Plans = append(job.Plans, testPlan)
 	}
 	return queueBundle{url: b.url(t), out: out, job: job}
 }
@@ -54,10 +55,15 @@ func open(t *testing.T, url string, run ItemRunner) *Queue {
 	return q
 }
 
+// testPlan is the plan of the queue tests' items: one base stage of one
+// tile and one step.
+var testPlan = pipeline.Plan{Width: 8, Height: 8, Stages: []pipeline.StagePlan{{Kind: "base", Width: 8, Height: 8, Steps: 1, Tiles: 1}}}
+
 // writeImage is a runner that writes a flat 8x8 image.
-func writeImage(ctx context.Context, job string, it pipeline.Item) error {
+func writeImage(ctx context.Context, a ItemArgs) error {
+	it := a.Item
 	res := &pipeline.Result{Image: make([]float32, 3*it.Width*it.Height), Channels: 3, Width: it.Width, Height: it.Height}
-	return Write(job, it, res, WriteOptions{Version: "test"})
+	return Write(a.Root, a.Job, it, res, WriteOptions{Version: "test"})
 }
 
 // waitFinal waits until every job is final and returns them.
@@ -123,7 +129,7 @@ func testUniqueOnResubmit(t *testing.T, b backend) {
 		}
 	}
 	// The same pixels to another output are another item.
-	moved := &Job{Name: "t", Items: []pipeline.Item{s.job.Items[0]}}
+	moved := &Job{Name: "t", Root: s.out, Items: []pipeline.Item{s.job.Items[0]}, Plans: []pipeline.Plan{testPlan}}
 	moved.Items[0].Output = filepath.Join(s.out, "elsewhere.png")
 	if res, err := q.Enqueue(ctx, moved); err != nil || res[0].Duplicate {
 		t.Fatalf("other output: %+v %v", res, err)
@@ -140,13 +146,13 @@ func testUniqueOnResubmit(t *testing.T, b backend) {
 func testWork(t *testing.T, b backend) {
 	s := setup(t, b, 6)
 	// Item 0 is already done before it is queued: no work for it.
-	if err := writeImage(context.Background(), "t", s.job.Items[0]); err != nil {
+	if err := writeImage(context.Background(), NewItemArgs("t", s.job.Items[0], testPlan, s.out)); err != nil {
 		t.Fatal(err)
 	}
 	var calls atomic.Int32
-	q := open(t, s.url, func(ctx context.Context, job string, it pipeline.Item) error {
+	q := open(t, s.url, func(ctx context.Context, a ItemArgs) error {
 		calls.Add(1)
-		return writeImage(ctx, job, it)
+		return writeImage(ctx, a)
 	})
 	ctx := context.Background()
 	res, err := q.Enqueue(ctx, s.job)
@@ -193,10 +199,10 @@ func testFailures(t *testing.T, b backend) {
 	s := setup(t, b, 3)
 	var transient atomic.Bool
 	transient.Store(true)
-	q := open(t, s.url, func(ctx context.Context, job string, it pipeline.Item) error {
-		switch it.Index {
+	q := open(t, s.url, func(ctx context.Context, a ItemArgs) error {
+		switch a.Item.Index {
 		case 0:
-			return Permanent(errors.New("sr.model: unknown model \"nope\""))
+			return pipeline.ModelUnusable(errors.New("sr.model: unknown model \"nope\""))
 		case 1:
 			if transient.Load() {
 				return errors.New("write: no space left on device")
@@ -205,7 +211,7 @@ func testFailures(t *testing.T, b backend) {
 			<-ctx.Done() // until cancelled
 			return ctx.Err()
 		}
-		return writeImage(ctx, job, it)
+		return writeImage(ctx, a)
 	})
 	ctx := context.Background()
 	res, err := q.Enqueue(ctx, s.job)
@@ -217,7 +223,7 @@ func testFailures(t *testing.T, b backend) {
 	}
 	waitFinal(t, q, IDs(res[:1]))
 	j, _ := q.Get(ctx, res[0].ID)
-	if j.State != "cancelled" || !strings.Contains(j.Error, `unknown model "nope"`) || j.Attempt != 1 {
+	if j.State != "cancelled" || !strings.Contains(j.Error, `model unusable: sr.model: unknown model "nope"`) || j.Attempt != 1 {
 		t.Fatalf("permanent failure: %+v", j)
 	}
 	// The transient failure is retried with backoff.
@@ -271,7 +277,7 @@ func testReap(t *testing.T, b backend) {
 	s := setup(t, b, 1)
 	release := make(chan struct{})
 	started := make(chan struct{}, 1)
-	dying := open(t, s.url, func(ctx context.Context, job string, it pipeline.Item) error {
+	dying := open(t, s.url, func(ctx context.Context, a ItemArgs) error {
 		started <- struct{}{}
 		select {
 		case <-release:
@@ -350,14 +356,6 @@ func testConcurrentOpen(t *testing.T, b backend) {
 	}
 }
 
-func TestEstimateTileSteps(t *testing.T) {
-	small := EstimateTileSteps(pipeline.Item{Width: 128, Height: 128, Base: pipeline.StageParams{Steps: 8}, SR: pipeline.StageParams{Steps: 6}})
-	big := EstimateTileSteps(pipeline.Item{Width: 4096, Height: 4096})
-	if small <= 0 || big <= small*100 {
-		t.Fatalf("estimates: small %d, big %d", small, big)
-	}
-}
-
 // UnfinishedOutputs (counted in the database) names the outputs List would
 // give for the job's unfinished items: not another job's, not a cancelled one.
 func testUnfinishedOutputs(t *testing.T, b backend) {
@@ -368,7 +366,7 @@ func testUnfinishedOutputs(t *testing.T, b backend) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	other := &Job{Name: "other", Items: []pipeline.Item{s.job.Items[0]}}
+	other := &Job{Name: "other", Root: s.out, Items: []pipeline.Item{s.job.Items[0]}, Plans: []pipeline.Plan{testPlan}}
 	other.Items[0].Output = filepath.Join(s.out, "other.png")
 	if _, err := q.Enqueue(ctx, other); err != nil {
 		t.Fatal(err)

@@ -5,6 +5,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"tessera/models"
+	"tessera/pipeline"
 	"testing"
 	"time"
 
@@ -49,7 +51,7 @@ func TestNewSchedulerNamesBadKeys(t *testing.T) {
 		},
 		Queue: nil,
 		Load: func(path string, now time.Time) (*Job, error) {
-			return LoadCheckedAt(path, "", testConfig(dir), now, nil)
+			return LoadCheckedAt(path, "", testConfig(dir), now, testModels())
 		},
 	})
 	if err == nil || !strings.Contains(err.Error(), "schedules[1].cron") || !strings.Contains(err.Error(), "schedules[2].job") || strings.Contains(err.Error(), "schedules[0]") {
@@ -61,6 +63,12 @@ func testConfig(dir string) config.Config {
 	cfg := config.Default()
 	cfg.Output.Root = filepath.Join(dir, "out")
 	return cfg
+}
+
+// testModels describes the test fixtures' models (testdata/models) and the
+// embedded demos, as a process's resolver does.
+func testModels() pipeline.Describe {
+	return models.Resolver{Dirs: []string{filepath.Join("..", "testdata", "models")}}.Manifests()
 }
 
 func writeTickJob(t *testing.T, dir string) string {
@@ -92,7 +100,7 @@ func TestSchedulerFiresOnceAndNeverOverlaps(t *testing.T) {
 	opts := SchedulerOptions{
 		Schedules: []config.Schedule{{Name: "tick", Cron: "@every 1s", Job: writeTickJob(t, dir)}},
 		Queue:     q,
-		Load:      func(path string, now time.Time) (*Job, error) { return LoadCheckedAt(path, "", cfg, now, nil) },
+		Load:      func(path string, now time.Time) (*Job, error) { return LoadCheckedAt(path, "", cfg, now, testModels()) },
 	}
 	a, err := NewScheduler(opts)
 	if err != nil {

@@ -394,8 +394,7 @@ func (w *Watcher) settle(ctx context.Context, now time.Time) {
 func (w *Watcher) take(ctx context.Context, name string) bool {
 	path := filepath.Join(w.opts.Dir, name)
 	log := w.opts.Logger.With("dir", w.opts.Dir, "file", name)
-	job, err := w.opts.Load(path)
-	if err != nil {
+	reject := func(err error) bool {
 		if _, serr := os.Stat(path); errors.Is(serr, os.ErrNotExist) {
 			return true // gone meanwhile
 		}
@@ -407,7 +406,15 @@ func (w *Watcher) take(ctx context.Context, name string) bool {
 		log.Warn("watch: rejected job file", "reason", err)
 		return true
 	}
+	job, err := w.opts.Load(path)
+	if err != nil {
+		return reject(err)
+	}
 	res, err := w.opts.Enqueue(ctx, job)
+	var verr *ValidationError
+	if errors.As(err, &verr) {
+		return reject(err) // the file's fault: trying again cannot help
+	}
 	if err != nil {
 		log.Error("watch: enqueue; will try again", "err", err)
 		return false

@@ -22,3 +22,13 @@ func init() {
 		embedded[name] = Embedded{Name: name, ONNX: onnx, Manifest: manifest}
 	}
 }
+
+// BenchPhoto is the photograph `tessera bench` upscales (a 256² crop of
+// skimage's chelsea, CC0; models/SOURCES.md), held out from the demo
+// models' training. It is embedded so that bench runs from any directory.
+//
+//go:embed bench/chelsea-256.png
+var BenchPhoto []byte
+
+// BenchPhotoName is BenchPhoto's file name.
+const BenchPhotoName = "chelsea-256.png"

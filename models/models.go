@@ -92,3 +92,45 @@ func (r Resolver) Resolve(env *onnx.Env, ref string) (*onnx.Model, error) {
 func isPlainName(ref string) bool {
 	return ref != "" && !strings.ContainsAny(ref, `/\`) && ref != "." && ref != ".."
 }
+
+// Manifest reads the manifest of the model ref names without ONNX Runtime,
+// after checking what can be checked without it: that the file is ONNX,
+// that its external data files exist and that its manifest is valid. The
+// planner needs it; a model without one is an error.
+func (r Resolver) Manifest(ref string) (*onnx.Manifest, error) {
+	e, path, err := r.Find(ref)
+	if err != nil {
+		return nil, err
+	}
+	var man *onnx.Manifest
+	if e != nil {
+		_, man, err = onnx.ReadModelBytes(e.Name, e.ONNX, e.Manifest)
+	} else {
+		_, _, man, err = onnx.ReadModelFile(path)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if man == nil {
+		return nil, fmt.Errorf("model %s has no %s manifest: the pipeline needs its kind, schedule and prediction type", ref, onnx.ManifestFile)
+	}
+	return man, nil
+}
+
+// Manifests returns Manifest with each reference's answer kept, for the
+// many items of one job file.
+func (r Resolver) Manifests() func(ref string) (*onnx.Manifest, error) {
+	type answer struct {
+		m   *onnx.Manifest
+		err error
+	}
+	seen := map[string]answer{}
+	return func(ref string) (*onnx.Manifest, error) {
+		if a, ok := seen[ref]; ok {
+			return a.m, a.err
+		}
+		m, err := r.Manifest(ref)
+		seen[ref] = answer{m, err}
+		return m, err
+	}
+}

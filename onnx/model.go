@@ -73,42 +73,72 @@ func (m *Model) Output(role string) *IO {
 	return nil
 }
 
-// LoadModel describes the model at path (external data files beside it are
-// found by ONNX Runtime) and reads tessera.yaml beside it when present.
-// The environment must be open.
-func (e *Env) LoadModel(path string) (*Model, error) {
+// ReadModelFile reads what Tessera can know of the model at path without
+// ONNX Runtime: its header (the file is mapped, not read, and tensors are
+// skipped), that its external data files exist, and tessera.yaml beside it
+// when present (nil otherwise). path may be the model's directory, holding
+// model.onnx; the file's path is returned. A truncated or random file, a
+// bad manifest or a missing .onnx_data file is an error naming the file.
+func ReadModelFile(path string) (file string, hdr *ModelHeader, man *Manifest, err error) {
 	st, err := os.Stat(path)
 	if err != nil {
-		return nil, fmt.Errorf("load model %q: %w", path, err)
+		return "", nil, nil, fmt.Errorf("load model %q: %w", path, err)
 	}
 	dir := filepath.Dir(path)
 	if st.IsDir() {
 		dir = path
 		path = filepath.Join(path, "model.onnx")
 	}
-	// The header parse walks the graph's initializers to list external data
-	// but skips their contents, so the file is mapped rather than read.
 	data, unmap, err := mapFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("load model %q: %w", path, err)
+		return "", nil, nil, fmt.Errorf("load model %q: %w", path, err)
 	}
-	hdr, err := ParseModelHeader(data) // copies every string it keeps
+	hdr, err = ParseModelHeader(data) // copies every string it keeps
 	unmap()
 	if err != nil {
-		return nil, fmt.Errorf("load model %q: %w", path, err)
+		return "", nil, nil, fmt.Errorf("load model %q: %w", path, err)
 	}
 	for _, ext := range hdr.ExternalData {
 		p := filepath.Join(dir, ext)
 		if _, err := os.Stat(p); err != nil {
-			return nil, fmt.Errorf("load model %q: external data file %q is missing: %w", path, ext, err)
+			return "", nil, nil, fmt.Errorf("load model %q: external data file %q is missing: %w", path, ext, err)
 		}
 	}
-	var man *Manifest
 	mpath := filepath.Join(dir, ManifestFile)
 	if _, err := os.Stat(mpath); err == nil {
 		if man, err = ReadManifest(mpath); err != nil {
-			return nil, fmt.Errorf("load model %q: %w", path, err)
+			return "", nil, nil, fmt.Errorf("load model %q: %w", path, err)
 		}
+	}
+	return path, hdr, man, nil
+}
+
+// ReadModelBytes is ReadModelFile for a model held in memory with its
+// manifest's bytes (nil when it has none).
+func ReadModelBytes(name string, data, manifest []byte) (*ModelHeader, *Manifest, error) {
+	hdr, err := ParseModelHeader(data)
+	if err != nil {
+		return nil, nil, fmt.Errorf("load model %q: %w", name, err)
+	}
+	if len(hdr.ExternalData) > 0 {
+		return nil, nil, fmt.Errorf("load model %q: it keeps weights in external data (%s), which needs loading from a path", name, strings.Join(hdr.ExternalData, ", "))
+	}
+	var man *Manifest
+	if manifest != nil {
+		if man, err = ParseManifest(manifest); err != nil {
+			return nil, nil, fmt.Errorf("load model %q: manifest: %w", name, err)
+		}
+	}
+	return hdr, man, nil
+}
+
+// LoadModel describes the model at path (external data files beside it are
+// found by ONNX Runtime) and reads tessera.yaml beside it when present.
+// The environment must be open.
+func (e *Env) LoadModel(path string) (*Model, error) {
+	path, hdr, man, err := ReadModelFile(path)
+	if err != nil {
+		return nil, err
 	}
 	in, out, err := ioInfo(func(o *ort.SessionOptions) ([]ort.InputOutputInfo, []ort.InputOutputInfo, error) {
 		return ort.GetInputOutputInfoWithOptions(path, o)
@@ -126,18 +156,9 @@ func (e *Env) LoadModel(path string) (*Model, error) {
 // LoadModelBytes describes a model held in memory (an embedded model); the
 // manifest bytes may be nil. External data cannot be used this way.
 func (e *Env) LoadModelBytes(name string, data, manifest []byte) (*Model, error) {
-	hdr, err := ParseModelHeader(data)
+	hdr, man, err := ReadModelBytes(name, data, manifest)
 	if err != nil {
-		return nil, fmt.Errorf("load model %q: %w", name, err)
-	}
-	if len(hdr.ExternalData) > 0 {
-		return nil, fmt.Errorf("load model %q: it keeps weights in external data (%s), which needs loading from a path", name, strings.Join(hdr.ExternalData, ", "))
-	}
-	var man *Manifest
-	if manifest != nil {
-		if man, err = ParseManifest(manifest); err != nil {
-			return nil, fmt.Errorf("load model %q: manifest: %w", name, err)
-		}
+		return nil, err
 	}
 	in, out, err := ioInfo(func(o *ort.SessionOptions) ([]ort.InputOutputInfo, []ort.InputOutputInfo, error) {
 		// GetInputOutputInfoWithONNXData takes no options; it is cheap for the small models embedded.

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math"
 	"os"
 	"runtime/debug"
 	"sort"
@@ -113,14 +112,6 @@ type SessionError struct {
 func (e *SessionError) Error() string { return e.Err.Error() }
 func (e *SessionError) Unwrap() error { return e.Err }
 
-// Transient reports whether err is worth retrying later: a session that
-// could not be created for a reason other than the providers.
-func Transient(err error) bool {
-	var se *SessionError
-	var pe *onnx.ProviderError
-	return errors.As(err, &se) && !errors.As(err, &pe)
-}
-
 // ModelStats are one model's counters.
 type ModelStats struct {
 	Model    string
@@ -166,20 +157,20 @@ func (e *Engine) runner(ref string) (*runner, error) {
 	}
 	m, err := e.resolver.Resolve(e.env, ref)
 	if err != nil {
-		return nil, err
+		return nil, ModelUnusable(err)
 	}
 	if c := m.CheckContract(); !c.Fits {
-		return nil, fmt.Errorf("model %s does not fit the %s contract: %v", ref, c.Kind, c.Problems)
+		return nil, ModelUnusable(fmt.Errorf("model %s does not fit the %s contract: %v", ref, c.Kind, c.Problems))
 	}
 	if m.Manifest == nil {
-		return nil, fmt.Errorf("model %s has no tessera.yaml manifest: the pipeline needs its schedule and prediction type", ref)
+		return nil, ModelUnusable(fmt.Errorf("model %s has no tessera.yaml manifest: the pipeline needs its schedule and prediction type", ref))
 	}
 	schedules, err := schedulesOf(m)
 	if err == nil {
 		err = schedules[stages.ClassDDIM].err // reject a bad schedule before any work
 	}
 	if err != nil {
-		return nil, fmt.Errorf("model %s: %w", ref, err)
+		return nil, ModelUnusable(fmt.Errorf("model %s: %w", ref, err))
 	}
 	r, err := e.newRunner(ref, m, e.lanes(m), schedules)
 	if err != nil {
@@ -400,75 +391,10 @@ type Progress struct {
 	TotalTiles int // the item's TileSteps
 }
 
-// Plan resolves the cascade for an item.
+// Plan is MakePlan with the engine's models: what a caller that has not
+// queued the item (bench, tests) uses to make the plan Generate takes.
 func (e *Engine) Plan(it Item) (Plan, error) {
-	if it.Width < 1 || it.Height < 1 {
-		return Plan{}, fmt.Errorf("size %dx%d: width and height must be positive", it.Width, it.Height)
-	}
-	p := Plan{Width: it.Width, Height: it.Height}
-	if it.SR.Model == "" {
-		return p, errors.New("sr.model: no SR model given")
-	}
-	srRunner, err := e.runner(it.SR.Model)
-	if err != nil {
-		return p, fmt.Errorf("sr.model: %w", err)
-	}
-	srMan := srRunner.model.Manifest
-	scale := srMan.Scale
-	var w, h, k int
-	if it.Image == "" {
-		if it.Base.Model == "" {
-			return p, errors.New("base.model: no base model given")
-		}
-		baseRunner, err := e.runner(it.Base.Model)
-		if err != nil {
-			return p, fmt.Errorf("base.model: %w", err)
-		}
-		bm := baseRunner.model.Manifest
-		if bm.Kind != onnx.KindBase {
-			return p, fmt.Errorf("base.model: %s is a %s model", it.Base.Model, bm.Kind)
-		}
-		// Every later canvas is the base times a power of the scale; a base on
-		// both models' size multiples keeps all of them on theirs.
-		mult := lcm(bm.SizeMultiple, srMan.SizeMultiple)
-		w, h, k = baseSize(it.Width, it.Height, bm.NativeSize[1], bm.NativeSize[0], scale, mult)
-		sp, err := planStage(onnx.KindBase, it.Base, baseRunner.model, w, h)
-		if err != nil {
-			return p, err
-		}
-		sp.Tiles = 1
-		p.Stages = append(p.Stages, sp)
-	} else {
-		if it.inputW == 0 {
-			return p, errors.New("image: input image not loaded")
-		}
-		w, h = it.inputW, it.inputH
-		ratio := math.Sqrt(float64(it.Width*it.Height) / float64(w*h))
-		k = max(1, int(math.Ceil(math.Log(ratio)/math.Log(float64(scale))-1e-9)))
-	}
-	if srMan.Kind != onnx.KindSR {
-		return p, fmt.Errorf("sr.model: %s is a %s model", it.SR.Model, srMan.Kind)
-	}
-	for i := 0; i < k; i++ {
-		w, h = w*scale, h*scale
-		sp, err := planStage(onnx.KindSR, it.SR, srRunner.model, w, h)
-		if err != nil {
-			return p, err
-		}
-		g, err := tileGrid(sp, srMan)
-		if err != nil {
-			return p, fmt.Errorf("sr.tile: %w", err)
-		}
-		sp.TileSize, sp.Tiles = g.TileHeight, len(g.Tiles)
-		p.Stages = append(p.Stages, sp)
-	}
-	for i := range p.Stages {
-		if p.Stages[i].Batch == 0 {
-			p.Stages[i].Batch = e.opts.Batch
-		}
-	}
-	p.Resample = w != it.Width || h != it.Height
-	return p, nil
+	return MakePlan(it, e.resolver.Manifests())
 }
 
 // tileGrid lays the stage's tiles: sizes and origins on the model's size
@@ -489,9 +415,10 @@ func lcm(a, b int) int {
 	return a / g * b
 }
 
-// Generate makes the item's image. A panic inside is recovered and
+// Generate makes the item's image by its plan (MakePlan, made when the
+// item was queued). Errors are classified (see Classify). A panic inside is recovered and
 // returned as this item's error, with the stack in the log.
-func (e *Engine) Generate(ctx context.Context, it Item, progress func(Progress)) (res *Result, err error) {
+func (e *Engine) Generate(ctx context.Context, it Item, plan Plan, progress func(Progress)) (res *Result, err error) {
 	defer func() {
 		if p := recover(); p != nil {
 			e.logger.Error("panic while generating item", "item", it.Index, "panic", p, "stack", string(debug.Stack()))
@@ -499,23 +426,29 @@ func (e *Engine) Generate(ctx context.Context, it Item, progress func(Progress))
 		}
 	}()
 	start := time.Now()
-	var img []float32
-	if it.Image != "" {
-		if img, it.inputW, it.inputH, err = LoadImage(it.Image); err != nil {
-			return nil, err
-		}
-		if it.Width == 0 || it.Height == 0 {
-			scale := it.Scale
-			if scale == 0 {
-				scale = 4
-			}
-			it.Width = int(math.Round(float64(it.inputW) * scale))
-			it.Height = int(math.Round(float64(it.inputH) * scale))
+	if len(plan.Stages) == 0 || plan.Width != it.Width || plan.Height != it.Height {
+		return nil, Invalidf("plan: %d stages to %dx%d do not make the item's %dx%d", len(plan.Stages), plan.Width, plan.Height, it.Width, it.Height)
+	}
+	plan.Stages = append([]StagePlan(nil), plan.Stages...) // the caller's stays as it was
+	for i := range plan.Stages {
+		if plan.Stages[i].Batch == 0 {
+			plan.Stages[i].Batch = e.opts.Batch // recorded; 0 is the runner's own choice
 		}
 	}
-	plan, err := e.Plan(it)
-	if err != nil {
-		return nil, err
+	var img []float32
+	w, h := it.InputWidth, it.InputHeight
+	if it.Image != "" {
+		var iw, ih int
+		var translucent bool
+		if img, iw, ih, translucent, err = loadImage(it.Image); err != nil {
+			return nil, Invalid(err)
+		}
+		if translucent {
+			e.logger.Warn("input image has transparency; composited on black", "item", it.Index, "image", it.Image)
+		}
+		if iw != w || ih != h {
+			return nil, Invalidf("image %s: %dx%d now, %dx%d when the item was queued (submit it again)", it.Image, iw, ih, w, h)
+		}
 	}
 	e.logger.Debug("cascade plan", "item", it.Index, "plan", plan)
 	total := plan.TileSteps()
@@ -527,11 +460,13 @@ func (e *Engine) Generate(ctx context.Context, it Item, progress func(Progress))
 		}
 	}
 	c := 3
-	w, h := it.inputW, it.inputH
 	for si, sp := range plan.Stages {
 		r, err := e.stageRunner(sp)
 		if err != nil {
 			return nil, err
+		}
+		if r.model.Kind != sp.Kind {
+			return nil, ModelUnusable(fmt.Errorf("%s.model: %s is a %s model now (it was queued as %s; submit it again)", sp.Kind, sp.Model, r.model.Kind, sp.Kind))
 		}
 		c = r.channels
 		if sp.Kind == onnx.KindBase {
@@ -673,7 +608,7 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 			label = int64(man.NullClass)
 		}
 		if label < 0 {
-			return nil, errors.New("class: the model is class-conditional and has no null class; give a class")
+			return nil, Invalidf("class: the model is class-conditional and has no null class; give a class")
 		}
 		classes = []int64{label}
 		if guidance != 1 && man.NullClass >= 0 && label != int64(man.NullClass) {

@@ -14,6 +14,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -44,6 +45,19 @@ func newEngine(t testing.TB, opts Options) *Engine {
 }
 
 func intp(v int) *int { return &v }
+
+// gen makes an item as the queue's worker does: its input read, its plan
+// made by the pure planner, then Generate with that plan.
+func gen(e *Engine, ctx context.Context, it Item, progress func(Progress)) (*Result, error) {
+	if err := it.SetInput(); err != nil {
+		return nil, err
+	}
+	plan, err := e.Plan(it)
+	if err != nil {
+		return nil, err
+	}
+	return e.Generate(ctx, it, plan, progress)
+}
 
 // writeGradient writes a w×h PNG with smooth colour ramps and a bright disc.
 func writeGradient(t testing.TB, w, h int) string {
@@ -92,7 +106,7 @@ func TestOracleCascadeReturnsKnownImage(t *testing.T) {
 			Base: StageParams{Model: "oracle-base", Steps: 12, Sampler: sampler},
 			SR:   StageParams{Model: "oracle-sr", Steps: 10, Strength: 1, Sampler: sampler, Tile: Tiling{Size: 48, Overlap: 8, Halo: intp(4)}},
 		}
-		res, err := e.Generate(context.Background(), it, nil)
+		res, err := gen(e, context.Background(), it, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -121,7 +135,7 @@ func TestOracleGuidance(t *testing.T) {
 	if err != nil || len(p.Stages) != 1 {
 		t.Fatalf("plan %+v, %v", p, err)
 	}
-	res, err := e.Generate(context.Background(), it, nil)
+	res, err := gen(e, context.Background(), it, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -153,7 +167,7 @@ func generateAtOnce(t *testing.T, e *Engine, it Item, n int) [][]float32 {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			res, err := e.Generate(context.Background(), it, nil)
+			res, err := gen(e, context.Background(), it, nil)
 			if err != nil {
 				t.Error(err)
 				return
@@ -172,7 +186,7 @@ func upscaleItem(path string, tile, overlap int, halo *int) Item {
 func TestTiledEqualsUntiledWithBoundedReceptiveField(t *testing.T) {
 	in := writeGradient(t, 24, 24)
 	e := newEngine(t, Options{Batch: 4})
-	untiled, err := e.Generate(context.Background(), upscaleItem(in, 96, 0, intp(0)), nil)
+	untiled, err := gen(e, context.Background(), upscaleItem(in, 96, 0, intp(0)), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -180,7 +194,7 @@ func TestTiledEqualsUntiledWithBoundedReceptiveField(t *testing.T) {
 		t.Fatalf("reference plan %+v", untiled.Plan)
 	}
 	for _, c := range []struct{ tile, overlap, halo int }{{32, 8, 3}, {40, 4, 3}, {48, 16, 5}} {
-		tiled, err := e.Generate(context.Background(), upscaleItem(in, c.tile, c.overlap, intp(c.halo)), nil)
+		tiled, err := gen(e, context.Background(), upscaleItem(in, c.tile, c.overlap, intp(c.halo)), nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -192,7 +206,7 @@ func TestTiledEqualsUntiledWithBoundedReceptiveField(t *testing.T) {
 		}
 	}
 	// A halo short of the receptive field shows at the seams: the test can fail.
-	short, err := e.Generate(context.Background(), upscaleItem(in, 32, 8, intp(0)), nil)
+	short, err := gen(e, context.Background(), upscaleItem(in, 32, 8, intp(0)), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -217,13 +231,13 @@ func TestWavefrontMatchesUntiledForEverySampler(t *testing.T) {
 			it.SR.Steps, it.SR.Strength, it.SR.Sampler, it.SR.Eta = 10, 0.8, smp.name, smp.eta
 			return it
 		}
-		untiled, err := newEngine(t, Options{Batch: 1, Lanes: 1}).Generate(context.Background(), item(96, 0, 0), nil)
+		untiled, err := gen(newEngine(t, Options{Batch: 1, Lanes: 1}), context.Background(), item(96, 0, 0), nil)
 		if err != nil {
 			t.Fatal(err)
 		}
 		for _, c := range []struct{ batch, lanes int }{{1, 1}, {4, 1}, {1, 3}, {2, 2}} {
 			e := newEngine(t, Options{Batch: c.batch, Lanes: c.lanes})
-			tiled, err := e.Generate(context.Background(), item(32, 8, 3), nil)
+			tiled, err := gen(e, context.Background(), item(32, 8, 3), nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -251,7 +265,7 @@ func TestWavefrontOverlapsSteps(t *testing.T) {
 		mu.Unlock()
 	}
 	it := upscaleItem(in, 32, 8, intp(3))
-	_, err := e.Generate(context.Background(), it, func(p Progress) {
+	_, err := gen(e, context.Background(), it, func(p Progress) {
 		mu.Lock()
 		events = append(events, fmt.Sprintf("done %d", p.Step-1))
 		mu.Unlock()
@@ -299,11 +313,11 @@ func TestPanicFailsOnlyThatItem(t *testing.T) {
 	// the next one, with nothing injected, to work (else it fails with unusable).
 	failsThenWorks := func(e *Engine, progress func(Progress), want, unusable string) {
 		t.Helper()
-		_, err := e.Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), progress)
+		_, err := gen(e, context.Background(), upscaleItem(in, 32, 8, intp(3)), progress)
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Fatalf("err = %v", err)
 		}
-		if _, err := e.Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil); err != nil {
+		if _, err := gen(e, context.Background(), upscaleItem(in, 32, 8, intp(3)), nil); err != nil {
 			t.Fatalf("%s: %v", unusable, err)
 		}
 	}
@@ -340,7 +354,7 @@ func TestCancelStopsItem(t *testing.T) {
 	in := writeGradient(t, 32, 32)
 	e := newEngine(t, Options{})
 	ctx, cancel := context.WithCancel(context.Background())
-	_, err := e.Generate(ctx, upscaleItem(in, 32, 8, intp(3)), func(p Progress) {
+	_, err := gen(e, ctx, upscaleItem(in, 32, 8, intp(3)), func(p Progress) {
 		if p.Step == 1 {
 			cancel()
 		}
@@ -384,13 +398,13 @@ func TestAutoBatch(t *testing.T) {
 	}
 	// With auto batching the engine probes, then batches, and the result is the same.
 	in := writeGradient(t, 20, 20)
-	ref, err := newEngine(t, Options{Batch: 1}).Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil)
+	ref, err := gen(newEngine(t, Options{Batch: 1}), context.Background(), upscaleItem(in, 32, 8, intp(3)), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	// One lane: with several, the CPU runs a tile per Run on each instead.
 	e := newEngine(t, Options{MemoryBudget: 2 << 30, Lanes: 1})
-	res, err := e.Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil)
+	res, err := gen(e, context.Background(), upscaleItem(in, 32, 8, intp(3)), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -404,7 +418,7 @@ func TestAutoBatch(t *testing.T) {
 
 func TestOutOfMemoryHalvesBatchThenTile(t *testing.T) {
 	in := writeGradient(t, 24, 24)
-	ref, err := newEngine(t, Options{Batch: 1}).Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil)
+	ref, err := gen(newEngine(t, Options{Batch: 1}), context.Background(), upscaleItem(in, 32, 8, intp(3)), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -419,7 +433,7 @@ func TestOutOfMemoryHalvesBatchThenTile(t *testing.T) {
 		}
 		return nil
 	}
-	res, err := e.Generate(context.Background(), upscaleItem(in, 64, 8, intp(3)), nil)
+	res, err := gen(e, context.Background(), upscaleItem(in, 64, 8, intp(3)), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -432,20 +446,73 @@ func TestOutOfMemoryHalvesBatchThenTile(t *testing.T) {
 	}
 	// A failure that is not about memory is not retried.
 	r.inject = func(h, w, rows int) error { return errors.New("graph broken") }
-	if _, err := e.Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil); err == nil || !strings.Contains(err.Error(), "graph broken") {
+	if _, err := gen(e, context.Background(), upscaleItem(in, 32, 8, intp(3)), nil); err == nil || !strings.Contains(err.Error(), "graph broken") {
 		t.Fatalf("err = %v", err)
 	}
 }
 
-func TestSessionErrorsAreTransientUnlessProviders(t *testing.T) {
-	if Transient(errors.New("size 0x0")) {
-		t.Error("a plain error counted as transient")
+func TestClassify(t *testing.T) {
+	cases := []struct {
+		name string
+		err  error
+		want ErrorClass
+	}{
+		{"plain", errors.New("run failed"), ClassTransient},
+		{"session short of memory", fmt.Errorf("base.model: %w", &SessionError{Model: "m", Err: errors.New("failed to allocate memory")}), ClassTransient},
+		{"provider", &SessionError{Model: "m", Err: &onnx.ProviderError{Provider: "cuda", Reason: "no library"}}, ClassEnvironment},
+		{"invalid, wrapped", fmt.Errorf("stage 1: %w", Invalidf("size 0x0")), ClassInvalid},
+		{"model", ModelUnusable(errors.New("not ONNX")), ClassModel},
+		{"first class wins", ModelUnusable(Invalidf("x")), ClassInvalid},
+		{"name too long", &os.PathError{Op: "open", Path: "x", Err: syscall.ENAMETOOLONG}, ClassEnvironment},
+		{"read-only", fmt.Errorf("write: %w", &os.PathError{Op: "open", Path: "x", Err: syscall.EROFS}), ClassEnvironment},
+		{"disk full", &os.PathError{Op: "write", Path: "x", Err: syscall.ENOSPC}, ClassTransient},
+		{"timeout beats its wrapping", Invalid(fmt.Errorf("stage: %w", context.DeadlineExceeded)), ClassTransient},
 	}
-	if !Transient(fmt.Errorf("base.model: %w", &SessionError{Model: "m", Err: errors.New("failed to allocate memory")})) {
-		t.Error("a session that failed for memory is not transient")
+	for _, c := range cases {
+		if got := Classify(c.err); got != c.want {
+			t.Errorf("%s: %v is %s, want %s", c.name, c.err, got, c.want)
+		}
 	}
-	if Transient(&SessionError{Model: "m", Err: &onnx.ProviderError{Provider: "cuda", Reason: "no library"}}) {
-		t.Error("a provider that cannot attach counted as transient")
+	if Invalid(nil) != nil || ClassTransient.Permanent() || !ClassModel.Permanent() {
+		t.Error("nil or permanence wrong")
+	}
+}
+
+// MakePlan is pure: it needs only the manifests, asks for the SR model only
+// where the plan has SR stages, and classifies what it refuses.
+func TestMakePlanIsPure(t *testing.T) {
+	r := models.Resolver{Dirs: []string{filepath.Join("..", "testdata", "models")}}
+	asked := map[string]int{}
+	describe := func(ref string) (*onnx.Manifest, error) {
+		asked[ref]++
+		return r.Manifest(ref)
+	}
+	// At the base model's size no SR model is needed, not even named.
+	p, err := MakePlan(Item{Width: 32, Height: 32, Base: StageParams{Model: "demo-base"}}, describe)
+	if err != nil || len(p.Stages) != 1 || p.Stages[0].Kind != "base" || asked["demo-sr"] != 0 {
+		t.Fatalf("base-size plan %+v, %v, asked %v", p, err, asked)
+	}
+	if _, err := MakePlan(Item{Width: 256, Height: 256, Base: StageParams{Model: "demo-base"}}, describe); Classify(err) != ClassInvalid || !strings.Contains(err.Error(), "sr.model") {
+		t.Fatalf("larger than native without SR: %v", err)
+	}
+	// An upscale of a 1024² input at ×4 costs what its tiles say.
+	up := Item{Image: "in.png", InputWidth: 1024, InputHeight: 1024, Width: 4096, Height: 4096, SR: StageParams{Model: "demo-sr", Steps: 20, Strength: 1}}
+	p, err = MakePlan(up, describe)
+	if err != nil || len(p.Stages) != 1 || p.Stages[0].Width != 4096 {
+		t.Fatalf("upscale plan %+v, %v", p, err)
+	}
+	if p.TileSteps() != p.Stages[0].Tiles*20 || p.TileSteps() <= 280 {
+		t.Fatalf("tile steps %d for %d tiles", p.TileSteps(), p.Stages[0].Tiles)
+	}
+	// A model that is not there, or of the wrong kind, is the model's fault.
+	if _, err := MakePlan(Item{Width: 64, Height: 64, Base: StageParams{Model: "nope"}}, describe); Classify(err) != ClassModel || !strings.Contains(err.Error(), "base.model") {
+		t.Fatalf("unknown model: %v", err)
+	}
+	if _, err := MakePlan(Item{Width: 64, Height: 64, Base: StageParams{Model: "demo-sr"}}, describe); Classify(err) != ClassModel || !strings.Contains(err.Error(), "not a base model") {
+		t.Fatalf("SR as base: %v", err)
+	}
+	if _, err := MakePlan(Item{Image: "x.png", InputWidth: 64, InputHeight: 64, Width: 256, Height: 256, SR: StageParams{Model: "demo-base"}}, describe); Classify(err) != ClassModel || !strings.Contains(err.Error(), "not an SR model") {
+		t.Fatalf("base as SR: %v", err)
 	}
 }
 
@@ -453,7 +520,7 @@ func TestSessionErrorsAreTransientUnlessProviders(t *testing.T) {
 // a Run that runs out of memory caps it like any other.
 func TestStageBatchBeatsEngineBatch(t *testing.T) {
 	in := writeGradient(t, 20, 20)
-	ref, err := newEngine(t, Options{Batch: 1, Lanes: 1}).Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil)
+	ref, err := gen(newEngine(t, Options{Batch: 1, Lanes: 1}), context.Background(), upscaleItem(in, 32, 8, intp(3)), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -469,7 +536,7 @@ func TestStageBatchBeatsEngineBatch(t *testing.T) {
 	}
 	it := upscaleItem(in, 32, 8, intp(3))
 	it.SR.Batch = 7 // more than the batcher gathers for the engine's batch of 1
-	res, err := e.Generate(context.Background(), it, nil)
+	res, err := gen(e, context.Background(), it, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -490,7 +557,7 @@ func TestStageBatchBeatsEngineBatch(t *testing.T) {
 		most = max(most, rows)
 		return nil
 	}
-	if _, err := e.Generate(context.Background(), it, nil); err != nil {
+	if _, err := gen(e, context.Background(), it, nil); err != nil {
 		t.Fatal(err)
 	}
 	if most != 1 && most != 2 || r.oomCap.Load() > 2 {
@@ -504,7 +571,7 @@ func TestStageBatchBeatsEngineBatch(t *testing.T) {
 // single session makes.
 func TestDevicesShareTheTiles(t *testing.T) {
 	in := writeGradient(t, 20, 28)
-	ref, err := newEngine(t, Options{Batch: 1, Lanes: 1}).Generate(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil)
+	ref, err := gen(newEngine(t, Options{Batch: 1, Lanes: 1}), context.Background(), upscaleItem(in, 32, 8, intp(3)), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -552,7 +619,7 @@ func TestOutOfMemorySplitStaysInItsLane(t *testing.T) {
 	}
 	it := upscaleItem(in, 32, 8, intp(3))
 	it.SR.Batch = 3
-	if _, err := e.Generate(context.Background(), it, nil); err != nil {
+	if _, err := gen(e, context.Background(), it, nil); err != nil {
 		t.Fatal(err)
 	}
 	if p := r.devs[0].peak.Load(); p != 1 {

@@ -44,16 +44,31 @@ type Item struct {
 	Height int    `json:"height"`
 	// Class is the class label for class-conditional base models; -1 = none.
 	Class int `json:"class"`
-	// Image, when set, is an input image to upscale: the cascade runs only
-	// SR stages, to Scale times its size (or to Width×Height when given).
-	Image string      `json:"image,omitempty"`
-	Scale float64     `json:"scale,omitempty"`
-	Base  StageParams `json:"base"`
-	SR    StageParams `json:"sr"`
+	// Image, when set, is an input image to upscale (an absolute path): the
+	// cascade runs only SR stages, from InputWidth×InputHeight (read from
+	// its header when the job is expanded) to Width×Height (Scale times the
+	// input, unless the job gave a size).
+	Image       string      `json:"image,omitempty"`
+	InputWidth  int         `json:"input_width,omitempty"`
+	InputHeight int         `json:"input_height,omitempty"`
+	Scale       float64     `json:"scale,omitempty"`
+	Base        StageParams `json:"base"`
+	SR          StageParams `json:"sr"`
 	// Output is the path the image is written to (resolved by the caller).
 	Output string `json:"output"`
+}
 
-	inputW, inputH int // the input image's size once loaded
+// DefaultScale is an upscale item's factor when it gives neither a scale
+// nor a size.
+const DefaultScale = 4
+
+// UpscaleSize is the output size of an upscale of a w×h input by scale (0:
+// DefaultScale).
+func UpscaleSize(w, h int, scale float64) (int, int) {
+	if scale == 0 {
+		scale = DefaultScale
+	}
+	return int(math.Round(float64(w) * scale)), int(math.Round(float64(h) * scale))
 }
 
 // StagePlan is one stage of a cascade, fully resolved.
@@ -103,6 +118,121 @@ func (p Plan) TileSteps() int {
 	return n
 }
 
+// Describe returns the manifest of the model a reference names, without
+// ONNX Runtime (models.Resolver.Manifest).
+type Describe func(ref string) (*onnx.Manifest, error)
+
+// MakePlan is the cascade for an item: its stages, their sizes, tile grids
+// and tile steps. It is a pure function of the item and its models'
+// manifests: it creates no session and starts no goroutine, so that the
+// plan can be made once, when the item is queued, and carried with it.
+// The SR model is needed only where the target is larger than the base
+// canvas (or for an upscale). Errors are classified: a model that cannot
+// be described is ClassModel, everything else ClassInvalid.
+func MakePlan(it Item, describe Describe) (Plan, error) {
+	if it.Width < 1 || it.Height < 1 {
+		return Plan{}, Invalidf("size %dx%d: width and height must be positive", it.Width, it.Height)
+	}
+	p := Plan{Width: it.Width, Height: it.Height}
+	model := func(field, ref string) (*onnx.Manifest, error) {
+		if ref == "" {
+			return nil, Invalidf("%s: no model given", field)
+		}
+		m, err := describe(ref)
+		if err != nil {
+			return nil, ModelUnusable(fmt.Errorf("%s: %w", field, err))
+		}
+		return m, nil
+	}
+	var srMan *onnx.Manifest
+	needSR := func() error {
+		if srMan != nil {
+			return nil
+		}
+		m, err := model("sr.model", it.SR.Model)
+		if err != nil {
+			return err
+		}
+		if m.Kind != onnx.KindSR {
+			return ModelUnusable(fmt.Errorf("sr.model: %s is a %s model, not an SR model", it.SR.Model, m.Kind))
+		}
+		if m.Scale < 2 {
+			return ModelUnusable(fmt.Errorf("sr.model: %s has scale %d; an SR model upscales by 2 or more", it.SR.Model, m.Scale))
+		}
+		srMan = m
+		return nil
+	}
+	var w, h, k int
+	if it.Image == "" {
+		bm, err := model("base.model", it.Base.Model)
+		if err != nil {
+			return p, err
+		}
+		if bm.Kind != onnx.KindBase {
+			return p, ModelUnusable(fmt.Errorf("base.model: %s is a %s model, not a base model", it.Base.Model, bm.Kind))
+		}
+		if len(bm.NativeSize) != 2 {
+			return p, ModelUnusable(fmt.Errorf("base.model: %s has no native_size", it.Base.Model))
+		}
+		nh, nw := bm.NativeSize[0], bm.NativeSize[1]
+		if it.SR.Model == "" {
+			// No SR model: the base stage alone, which must not run the base
+			// model beyond its native size.
+			if it.Width*it.Height > nw*nh {
+				return p, Invalidf("sr.model: none given, and %dx%d is larger than the base model's native %dx%d (set sr.model or models.default_sr)", it.Width, it.Height, nw, nh)
+			}
+			w, h, k = baseSize(it.Width, it.Height, nw, nh, 2, bm.SizeMultiple) // k = 0
+		} else {
+			if err := needSR(); err != nil {
+				return p, err
+			}
+			// Every later canvas is the base times a power of the scale; a base on
+			// both models' size multiples keeps all of them on theirs.
+			mult := lcm(bm.SizeMultiple, srMan.SizeMultiple)
+			w, h, k = baseSize(it.Width, it.Height, nw, nh, srMan.Scale, mult)
+		}
+		sp, err := planStage(onnx.KindBase, it.Base, bm, w, h)
+		if err != nil {
+			return p, Invalid(err)
+		}
+		sp.Tiles = 1
+		p.Stages = append(p.Stages, sp)
+	} else {
+		if it.InputWidth < 1 || it.InputHeight < 1 {
+			return p, Invalidf("image: input size %dx%d unknown", it.InputWidth, it.InputHeight)
+		}
+		if err := needSR(); err != nil {
+			return p, err
+		}
+		w, h = it.InputWidth, it.InputHeight
+		ratio := math.Sqrt(float64(it.Width*it.Height) / float64(w*h))
+		k = max(1, int(math.Ceil(math.Log(ratio)/math.Log(float64(srMan.Scale))-1e-9)))
+	}
+	for i := 0; i < k; i++ {
+		w, h = w*srMan.Scale, h*srMan.Scale
+		if int64(w)*int64(h) > MaxCanvasPixels {
+			return p, Invalidf("sr stage %d: a %dx%d canvas is over the %d pixels any canvas may have", i+1, w, h, MaxCanvasPixels)
+		}
+		sp, err := planStage(onnx.KindSR, it.SR, srMan, w, h)
+		if err != nil {
+			return p, Invalid(err)
+		}
+		g, err := tileGrid(sp, srMan)
+		if err != nil {
+			return p, Invalidf("sr.tile: %w", err)
+		}
+		sp.TileSize, sp.Tiles = g.TileHeight, len(g.Tiles)
+		p.Stages = append(p.Stages, sp)
+	}
+	p.Resample = w != it.Width || h != it.Height
+	return p, nil
+}
+
+// MaxCanvasPixels bounds any stage's canvas whatever limits.max_pixels
+// says (which jobs checks against the plan): 2^31 pixels, so that no size
+// computed from a canvas overflows.
+const MaxCanvasPixels = 1 << 31
+
 // Defaults of the pipeline where neither the item nor the manifest says.
 const (
 	defaultSteps    = 20
@@ -130,10 +260,9 @@ func baseSize(width, height, nativeW, nativeH, scale, mult int) (bw, bh, k int) 
 }
 
 // planStage fills a stage's parameters from the item, the manifest and the defaults.
-func planStage(kind string, p StageParams, m *onnx.Model, w, h int) (StagePlan, error) {
+func planStage(kind string, p StageParams, man *onnx.Manifest, w, h int) (StagePlan, error) {
 	sp := StagePlan{Kind: kind, Model: p.Model, Width: w, Height: h}
 	var d onnx.Defaults
-	man := m.Manifest
 	if man != nil {
 		d = man.Defaults
 	}

@@ -382,7 +382,7 @@ func (r *runner) probe(ctx context.Context, d *device, q *request) {
 		n = min(n, c) // a Run of more rows has run out of memory already
 	}
 	r.maxBatch.Store(int64(n))
-	r.logger.Info("batch chosen from the memory budget", "model", r.ref, "tile", fmt.Sprintf("%dx%d", q.w, q.h), "batch", n,
+	r.logger.Debug("batch chosen from the memory budget", "model", r.ref, "tile", fmt.Sprintf("%dx%d", q.w, q.h), "batch", n,
 		"budget_mib", r.budget>>20, "probe_growth_mib", growth>>20)
 }
 
