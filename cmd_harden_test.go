@@ -61,8 +61,15 @@ func copyDir(t *testing.T, from, to string) {
 // runIn runs tessera in dir.
 func runIn(t *testing.T, dir string, args ...string) result {
 	t.Helper()
+	return runInEnv(t, dir, nil, args...)
+}
+
+// runInEnv runs tessera in dir with env added to the environment.
+func runInEnv(t *testing.T, dir string, env []string, args ...string) result {
+	t.Helper()
 	cmd := exec.Command(tesseraBin, args...)
 	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), env...)
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	err := cmd.Run()

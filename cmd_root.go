@@ -2,9 +2,11 @@ package main
 
 import (
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"runtime/pprof"
+	"sync"
 
 	"github.com/spf13/cobra"
 
@@ -18,6 +20,7 @@ type app struct {
 	logger     *slog.Logger
 	flags      []config.Flag // subcommand flags bound to config keys
 	batch      int           // run's --batch: most tiles per Run, 0 = auto
+	logs       logSink       // where log lines go: stderr, or through the progress display
 }
 
 func newRootCmd() *cobra.Command {
@@ -73,7 +76,8 @@ models upscale it tile by tile into one seamless picture.`,
 			return err
 		}
 		a.cfg = cfg
-		a.logger = newLogger(cfg.Log)
+		a.logs.set(os.Stderr)
+		a.logger = newLogger(cfg.Log, &a.logs)
 		slog.SetDefault(a.logger)
 		return nil
 	}
@@ -82,16 +86,41 @@ models upscale it tile by tile into one seamless picture.`,
 	return root
 }
 
-func newLogger(l config.Log) *slog.Logger {
+// logSink passes log lines to a writer that may change: stderr, or the
+// progress display while it draws a bar on a terminal, which clears the
+// bar, prints the line and draws the bar again below it, so that log lines
+// never land in the middle of the bar. slog writes a record in one Write.
+type logSink struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (s *logSink) set(w io.Writer) {
+	s.mu.Lock()
+	s.w = w
+	s.mu.Unlock()
+}
+
+func (s *logSink) Write(b []byte) (int, error) {
+	s.mu.Lock()
+	w := s.w
+	s.mu.Unlock()
+	if w == nil {
+		w = os.Stderr
+	}
+	return w.Write(b)
+}
+
+func newLogger(l config.Log, w io.Writer) *slog.Logger {
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(l.Level)); err != nil {
 		level = slog.LevelInfo
 	}
 	opts := &slog.HandlerOptions{Level: level}
 	if l.Format == "json" {
-		return slog.New(slog.NewJSONHandler(os.Stderr, opts))
+		return slog.New(slog.NewJSONHandler(w, opts))
 	}
-	return slog.New(slog.NewTextHandler(os.Stderr, opts))
+	return slog.New(slog.NewTextHandler(w, opts))
 }
 
 // exitError carries a process exit code through cobra.

@@ -126,6 +126,10 @@ func (a *app) run(ctx context.Context, stop func(), files []string, stdout, stde
 	}
 	defer closeEngine()
 	prog = newProgress(stderr, len(waiting), quiet)
+	if prog.tty {
+		a.logs.set(prog) // log lines above the bar, not through it
+		defer a.logs.set(stderr)
+	}
 	if err := q.Start(ctx); err != nil {
 		return err
 	}

@@ -335,6 +335,10 @@ func TestRunGracefulStop(t *testing.T) {
 			if tc.name == "release" && st.Counts["completed"] != 0 {
 				t.Logf("an item finished before the interrupt: %v", st.Counts)
 			}
+			// An item put back by the stop is said to be requeued, not failed.
+			if out := r.out.String() + r.stderr(); strings.Contains(out, "FAILED") || tc.name == "release" && !strings.Contains(out, "stopped, requeued") {
+				t.Errorf("a requeued item reported as failed, or not at all:\n%s", out)
+			}
 			res := e.tessera(t, "run", "-q", job)
 			if res.code != 0 || !strings.Contains(res.stdout, fmt.Sprintf("%d images made, %d already done", st.Counts["available"], st.Counts["completed"])) {
 				t.Fatalf("resume: %+v", res)

@@ -138,6 +138,20 @@ func (p *progress) clear() {
 	}
 }
 
+// Write prints a log line (or lines) above the bar: the bar is cleared,
+// the line printed, and the bar drawn again, all under the display's lock.
+func (p *progress) Write(b []byte) (int, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	drawn := p.width > 0
+	p.clear()
+	n, err := p.w.Write(b)
+	if drawn {
+		p.redraw()
+	}
+	return n, err
+}
+
 func (p *progress) close() {
 	p.mu.Lock()
 	defer p.mu.Unlock()

@@ -410,7 +410,7 @@ func (c *Config) Validate() error {
 	if c.Queue.URL == "" {
 		add("queue.url", "must not be empty")
 	} else if !strings.HasPrefix(c.Queue.URL, "sqlite://") && !strings.HasPrefix(c.Queue.URL, "postgres://") && !strings.HasPrefix(c.Queue.URL, "postgresql://") {
-		add("queue.url", "%q: want sqlite://PATH or postgres://USER@HOST/DB", c.Queue.URL)
+		add("queue.url", "%q: want sqlite://PATH or postgres://USER@HOST/DB", RedactURL(c.Queue.URL))
 	}
 	if c.Workers < 1 || c.Workers > 256 {
 		add("workers", "must be between 1 and 256, got %d", c.Workers)

@@ -28,6 +28,7 @@ import (
 	"github.com/riverqueue/river/rivertype"
 	_ "modernc.org/sqlite" // database/sql driver "sqlite"
 
+	"tessera/config"
 	"tessera/pipeline"
 )
 
@@ -188,7 +189,7 @@ func OpenQueue(ctx context.Context, opts QueueOptions) (*Queue, error) {
 	case strings.HasPrefix(opts.URL, "postgres://"), strings.HasPrefix(opts.URL, "postgresql://"):
 		err = q.openPostgres(ctx, opts.URL, riverLogger)
 	default:
-		err = fmt.Errorf("queue.url %q: want sqlite://PATH or postgres://USER@HOST/DB", opts.URL)
+		err = fmt.Errorf("queue.url %q: want sqlite://PATH or postgres://USER@HOST/DB", config.RedactURL(opts.URL))
 	}
 	if err != nil {
 		q.Close()

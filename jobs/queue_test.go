@@ -1,9 +1,12 @@
 package jobs
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"os"
 	"path/filepath"
 	"slices"
@@ -11,6 +14,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/riverqueue/river"
 
 	"tessera/jobs/pgtest"
 	"tessera/pipeline"
@@ -100,6 +105,7 @@ func TestQueue(t *testing.T) {
 			t.Run("ReapDeadWorker", func(t *testing.T) { testReap(t, b) })
 			t.Run("ConcurrentOpen", func(t *testing.T) { testConcurrentOpen(t, b) })
 			t.Run("UnfinishedOutputs", func(t *testing.T) { testUnfinishedOutputs(t, b) })
+			t.Run("TimeoutFromPlan", func(t *testing.T) { testTimeoutFromPlan(t, b) })
 		})
 	}
 }
@@ -395,5 +401,105 @@ func testUnfinishedOutputs(t *testing.T, b backend) {
 	}
 	if none, err := q.UnfinishedOutputs(ctx, "nothing"); err != nil || len(none) != 0 {
 		t.Errorf("a job with no items: %q, %v", none, err)
+	}
+}
+
+// headerPNG writes the header of a w×h PNG and nothing else: enough for the
+// planner, which reads sizes from headers.
+func headerPNG(t *testing.T, path string, w, h int) {
+	t.Helper()
+	var ihdr [13]byte
+	binary.BigEndian.PutUint32(ihdr[0:], uint32(w))
+	binary.BigEndian.PutUint32(ihdr[4:], uint32(h))
+	ihdr[8], ihdr[9] = 8, 2 // 8-bit RGB
+	chunk := func(typ string, data []byte) []byte {
+		var b bytes.Buffer
+		binary.Write(&b, binary.BigEndian, uint32(len(data)))
+		b.WriteString(typ)
+		b.Write(data)
+		binary.Write(&b, binary.BigEndian, crc32.ChecksumIEEE(append([]byte(typ), data...)))
+		return b.Bytes()
+	}
+	data := append([]byte("\x89PNG\r\n\x1a\n"), chunk("IHDR", ihdr[:])...)
+	if err := os.WriteFile(path, append(data, chunk("IEND", nil)...), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// An upscale's timeout comes from its real plan, made at submit from the
+// input's header: a 1024² input at ×4 is hundreds of tile steps, and its
+// attempt is given queue.item_timeout plus queue.tile_timeout for each
+// (the old estimate, blind to the input's size, gave it 40). With a small
+// per-tile knob the item that works for most of its plan's time is not
+// cancelled, and one that outlives it is, with a reason that says so.
+func testTimeoutFromPlan(t *testing.T, b backend) {
+	dir := t.TempDir()
+	headerPNG(t, filepath.Join(dir, "big.png"), 1024, 1024)
+	path := filepath.Join(dir, "up.yaml")
+	os.WriteFile(path, []byte("version: 1\nitems:\n  - {image: big.png, scale: 4, seeds: [1, 2], sr: {model: demo-sr, steps: 20, strength: 1}}\n"), 0o644)
+	cfg := testConfig(dir)
+	job, err := LoadChecked(path, cfg, testModels())
+	if err != nil {
+		t.Fatal(err)
+	}
+	steps := job.Plans[0].TileSteps()
+	if it := job.Items[0]; it.InputWidth != 1024 || it.Width != 4096 || steps <= 280 || job.Plans[0].Stages[0].Width != 4096 {
+		t.Fatalf("item %+v, plan %+v (%d tile steps)", it, job.Plans[0], steps)
+	}
+	const perTile = 100 * time.Microsecond
+	budget := time.Millisecond + time.Duration(steps)*perTile // the attempt's timeout
+	deadlines := make(chan time.Duration, 2)
+	q, err := OpenQueue(context.Background(), QueueOptions{URL: b.url(t), Workers: 2, PollEvery: 20 * time.Millisecond,
+		ItemTimeout: time.Millisecond, TileTimeout: perTile,
+		Run: func(ctx context.Context, a ItemArgs) error {
+			d, _ := ctx.Deadline()
+			select {
+			case deadlines <- time.Until(d): // the first attempts'
+			default:
+			}
+			if a.Item.Seed == 1 {
+				time.Sleep(budget * 6 / 10) // most of its time, well past 40 tile steps' worth
+				return ctx.Err()
+			}
+			<-ctx.Done() // outlives its plan
+			return ctx.Err()
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.Close()
+	w := &itemWorker{q: q}
+	if got := w.Timeout(&river.Job[ItemArgs]{Args: NewItemArgs(job.Name, job.Items[0], job.Plans[0], job.Root)}); got != 2*budget {
+		t.Errorf("River's timeout %s, want twice %s", got, budget)
+	}
+	res, err := q.Enqueue(context.Background(), job)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := q.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		if d := <-deadlines; d > budget || d < budget*8/10 {
+			t.Errorf("attempt deadline in %s, want about %s", d, budget)
+		}
+	}
+	waitFinal(t, q, IDs(res[:1]))
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		j, _ := q.Get(context.Background(), res[1].ID)
+		if j.Error != "" { // retried with this reason (running again, perhaps)
+			if j.Final() || !strings.Contains(j.Error, "timed out after") || !strings.Contains(j.Error, fmt.Sprintf("× %d tile evaluations", steps)) {
+				t.Errorf("timed-out item's reason: %q", j.Error)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the item that outlives its plan: %+v", j)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if j, _ := q.Get(context.Background(), res[0].ID); j.State != "completed" {
+		t.Errorf("the item within its plan's time: %+v", j)
 	}
 }

@@ -629,3 +629,31 @@ func TestOutOfMemorySplitStaysInItsLane(t *testing.T) {
 		t.Errorf("batch cap after the split %d, want 1 (the first half of 3 rows)", c)
 	}
 }
+
+// An input with transparency is composited on black, and the loader says
+// it had some: a transparent pixel is black whatever colour it stores, a
+// half-transparent one half its colour, an opaque one its own.
+func TestLoadImageCompositesAlphaOnBlack(t *testing.T) {
+	img := image.NewNRGBA(image.Rect(0, 0, 3, 1))
+	img.Set(0, 0, color.NRGBA{255, 0, 0, 0})
+	img.Set(1, 0, color.NRGBA{255, 0, 0, 128})
+	img.Set(2, 0, color.NRGBA{0, 255, 0, 255})
+	path := filepath.Join(t.TempDir(), "a.png")
+	f, _ := os.Create(path)
+	png.Encode(f, img)
+	f.Close()
+	px, w, h, translucent, err := loadImage(path)
+	if err != nil || w != 3 || h != 1 || !translucent {
+		t.Fatalf("load: %v %dx%d translucent %v", err, w, h, translucent)
+	}
+	red := px[0:3]
+	if red[0] != -1 || math.Abs(float64(red[1])-(2*128.0/255-1)) > 0.01 || red[2] != -1 {
+		t.Errorf("red channel %v, want black, half, none", red)
+	}
+	if g := px[3+2]; g != 1 {
+		t.Errorf("opaque green %v", g)
+	}
+	if _, _, _, translucent, _ := loadImage(writeGradient(t, 4, 4)); translucent {
+		t.Error("an opaque image reported translucent")
+	}
+}
