@@ -200,7 +200,7 @@ func measure(ctx context.Context, eng *pipeline.Engine, name string, it pipeline
 	pipeline.ResetPeakResident()
 	before := eng.Stats()
 	start := time.Now()
-	res, err := generate(ctx, eng, it)
+	res, err := eng.Make(ctx, it, nil)
 	if err != nil {
 		return nil, nil, fmt.Errorf("%s: %w", name, err)
 	}
@@ -254,19 +254,6 @@ func median(v []float64) float64 {
 
 // benchPhoto is --image's default: the embedded photograph.
 const benchPhoto = "embedded"
-
-// generate makes an item as the queue's worker would: its input read, its
-// plan made, then Generate with the plan.
-func generate(ctx context.Context, eng *pipeline.Engine, it pipeline.Item) (*pipeline.Result, error) {
-	if err := it.SetInput(); err != nil {
-		return nil, err
-	}
-	plan, err := eng.Plan(it)
-	if err != nil {
-		return nil, err
-	}
-	return eng.Generate(ctx, it, plan, nil)
-}
 
 // dB is a PSNR in decibels. JSON has no infinity, so +Inf (identical
 // images) is written as null; tiled_identical says so in words.
@@ -327,12 +314,12 @@ func benchUpscale(ctx context.Context, eng *pipeline.Engine, path string, log io
 	}
 	fmt.Fprintf(log, "bench: upscale %s 4x, tiled and untiled ...\n", filepath.Base(path))
 	start := time.Now()
-	tiled, err := generate(ctx, eng, item(160))
+	tiled, err := eng.Make(ctx, item(160), nil)
 	if err != nil {
 		return nil, err
 	}
 	up.Seconds = time.Since(start).Seconds()
-	untiled, err := generate(ctx, eng, item(max(w, h)))
+	untiled, err := eng.Make(ctx, item(max(w, h)), nil)
 	if err != nil {
 		return nil, err
 	}

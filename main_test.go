@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -38,18 +37,7 @@ type result struct {
 // tessera runs the binary in the repository root with extra environment.
 func tessera(t *testing.T, env []string, args ...string) result {
 	t.Helper()
-	cmd := exec.Command(tesseraBin, args...)
-	cmd.Env = append(os.Environ(), env...)
-	var out, errb bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	err := cmd.Run()
-	code := 0
-	if ee, ok := err.(*exec.ExitError); ok {
-		code = ee.ExitCode()
-	} else if err != nil {
-		t.Fatal(err)
-	}
-	return result{out.String(), errb.String(), code}
+	return runInEnv(t, "", env, args...)
 }
 
 func TestVersion(t *testing.T) {

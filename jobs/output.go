@@ -209,47 +209,18 @@ func parametersOf(it pipeline.Item, p pipeline.Plan) stages.Parameters {
 }
 
 // WriteFileAtomic writes data to path so that path holds either its old
-// content or all of data, even across a crash: a temp file in the same
-// directory, written, checked, synced, closed and renamed over path, then
-// the directory synced.
-func WriteFileAtomic(path string, data []byte) (err error) {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-"+tempOwner+"-*")
+// content or all of data, even across a crash (see writeInRoot, in path's
+// directory).
+func WriteFileAtomic(path string, data []byte) error {
+	r, err := os.OpenRoot(filepath.Dir(path))
 	if err != nil {
 		return err
 	}
-	tmp := f.Name()
-	defer func() {
-		if err != nil {
-			f.Close()
-			os.Remove(tmp)
-		}
-	}()
-	n, err := f.Write(data)
-	if err == nil && n != len(data) {
-		err = errors.New("short write")
-	}
-	if err != nil {
+	defer r.Close()
+	if err := writeInRoot(r, filepath.Base(path), data); err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
-	if err = f.Chmod(0o644); err != nil {
-		return fmt.Errorf("chmod %s: %w", path, err)
-	}
-	if err = f.Sync(); err != nil {
-		return fmt.Errorf("sync %s: %w", path, err)
-	}
-	if err = f.Close(); err != nil {
-		return fmt.Errorf("close %s: %w", path, err)
-	}
-	if err = os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("rename into %s: %w", path, err)
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
+	return nil
 }
 
 // StaleTempAge is how old a temp file of another machine (or of an older

@@ -35,7 +35,7 @@ func TestDemoSRTiledMatchesUntiledAndIsSeamless(t *testing.T) {
 	// 128² -> 512²: enough tile edges for the seam score to average over.
 	path, _ := lowResPhoto(t, 2)
 	e := newEngine(t, Options{Batch: 4})
-	untiled, err := gen(e, context.Background(), demoUpscale(path, 512), nil)
+	untiled, err := e.Make(context.Background(), demoUpscale(path, 512), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -43,7 +43,7 @@ func TestDemoSRTiledMatchesUntiledAndIsSeamless(t *testing.T) {
 		t.Fatalf("untiled plan %+v", untiled.Plan)
 	}
 	for _, tile := range []int{192, 256} {
-		res, err := gen(e, context.Background(), demoUpscale(path, tile), nil)
+		res, err := e.Make(context.Background(), demoUpscale(path, tile), nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -74,13 +74,13 @@ func TestDemoSRShortHaloDiffers(t *testing.T) {
 	// differ from the untiled run, or the comparison above proves nothing.
 	path, orig := lowResPhoto(t, 4)
 	e := newEngine(t, Options{Batch: 4})
-	untiled, err := gen(e, context.Background(), demoUpscale(path, 256), nil)
+	untiled, err := e.Make(context.Background(), demoUpscale(path, 256), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	it := demoUpscale(path, 128)
 	it.SR.Tile.Halo = intp(0)
-	res, err := gen(e, context.Background(), it, nil)
+	res, err := e.Make(context.Background(), it, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

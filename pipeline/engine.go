@@ -397,6 +397,20 @@ func (e *Engine) Plan(it Item) (Plan, error) {
 	return MakePlan(it, e.resolver.Manifests())
 }
 
+// Make is what the queue does for an item, for a caller without a queue
+// (bench, tests): the input's header read (SetInput), the plan made
+// (Plan), then Generate by that plan.
+func (e *Engine) Make(ctx context.Context, it Item, progress func(Progress)) (*Result, error) {
+	if err := it.SetInput(); err != nil {
+		return nil, err
+	}
+	plan, err := e.Plan(it)
+	if err != nil {
+		return nil, err
+	}
+	return e.Generate(ctx, it, plan, progress)
+}
+
 // tileGrid lays the stage's tiles: sizes and origins on the model's size
 // multiple, so that a U-Net that downsamples by it sees each tile on the
 // same pixel grid as the whole canvas.

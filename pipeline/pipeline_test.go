@@ -46,19 +46,6 @@ func newEngine(t testing.TB, opts Options) *Engine {
 
 func intp(v int) *int { return &v }
 
-// gen makes an item as the queue's worker does: its input read, its plan
-// made by the pure planner, then Generate with that plan.
-func gen(e *Engine, ctx context.Context, it Item, progress func(Progress)) (*Result, error) {
-	if err := it.SetInput(); err != nil {
-		return nil, err
-	}
-	plan, err := e.Plan(it)
-	if err != nil {
-		return nil, err
-	}
-	return e.Generate(ctx, it, plan, progress)
-}
-
 // writeGradient writes a w×h PNG with smooth colour ramps and a bright disc.
 func writeGradient(t testing.TB, w, h int) string {
 	t.Helper()
@@ -106,7 +93,7 @@ func TestOracleCascadeReturnsKnownImage(t *testing.T) {
 			Base: StageParams{Model: "oracle-base", Steps: 12, Sampler: sampler},
 			SR:   StageParams{Model: "oracle-sr", Steps: 10, Strength: 1, Sampler: sampler, Tile: Tiling{Size: 48, Overlap: 8, Halo: intp(4)}},
 		}
-		res, err := gen(e, context.Background(), it, nil)
+		res, err := e.Make(context.Background(), it, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -135,7 +122,7 @@ func TestOracleGuidance(t *testing.T) {
 	if err != nil || len(p.Stages) != 1 {
 		t.Fatalf("plan %+v, %v", p, err)
 	}
-	res, err := gen(e, context.Background(), it, nil)
+	res, err := e.Make(context.Background(), it, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -167,7 +154,7 @@ func generateAtOnce(t *testing.T, e *Engine, it Item, n int) [][]float32 {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			res, err := gen(e, context.Background(), it, nil)
+			res, err := e.Make(context.Background(), it, nil)
 			if err != nil {
 				t.Error(err)
 				return
@@ -186,7 +173,7 @@ func upscaleItem(path string, tile, overlap int, halo *int) Item {
 func TestTiledEqualsUntiledWithBoundedReceptiveField(t *testing.T) {
 	in := writeGradient(t, 24, 24)
 	e := newEngine(t, Options{Batch: 4})
-	untiled, err := gen(e, context.Background(), upscaleItem(in, 96, 0, intp(0)), nil)
+	untiled, err := e.Make(context.Background(), upscaleItem(in, 96, 0, intp(0)), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -194,7 +181,7 @@ func TestTiledEqualsUntiledWithBoundedReceptiveField(t *testing.T) {
 		t.Fatalf("reference plan %+v", untiled.Plan)
 	}
 	for _, c := range []struct{ tile, overlap, halo int }{{32, 8, 3}, {40, 4, 3}, {48, 16, 5}} {
-		tiled, err := gen(e, context.Background(), upscaleItem(in, c.tile, c.overlap, intp(c.halo)), nil)
+		tiled, err := e.Make(context.Background(), upscaleItem(in, c.tile, c.overlap, intp(c.halo)), nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -206,7 +193,7 @@ func TestTiledEqualsUntiledWithBoundedReceptiveField(t *testing.T) {
 		}
 	}
 	// A halo short of the receptive field shows at the seams: the test can fail.
-	short, err := gen(e, context.Background(), upscaleItem(in, 32, 8, intp(0)), nil)
+	short, err := e.Make(context.Background(), upscaleItem(in, 32, 8, intp(0)), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -231,13 +218,13 @@ func TestWavefrontMatchesUntiledForEverySampler(t *testing.T) {
 			it.SR.Steps, it.SR.Strength, it.SR.Sampler, it.SR.Eta = 10, 0.8, smp.name, smp.eta
 			return it
 		}
-		untiled, err := gen(newEngine(t, Options{Batch: 1, Lanes: 1}), context.Background(), item(96, 0, 0), nil)
+		untiled, err := newEngine(t, Options{Batch: 1, Lanes: 1}).Make(context.Background(), item(96, 0, 0), nil)
 		if err != nil {
 			t.Fatal(err)
 		}
 		for _, c := range []struct{ batch, lanes int }{{1, 1}, {4, 1}, {1, 3}, {2, 2}} {
 			e := newEngine(t, Options{Batch: c.batch, Lanes: c.lanes})
-			tiled, err := gen(e, context.Background(), item(32, 8, 3), nil)
+			tiled, err := e.Make(context.Background(), item(32, 8, 3), nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -265,7 +252,7 @@ func TestWavefrontOverlapsSteps(t *testing.T) {
 		mu.Unlock()
 	}
 	it := upscaleItem(in, 32, 8, intp(3))
-	_, err := gen(e, context.Background(), it, func(p Progress) {
+	_, err := e.Make(context.Background(), it, func(p Progress) {
 		mu.Lock()
 		events = append(events, fmt.Sprintf("done %d", p.Step-1))
 		mu.Unlock()
@@ -313,11 +300,11 @@ func TestPanicFailsOnlyThatItem(t *testing.T) {
 	// the next one, with nothing injected, to work (else it fails with unusable).
 	failsThenWorks := func(e *Engine, progress func(Progress), want, unusable string) {
 		t.Helper()
-		_, err := gen(e, context.Background(), upscaleItem(in, 32, 8, intp(3)), progress)
+		_, err := e.Make(context.Background(), upscaleItem(in, 32, 8, intp(3)), progress)
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Fatalf("err = %v", err)
 		}
-		if _, err := gen(e, context.Background(), upscaleItem(in, 32, 8, intp(3)), nil); err != nil {
+		if _, err := e.Make(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil); err != nil {
 			t.Fatalf("%s: %v", unusable, err)
 		}
 	}
@@ -354,7 +341,7 @@ func TestCancelStopsItem(t *testing.T) {
 	in := writeGradient(t, 32, 32)
 	e := newEngine(t, Options{})
 	ctx, cancel := context.WithCancel(context.Background())
-	_, err := gen(e, ctx, upscaleItem(in, 32, 8, intp(3)), func(p Progress) {
+	_, err := e.Make(ctx, upscaleItem(in, 32, 8, intp(3)), func(p Progress) {
 		if p.Step == 1 {
 			cancel()
 		}
@@ -398,13 +385,13 @@ func TestAutoBatch(t *testing.T) {
 	}
 	// With auto batching the engine probes, then batches, and the result is the same.
 	in := writeGradient(t, 20, 20)
-	ref, err := gen(newEngine(t, Options{Batch: 1}), context.Background(), upscaleItem(in, 32, 8, intp(3)), nil)
+	ref, err := newEngine(t, Options{Batch: 1}).Make(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	// One lane: with several, the CPU runs a tile per Run on each instead.
 	e := newEngine(t, Options{MemoryBudget: 2 << 30, Lanes: 1})
-	res, err := gen(e, context.Background(), upscaleItem(in, 32, 8, intp(3)), nil)
+	res, err := e.Make(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -418,7 +405,7 @@ func TestAutoBatch(t *testing.T) {
 
 func TestOutOfMemoryHalvesBatchThenTile(t *testing.T) {
 	in := writeGradient(t, 24, 24)
-	ref, err := gen(newEngine(t, Options{Batch: 1}), context.Background(), upscaleItem(in, 32, 8, intp(3)), nil)
+	ref, err := newEngine(t, Options{Batch: 1}).Make(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -433,7 +420,7 @@ func TestOutOfMemoryHalvesBatchThenTile(t *testing.T) {
 		}
 		return nil
 	}
-	res, err := gen(e, context.Background(), upscaleItem(in, 64, 8, intp(3)), nil)
+	res, err := e.Make(context.Background(), upscaleItem(in, 64, 8, intp(3)), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -446,7 +433,7 @@ func TestOutOfMemoryHalvesBatchThenTile(t *testing.T) {
 	}
 	// A failure that is not about memory is not retried.
 	r.inject = func(h, w, rows int) error { return errors.New("graph broken") }
-	if _, err := gen(e, context.Background(), upscaleItem(in, 32, 8, intp(3)), nil); err == nil || !strings.Contains(err.Error(), "graph broken") {
+	if _, err := e.Make(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil); err == nil || !strings.Contains(err.Error(), "graph broken") {
 		t.Fatalf("err = %v", err)
 	}
 }
@@ -520,7 +507,7 @@ func TestMakePlanIsPure(t *testing.T) {
 // a Run that runs out of memory caps it like any other.
 func TestStageBatchBeatsEngineBatch(t *testing.T) {
 	in := writeGradient(t, 20, 20)
-	ref, err := gen(newEngine(t, Options{Batch: 1, Lanes: 1}), context.Background(), upscaleItem(in, 32, 8, intp(3)), nil)
+	ref, err := newEngine(t, Options{Batch: 1, Lanes: 1}).Make(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -536,7 +523,7 @@ func TestStageBatchBeatsEngineBatch(t *testing.T) {
 	}
 	it := upscaleItem(in, 32, 8, intp(3))
 	it.SR.Batch = 7 // more than the batcher gathers for the engine's batch of 1
-	res, err := gen(e, context.Background(), it, nil)
+	res, err := e.Make(context.Background(), it, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -557,7 +544,7 @@ func TestStageBatchBeatsEngineBatch(t *testing.T) {
 		most = max(most, rows)
 		return nil
 	}
-	if _, err := gen(e, context.Background(), it, nil); err != nil {
+	if _, err := e.Make(context.Background(), it, nil); err != nil {
 		t.Fatal(err)
 	}
 	if most != 1 && most != 2 || r.oomCap.Load() > 2 {
@@ -571,7 +558,7 @@ func TestStageBatchBeatsEngineBatch(t *testing.T) {
 // single session makes.
 func TestDevicesShareTheTiles(t *testing.T) {
 	in := writeGradient(t, 20, 28)
-	ref, err := gen(newEngine(t, Options{Batch: 1, Lanes: 1}), context.Background(), upscaleItem(in, 32, 8, intp(3)), nil)
+	ref, err := newEngine(t, Options{Batch: 1, Lanes: 1}).Make(context.Background(), upscaleItem(in, 32, 8, intp(3)), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -619,7 +606,7 @@ func TestOutOfMemorySplitStaysInItsLane(t *testing.T) {
 	}
 	it := upscaleItem(in, 32, 8, intp(3))
 	it.SR.Batch = 3
-	if _, err := gen(e, context.Background(), it, nil); err != nil {
+	if _, err := e.Make(context.Background(), it, nil); err != nil {
 		t.Fatal(err)
 	}
 	if p := r.devs[0].peak.Load(); p != 1 {
