@@ -60,7 +60,7 @@ func (r Resolver) Find(ref string) (embedded *Embedded, path string, err error) 
 	}
 	if isPlainName(ref) {
 		for _, dir := range r.Dirs {
-			for _, p := range []string{filepath.Join(dir, ref, "model.onnx"), filepath.Join(dir, ref+".onnx")} {
+			for _, p := range []string{filepath.Join(dir, ref, "model.onnx"), filepath.Join(dir, ref, "unet", "model.onnx"), filepath.Join(dir, ref+".onnx")} {
 				if _, err := os.Stat(p); err == nil {
 					return nil, p, nil
 				}
@@ -112,7 +112,7 @@ func (r Resolver) Manifest(ref string) (*onnx.Manifest, error) {
 		return nil, err
 	}
 	if man == nil {
-		return nil, fmt.Errorf("model %s has no %s manifest: the pipeline needs its kind, schedule and prediction type", ref, onnx.ManifestFile)
+		return nil, fmt.Errorf("model %s has neither a %s nor a diffusers config.json: the pipeline needs its kind, schedule and prediction type", ref, onnx.ManifestFile)
 	}
 	return man, nil
 }

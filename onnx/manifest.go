@@ -35,6 +35,39 @@ const (
 	KindSR   = "sr"
 )
 
+// Spaces a model's canvas may be in.
+const (
+	SpacePixel  = "pixel"
+	SpaceLatent = "latent"
+)
+
+// LearnedVariance reports whether the prediction output carries a learned
+// variance after the prediction (2C channels).
+func (m *Manifest) LearnedVariance() bool {
+	return m.VarianceType == "learned" || m.VarianceType == "learned_range"
+}
+
+// splitString renders the channels of sample and prediction.
+func (m *Manifest) splitString() string {
+	s := fmt.Sprintf("%d channels", m.Channels)
+	if m.LowresConcat {
+		s = fmt.Sprintf("sample = [%d noisy | %d low-res]", m.Channels, m.Lowres())
+	}
+	if m.LearnedVariance() {
+		s += ", output + learned variance"
+	}
+	return s
+}
+
+// Lowres is L, the channels of the low-res conditioning: those of a
+// concatenated sample's second part, or of a separate lowres input (C).
+func (m *Manifest) Lowres() int {
+	if m.LowresConcat && m.LowresChannels > 0 {
+		return m.LowresChannels
+	}
+	return m.Channels
+}
+
 // Prediction types.
 const (
 	PredEpsilon = "epsilon"
@@ -45,25 +78,52 @@ const (
 // Manifest is a model's tessera.yaml: the roles of its inputs and outputs and
 // what the sampler must know about it. Decoding is strict.
 type Manifest struct {
-	Version        int               `yaml:"version" json:"version,omitempty"`
-	Kind           string            `yaml:"kind" json:"kind,omitempty"`
-	Prediction     string            `yaml:"prediction" json:"prediction,omitempty"`
-	Inputs         map[string]string `yaml:"inputs" json:"inputs,omitempty"`
-	Outputs        map[string]string `yaml:"outputs" json:"outputs,omitempty"`
-	LowresConcat   bool              `yaml:"lowres_concat" json:"lowres_concat,omitempty"`
-	Channels       int               `yaml:"channels" json:"channels,omitempty"`
-	NativeSize     []int             `yaml:"native_size" json:"native_size,omitempty"`
-	Scale          int               `yaml:"scale" json:"scale,omitempty"`
-	SizeMultiple   int               `yaml:"size_multiple" json:"size_multiple,omitempty"`
-	ReceptiveField int               `yaml:"receptive_field" json:"receptive_field,omitempty"`
-	Classes        int               `yaml:"classes" json:"classes,omitempty"`
-	NullClass      int               `yaml:"null_class" json:"null_class,omitempty"`
-	Schedule       Schedule          `yaml:"schedule" json:"schedule,omitempty"`
+	Version      int               `yaml:"version" json:"version,omitempty"`
+	Kind         string            `yaml:"kind" json:"kind,omitempty"`
+	Prediction   string            `yaml:"prediction" json:"prediction,omitempty"`
+	Inputs       map[string]string `yaml:"inputs" json:"inputs,omitempty"`
+	Outputs      map[string]string `yaml:"outputs" json:"outputs,omitempty"`
+	LowresConcat bool              `yaml:"lowres_concat" json:"lowres_concat,omitempty"`
+	// LowresChannels is L of a concatenated sample [C noisy | L low-res]
+	// (lowres_concat); 0 means L = channels.
+	LowresChannels int `yaml:"lowres_channels" json:"lowres_channels,omitempty"`
+	// Channels is C, the channels of the noisy sample and of the prediction.
+	Channels int `yaml:"channels" json:"channels,omitempty"`
+	// VarianceType is the scheduler's variance_type: with learned or
+	// learned_range the prediction output has 2C channels, prediction then
+	// variance, and the samplers use the first C (as diffusers' DDIM, Euler
+	// and DPM-Solver do).
+	VarianceType string `yaml:"variance_type" json:"variance_type,omitempty"`
+	// NoiseLevelMax, when positive, says the noise_level input takes the
+	// augmentation level in the model's own units, an integer in
+	// [0, noise_level_max] (the ×4 upscaler's class_labels: 350, DeepFloyd
+	// IF II's: 1000): a job's noise_level in [0, 1] is fed as that fraction
+	// of it, rounded, and the low-res image is noised at that timestep of
+	// NoiseScheduler's schedule (the model's own when empty).
+	NoiseLevelMax  int    `yaml:"noise_level_max" json:"noise_level_max,omitempty"`
+	NoiseScheduler string `yaml:"noise_scheduler_config" json:"noise_scheduler_config,omitempty"`
+	// Space is pixel (the default) or latent; a latent model's canvas needs
+	// its autoencoder to become an image.
+	Space          string   `yaml:"space" json:"space,omitempty"`
+	NativeSize     []int    `yaml:"native_size" json:"native_size,omitempty"`
+	Scale          int      `yaml:"scale" json:"scale,omitempty"`
+	SizeMultiple   int      `yaml:"size_multiple" json:"size_multiple,omitempty"`
+	ReceptiveField int      `yaml:"receptive_field" json:"receptive_field,omitempty"`
+	Classes        int      `yaml:"classes" json:"classes,omitempty"`
+	NullClass      int      `yaml:"null_class" json:"null_class,omitempty"`
+	Schedule       Schedule `yaml:"schedule" json:"schedule,omitempty"`
 	// SchedulerConfig names a diffusers scheduler_config.json, relative to the manifest.
 	SchedulerConfig string   `yaml:"scheduler_config" json:"scheduler_config,omitempty"`
 	Defaults        Defaults `yaml:"defaults" json:"defaults,omitempty"`
 	Description     string   `yaml:"description" json:"description,omitempty"`
 	License         string   `yaml:"license" json:"license,omitempty"`
+
+	// Facts say where each thing Tessera knows of the model came from (the
+	// diffusers configs, tessera.yaml), for inspect.
+	Facts []Fact `yaml:"-" json:"facts,omitempty"`
+	// Conflicts are where tessera.yaml contradicts the diffusers configs
+	// (tessera.yaml wins); the engine logs them once.
+	Conflicts []string `yaml:"-" json:"conflicts,omitempty"`
 }
 
 // Schedule holds diffusers-style noise schedule keys.
@@ -98,6 +158,19 @@ func ReadManifest(path string) (*Manifest, error) {
 	}
 	if m.SchedulerConfig != "" && !filepath.IsAbs(m.SchedulerConfig) {
 		m.SchedulerConfig = filepath.Join(filepath.Dir(path), m.SchedulerConfig)
+	}
+	if m.SchedulerConfig != "" {
+		var sh schedulerHead
+		if _, err := readJSON(m.SchedulerConfig, &sh); err == nil && sh.PredictionType != nil && *sh.PredictionType != m.Prediction {
+			m.Conflicts = append(m.Conflicts, fmt.Sprintf("prediction: %s says %s, %s prediction_type %s; %s wins", ManifestFile, m.Prediction, filepath.Base(m.SchedulerConfig), *sh.PredictionType, ManifestFile))
+		}
+	}
+	for _, f := range []Fact{{"kind", m.Kind, ""}, {"prediction", m.Prediction, ""}, {"split", m.splitString(), ""}, {"scale", fmt.Sprint(m.Scale), ""}} {
+		f.From = ManifestFile
+		m.Facts = append(m.Facts, f)
+	}
+	if m.NoiseScheduler != "" && !filepath.IsAbs(m.NoiseScheduler) {
+		m.NoiseScheduler = filepath.Join(filepath.Dir(path), m.NoiseScheduler)
 	}
 	return m, nil
 }
@@ -160,8 +233,24 @@ func (m *Manifest) validate() error {
 	if m.Outputs[RolePrediction] == "" {
 		add("outputs.prediction: required")
 	}
-	if m.Channels < 1 {
-		add("channels: must be positive")
+	if m.Channels < 1 || m.Channels > 64 {
+		add("channels: must be in [1, 64]")
+	}
+	if m.LowresChannels < 0 || m.LowresChannels > 64 || m.LowresChannels > 0 && !m.LowresConcat {
+		add("lowres_channels: %d: give it with lowres_concat: true, at most 64", m.LowresChannels)
+	}
+	switch m.VarianceType {
+	case "", "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range":
+	default:
+		add("variance_type: %q (want fixed_small, fixed_small_log, fixed_large, fixed_large_log, learned or learned_range)", m.VarianceType)
+	}
+	if m.NoiseLevelMax < 0 {
+		add("noise_level_max: must not be negative")
+	}
+	switch m.Space {
+	case "", SpacePixel, SpaceLatent:
+	default:
+		add("space: %q (want pixel or latent)", m.Space)
 	}
 	if m.SizeMultiple < 1 {
 		add("size_multiple: must be positive")
@@ -178,8 +267,11 @@ func (m *Manifest) validate() error {
 		}
 	}
 	if m.Kind == KindSR {
-		if m.Scale < 2 {
+		if m.Scale < 2 && m.Space != SpaceLatent {
 			add("scale: an sr model needs a scale of at least 2")
+		}
+		if m.Space == SpaceLatent && m.Scale != 1 && m.Scale != 0 {
+			add("scale: a latent sr model denoises at the low-res size; its factor is its decoder's")
 		}
 		if m.LowresConcat && m.Inputs[RoleLowres] != "" {
 			add("inputs.lowres: must be absent when lowres_concat is true")

@@ -87,7 +87,13 @@ func ReadModelFile(path string) (file string, hdr *ModelHeader, man *Manifest, e
 	dir := filepath.Dir(path)
 	if st.IsDir() {
 		dir = path
-		path = filepath.Join(path, "model.onnx")
+		// A diffusers pipeline folder: its U-Net.
+		if _, err := os.Stat(filepath.Join(dir, "model.onnx")); err != nil {
+			if _, err := os.Stat(filepath.Join(dir, "unet", "model.onnx")); err == nil {
+				dir = filepath.Join(dir, "unet")
+			}
+		}
+		path = filepath.Join(dir, "model.onnx")
 	}
 	data, unmap, err := mapFile(path)
 	if err != nil {
@@ -104,11 +110,30 @@ func ReadModelFile(path string) (file string, hdr *ModelHeader, man *Manifest, e
 			return "", nil, nil, fmt.Errorf("load model %q: external data file %q is missing: %w", path, ext, err)
 		}
 	}
+	derived, err := readDiffusers(dir)
+	if err != nil {
+		return "", nil, nil, fmt.Errorf("load model %q: %w", path, err)
+	}
 	mpath := filepath.Join(dir, ManifestFile)
-	if _, err := os.Stat(mpath); err == nil {
+	_, statErr := os.Stat(mpath)
+	switch {
+	case statErr == nil && derived != nil:
+		data, err := os.ReadFile(mpath)
+		if err == nil {
+			man, err = overlay(derived, data, mpath)
+		}
+		if err != nil {
+			return "", nil, nil, fmt.Errorf("load model %q: %w", path, err)
+		}
+	case statErr == nil:
 		if man, err = ReadManifest(mpath); err != nil {
 			return "", nil, nil, fmt.Errorf("load model %q: %w", path, err)
 		}
+	case derived != nil:
+		if err := derived.validate(); err != nil {
+			return "", nil, nil, fmt.Errorf("load model %q: from its diffusers configs: %w", path, err)
+		}
+		man = derived
 	}
 	return path, hdr, man, nil
 }
@@ -355,6 +380,12 @@ func (m *Model) Channels() int {
 	return 3
 }
 
+// ContextUnfed is why a model that takes context embeddings cannot run
+// yet: the contract check, inspect and the planner all say it so.
+func ContextUnfed(input string) string {
+	return fmt.Sprintf("input %q (context) takes text embeddings [B,L,D], which Tessera cannot feed yet", input)
+}
+
 // Contract is the verdict on whether a model can serve as a base or SR stage.
 type Contract struct {
 	Kind     string   `json:"kind"`
@@ -389,9 +420,12 @@ func (m *Model) CheckContract() Contract {
 			bad("input %q (%s): %d channels, want %d", io.Name, role, io.Shape[1], channels)
 		}
 	}
-	sampleCh := ch
+	sampleCh, outCh := ch, ch
 	if m.Kind == KindSR && m.Manifest != nil && m.Manifest.LowresConcat {
-		sampleCh = 2 * ch
+		sampleCh = ch + int64(m.Manifest.Lowres())
+	}
+	if m.Manifest != nil && m.Manifest.LearnedVariance() {
+		outCh = 2 * ch
 	}
 	image(m.Input(RoleSample), RoleSample, sampleCh)
 	scalarOrBatch := func(role string, required bool) {
@@ -420,8 +454,8 @@ func (m *Model) CheckContract() Contract {
 			bad("input %q (class): %s %s, want int64 [B]", io.Name, io.Type, io.ShapeString())
 		}
 	}
-	if io := m.Input(RoleContext); io != nil && (!io.Type.isFloat() || len(io.Shape) != 3) {
-		bad("input %q (context): %s %s, want float [B,L,D]", io.Name, io.Type, io.ShapeString())
+	if io := m.Input(RoleContext); io != nil {
+		bad("%s", ContextUnfed(io.Name))
 	}
 	switch m.Kind {
 	case KindBase:
@@ -431,6 +465,9 @@ func (m *Model) CheckContract() Contract {
 	case KindSR:
 		if m.Manifest == nil || !m.Manifest.LowresConcat {
 			image(m.Input(RoleLowres), RoleLowres, ch)
+		}
+		if io := m.Input(RoleNoiseLevel); io != nil && io.Type.isInt() && (m.Manifest == nil || m.Manifest.NoiseLevelMax <= 0) {
+			bad("input %q (noise_level) is an integer: the manifest must say noise_level_max, the level in the model's units", io.Name)
 		}
 		scalarOrBatch(RoleNoiseLevel, false)
 	default:
@@ -442,8 +479,14 @@ func (m *Model) CheckContract() Contract {
 		bad("no prediction output (a 4-D float output, or one named in the manifest)")
 	case !out.Type.isFloat() || len(out.Shape) != 4:
 		bad("output %q (prediction): %s %s, want float [B,C,H,W]", out.Name, out.Type, out.ShapeString())
-	case out.Shape[1] > 0 && out.Shape[1] != ch:
-		bad("output %q (prediction): %d channels, want %d", out.Name, out.Shape[1], ch)
+	case out.Shape[1] > 0 && out.Shape[1] != outCh:
+		why := ""
+		if outCh == 2*ch {
+			why = " (prediction and learned variance)"
+		} else if out.Shape[1] == 2*ch {
+			why = " (2C channels: set variance_type: learned_range if the second half is a learned variance)"
+		}
+		bad("output %q (prediction): %d channels, want %d%s", out.Name, out.Shape[1], outCh, why)
 	}
 	c.Fits = len(c.Problems) == 0
 	return c

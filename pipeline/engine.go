@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"os"
 	"runtime/debug"
 	"sort"
@@ -163,7 +164,10 @@ func (e *Engine) runner(ref string) (*runner, error) {
 		return nil, ModelUnusable(fmt.Errorf("model %s does not fit the %s contract: %v", ref, c.Kind, c.Problems))
 	}
 	if m.Manifest == nil {
-		return nil, ModelUnusable(fmt.Errorf("model %s has no tessera.yaml manifest: the pipeline needs its schedule and prediction type", ref))
+		return nil, ModelUnusable(fmt.Errorf("model %s has neither a tessera.yaml nor a diffusers config.json: the pipeline needs its kind, schedule and prediction type", ref))
+	}
+	for _, c := range m.Manifest.Conflicts {
+		e.logger.Warn("model: tessera.yaml contradicts the diffusers configs", "model", ref, "conflict", c)
 	}
 	schedules, err := schedulesOf(m)
 	if err == nil {
@@ -223,6 +227,13 @@ func (e *Engine) newRunner(ref string, m *onnx.Model, lanes int, schedules map[s
 		ref: ref, model: m, channels: m.Channels(), lanes: lanes, schedules: schedules,
 		reqs: make(chan *request, 64), logger: e.logger,
 	}
+	r.lowresCh, r.outCh = r.channels, r.channels
+	if man := m.Manifest; man != nil {
+		r.lowresCh, r.concat = man.Lowres(), man.LowresConcat
+		if man.LearnedVariance() {
+			r.outCh = 2 * r.channels
+		}
+	}
 	for _, id := range ids {
 		o := onnx.SessionOptions{Concurrent: concurrent * lanes * len(ids)}
 		if id >= 0 {
@@ -246,6 +257,7 @@ func (e *Engine) newRunner(ref string, m *onnx.Model, lanes int, schedules map[s
 	}
 	if nl := m.Input(onnx.RoleNoiseLevel); nl != nil {
 		r.scalarNoise = len(nl.Shape) == 0 || nl.Shape[0] == 1
+		r.intNoise = nl.Type == onnx.Int64 || nl.Type == onnx.Int32
 	}
 	switch {
 	case e.opts.Batch > 0:
@@ -482,10 +494,12 @@ func (e *Engine) Generate(ctx context.Context, it Item, plan Plan, progress func
 		if r.model.Kind != sp.Kind {
 			return nil, ModelUnusable(fmt.Errorf("%s.model: %s is a %s model now (it was queued as %s; submit it again)", sp.Kind, sp.Model, r.model.Kind, sp.Kind))
 		}
-		c = r.channels
 		if sp.Kind == onnx.KindBase {
 			img, err = e.runStage(ctx, it, si, sp, r, nil, report)
 		} else {
+			if c != r.lowresCh {
+				return nil, ModelUnusable(fmt.Errorf("sr.model: %s takes a %d-channel low-res image; stage %d gets %d channels", sp.Model, r.lowresCh, si, c))
+			}
 			prev, stageStart := img, done
 			for {
 				up := make([]float32, c*sp.Height*sp.Width)
@@ -524,7 +538,7 @@ func (e *Engine) Generate(ctx context.Context, it Item, plan Plan, progress func
 			}
 			return nil, fmt.Errorf("stage %d (%s, %dx%d): %w", si, sp.Kind, sp.Width, sp.Height, err)
 		}
-		w, h = sp.Width, sp.Height
+		w, h, c = sp.Width, sp.Height, r.channels
 	}
 	if plan.Resample {
 		out := make([]float32, c*it.Height*it.Width)
@@ -566,35 +580,54 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 	// so that no canvas-sized noise buffer outlives this setup.
 	// The two noise canvases are independent streams: draw them at once.
 	x := make([]float32, n)
-	var cond []float32 // the augmented conditioning the model sees
+	L := r.lowresCh
+	var cond []float32 // the augmented conditioning the model sees, L channels
 	var setup errgroup.Group
 	setup.Go(func() error {
 		return (stages.Noise{Seed: it.Seed, Stream: stages.StageStream(stream, si)}).Fill(x, 0, c, 0, 0, H, W)
 	})
 	if lowres != nil {
-		cond = make([]float32, n)
+		cond = make([]float32, L*H*W)
 		setup.Go(func() error {
-			return (stages.Noise{Seed: it.Seed, Stream: stages.StageStream(stages.StreamAug, si)}).Fill(cond, 0, c, 0, 0, H, W)
+			return (stages.Noise{Seed: it.Seed, Stream: stages.StageStream(stages.StreamAug, si)}).Fill(cond, 0, L, 0, 0, H, W)
 		})
 	}
 	if err := setup.Wait(); err != nil {
 		return nil, err
 	}
-	if lowres == nil {
+	// A sample of other channels than its low-res image (latents beside
+	// pixels) cannot start from that image: it starts from noise, as a base
+	// stage does (MakePlan holds its strength to 1).
+	fromNoise := lowres == nil || c != L
+	if fromNoise {
 		s := float32(sampler.InitNoiseSigma())
 		for i := range x {
 			x[i] *= s
 		}
-	} else {
+	}
+	if lowres != nil {
+		// The augmentation level: the job's fraction, or in the model's
+		// own units (an integer timestep of its noising schedule).
+		abar, level := sched.AlphasCumprod, sp.NoiseLevel
+		if man := r.model.Manifest; man.NoiseLevelMax > 0 {
+			if r.noiseAbar != nil {
+				abar = r.noiseAbar
+			}
+			level = math.Min(sp.NoiseLevelModel/float64(len(abar)-1), 1)
+		}
 		// Both are elementwise: each band of rows (in every channel) on its own core.
 		err := stages.InBands(H, 64, func(y0, y1 int) error {
-			for ch := 0; ch < c; ch++ {
+			for ch := 0; ch < max(c, L); ch++ {
 				lo, hi := ch*H*W+y0*W, ch*H*W+y1*W
-				if err := sampler.AddNoise(x[lo:hi], lowres[lo:hi], x[lo:hi]); err != nil {
-					return err
+				if !fromNoise {
+					if err := sampler.AddNoise(x[lo:hi], lowres[lo:hi], x[lo:hi]); err != nil {
+						return err
+					}
 				}
-				if err := stages.NoiseAugment(cond[lo:hi], lowres[lo:hi], cond[lo:hi], sched.AlphasCumprod, sp.NoiseLevel); err != nil {
-					return err
+				if ch < L {
+					if err := stages.NoiseAugment(cond[lo:hi], lowres[lo:hi], cond[lo:hi], abar, level); err != nil {
+						return err
+					}
 				}
 			}
 			return nil
@@ -632,7 +665,11 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 	if len(classes) < 2 {
 		guidance = 1
 	}
-	in := stepInputs{batch: sp.Batch, noiseLevel: float32(sp.NoiseLevel), classes: classes, guidance: guidance}
+	noiseLevel := sp.NoiseLevel
+	if man.NoiseLevelMax > 0 {
+		noiseLevel = sp.NoiseLevelModel
+	}
+	in := stepInputs{batch: sp.Batch, noiseLevel: float32(noiseLevel), classes: classes, guidance: guidance}
 	err = wavefront(ctx, r, grid, sampler, x, cond, in, func(step, rows int) { report(si, step, sampler.Len(), rows) })
 	if err != nil {
 		if isOutOfMemory(err) {
@@ -772,7 +809,7 @@ func wavefront(ctx context.Context, r *runner, grid *stages.TileGrid, smp stages
 				return err
 			}
 			if lowres != nil {
-				return grid.Extract(lowres, cond, c, tile)
+				return grid.Extract(lowres, cond, r.lowresCh, tile)
 			}
 			return nil
 		}

@@ -75,6 +75,7 @@ func UpscaleSize(w, h int, scale float64) (int, int) {
 type StagePlan struct {
 	Kind       string  `json:"kind"` // base or sr
 	Model      string  `json:"model"`
+	Space      string  `json:"space,omitempty"` // latent, or pixel when empty
 	Width      int     `json:"width"`
 	Height     int     `json:"height"`
 	Steps      int     `json:"steps"`
@@ -83,13 +84,16 @@ type StagePlan struct {
 	Eta        float64 `json:"eta,omitempty"`
 	Strength   float64 `json:"strength,omitempty"`
 	NoiseLevel float64 `json:"noise_level,omitempty"`
-	Shift      float64 `json:"shift,omitempty"`
-	Filter     string  `json:"filter,omitempty"`
-	TileSize   int     `json:"tile_size,omitempty"`
-	Overlap    int     `json:"overlap,omitempty"`
-	Halo       int     `json:"halo,omitempty"`
-	Tiles      int     `json:"tiles"`
-	Batch      int     `json:"batch"`
+	// NoiseLevelModel is the level in the model's own units, where it takes
+	// one (an integer in [0, noise_level_max]): what the model is fed.
+	NoiseLevelModel float64 `json:"noise_level_model,omitempty"`
+	Shift           float64 `json:"shift,omitempty"`
+	Filter          string  `json:"filter,omitempty"`
+	TileSize        int     `json:"tile_size,omitempty"`
+	Overlap         int     `json:"overlap,omitempty"`
+	Halo            int     `json:"halo,omitempty"`
+	Tiles           int     `json:"tiles"`
+	Batch           int     `json:"batch"`
 }
 
 // Plan is the cascade for one item.
@@ -141,6 +145,9 @@ func MakePlan(it Item, describe Describe) (Plan, error) {
 		m, err := describe(ref)
 		if err != nil {
 			return nil, ModelUnusable(fmt.Errorf("%s: %w", field, err))
+		}
+		if in := m.Inputs[onnx.RoleContext]; in != "" {
+			return nil, ModelUnusable(fmt.Errorf("%s: %s: %s", field, ref, onnx.ContextUnfed(in)))
 		}
 		return m, nil
 	}
@@ -265,6 +272,9 @@ func planStage(kind string, p StageParams, man *onnx.Manifest, w, h int) (StageP
 	var d onnx.Defaults
 	if man != nil {
 		d = man.Defaults
+		if man.Space == onnx.SpaceLatent {
+			sp.Space = onnx.SpaceLatent
+		}
 	}
 	sp.Steps = firstInt(p.Steps, d.Steps, defaultSteps)
 	sp.Sampler = firstString(p.Sampler, d.Sampler, defaultSampler)
@@ -308,6 +318,14 @@ func planStage(kind string, p StageParams, man *onnx.Manifest, w, h int) (StageP
 	}
 	if sp.NoiseLevel < 0 || sp.NoiseLevel > 1 {
 		return sp, fmt.Errorf("%s.noise_level: %g not in [0, 1]", kind, sp.NoiseLevel)
+	}
+	if man != nil && kind == onnx.KindSR {
+		if man.NoiseLevelMax > 0 {
+			sp.NoiseLevelModel = math.Round(sp.NoiseLevel * float64(man.NoiseLevelMax))
+		}
+		if man.Lowres() != man.Channels && sp.Strength != 1 {
+			return sp, fmt.Errorf("%s.strength: %g, but the model's sample has %d channels and its low-res image %d, so the stage starts from noise: strength must be 1", kind, sp.Strength, man.Channels, man.Lowres())
+		}
 	}
 	if sp.Steps < 1 || sp.Steps > 10000 {
 		return sp, fmt.Errorf("%s.steps: %d not in [1, 10000]", kind, sp.Steps)

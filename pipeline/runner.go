@@ -55,10 +55,15 @@ type runner struct {
 	// devs are the model's sessions: one per GPU of runtime.devices, else
 	// one. Each has its own batcher goroutine (loop), and all of them take
 	// requests from reqs, so that a device that is free takes the next tiles.
-	devs     []*device
-	channels int
-	reqs     chan *request
-	logger   *slog.Logger
+	devs []*device
+	// channels is C, of the noisy sample and the prediction; lowresCh is
+	// L, of the low-res conditioning (a separate input, or concatenated
+	// after the sample's C when concat); outCh is the prediction output's,
+	// C or 2C with a learned variance after the prediction.
+	channels, lowresCh, outCh int
+	concat                    bool
+	reqs                      chan *request
+	logger                    *slog.Logger
 
 	maxBatch atomic.Int64
 	// oomCap is the most rows a Run has fitted since one ran out of memory
@@ -92,9 +97,14 @@ type runner struct {
 	inject func(h, w, rows int) error
 	// trace, when set by tests, sees every request as its batch is filled.
 	trace func(q *request)
-	// Fixed per model: whether timestep / noise level are one value per Run.
+	// Fixed per model: whether timestep / noise level are one value per
+	// Run, and whether they are integers (an integer noise level is in the
+	// model's own units: see onnx.Manifest.NoiseLevelMax).
 	scalarT, scalarNoise bool
-	intT                 bool
+	intT, intNoise       bool
+	// noiseAbar is ᾱ of the schedule the low-res image is noised with
+	// (the manifest's noise_scheduler_config); nil: the model's own.
+	noiseAbar []float64
 }
 
 // device is one session of a runner's model with what its batcher
@@ -131,14 +141,15 @@ type boundBatch struct {
 	rows int
 	// busy marks a binding in use (filled, or in flight); only the loop
 	// goroutine reads or writes it.
-	busy   bool
-	bind   *onnx.Binding
-	sample []float32
-	lowres []float32
-	t      []float32
-	noise  []float32
-	class  []int64
-	out    []float32
+	busy     bool
+	bind     *onnx.Binding
+	sample   []float32
+	lowres   []float32
+	t        []float32
+	noise    []float32
+	noiseInt []int64
+	class    []int64
+	out      []float32
 }
 
 // groupKey says which requests may share a Run.
@@ -416,7 +427,8 @@ func (r *runner) prepare(d *device, batch []*request) (b *boundBatch, err error)
 	if err != nil {
 		return nil, err
 	}
-	plane := r.channels * q0.h * q0.w
+	hw := q0.h * q0.w
+	plane, lowPlane := r.samplePlane(hw), r.lowresCh*hw
 	row := 0
 	for _, q := range batch {
 		if r.trace != nil {
@@ -424,18 +436,21 @@ func (r *runner) prepare(d *device, batch []*request) (b *boundBatch, err error)
 		}
 		for j := 0; j < q.rows(); j++ {
 			var lowres []float32
-			if b.lowres != nil {
-				lowres = b.lowres[row*plane : (row+1)*plane]
-			}
 			sample := b.sample[row*plane : (row+1)*plane]
+			switch {
+			case r.concat: // [C noisy | L low-res] in one input
+				sample, lowres = sample[:r.channels*hw], sample[r.channels*hw:]
+			case b.lowres != nil:
+				lowres = b.lowres[row*lowPlane : (row+1)*lowPlane]
+			}
 			if j == 0 {
 				if err := q.fill(sample, lowres); err != nil {
 					return nil, err
 				}
 			} else { // the other rows of a guidance pair see the same tile
-				copy(sample, b.sample[(row-1)*plane:row*plane])
-				if lowres != nil {
-					copy(lowres, b.lowres[(row-1)*plane:row*plane])
+				copy(b.sample[row*plane:(row+1)*plane], b.sample[(row-1)*plane:row*plane])
+				if b.lowres != nil {
+					copy(lowres, b.lowres[(row-1)*lowPlane:row*lowPlane])
 				}
 			}
 			t := q.t
@@ -452,6 +467,14 @@ func (r *runner) prepare(d *device, batch []*request) (b *boundBatch, err error)
 					b.noise[0] = q.noiseLevel
 				} else {
 					b.noise[row] = q.noiseLevel
+				}
+			}
+			if b.noiseInt != nil {
+				v := int64(math.Round(float64(q.noiseLevel)))
+				if len(b.noiseInt) == 1 {
+					b.noiseInt[0] = v
+				} else {
+					b.noiseInt[row] = v
 				}
 			}
 			if b.class != nil {
@@ -553,15 +576,29 @@ func (r *runner) stats() Stats {
 	return s
 }
 
-// collect copies each request's rows out of a binding that has run.
+// samplePlane is one row of the sample input: C channels, or C+L when the
+// low-res image is concatenated after them.
+func (r *runner) samplePlane(hw int) int {
+	if r.concat {
+		return (r.channels + r.lowresCh) * hw
+	}
+	return r.channels * hw
+}
+
+// collect copies each request's rows out of a binding that has run: of
+// each row's output the prediction, the first C channels (a learned
+// variance after them is not used by the samplers).
 func (r *runner) collect(batch []*request, b *boundBatch) [][]float32 {
 	plane := r.channels * b.h * b.w
+	outPlane := r.outCh * b.h * b.w
 	out := make([][]float32, len(batch))
 	row := 0
 	for i, q := range batch {
 		k := q.rows()
 		out[i] = r.predBuffer(k * plane)
-		copy(out[i], b.out[row*plane:(row+k)*plane])
+		for j := 0; j < k; j++ {
+			copy(out[i][j*plane:(j+1)*plane], b.out[(row+j)*outPlane:(row+j)*outPlane+plane])
+		}
 		row += k
 	}
 	return out
@@ -596,22 +633,24 @@ func (r *runner) bound(d *device, h, w, n int) (*boundBatch, error) {
 		key.slot++
 	}
 	m := r.model
-	c := int64(r.channels)
-	shape := []int64{int64(n), c, int64(h), int64(w)}
-	plane := int(c) * h * w
+	plane := r.samplePlane(h * w)
 	b := &boundBatch{dev: d, h: h, w: w, rows: n, sample: make([]float32, n*plane)}
 	inputs := map[string]onnx.Tensor{}
 	for _, io := range m.Inputs {
 		switch io.Role {
 		case onnx.RoleSample:
-			inputs[io.Name] = onnx.FloatTensor(b.sample, shape...)
+			inputs[io.Name] = onnx.FloatTensor(b.sample, int64(n), int64(plane/(h*w)), int64(h), int64(w))
 		case onnx.RoleLowres:
-			b.lowres = make([]float32, n*plane)
-			inputs[io.Name] = onnx.FloatTensor(b.lowres, shape...)
+			b.lowres = make([]float32, n*r.lowresCh*h*w)
+			inputs[io.Name] = onnx.FloatTensor(b.lowres, int64(n), int64(r.lowresCh), int64(h), int64(w))
 		case onnx.RoleTimestep:
 			b.t, inputs[io.Name] = perRow(io, n)
 		case onnx.RoleNoiseLevel:
-			b.noise, inputs[io.Name] = perRow(io, n)
+			if r.intNoise {
+				b.noiseInt, inputs[io.Name] = perRowInt(io, n)
+			} else {
+				b.noise, inputs[io.Name] = perRow(io, n)
+			}
 		case onnx.RoleClass:
 			b.class = make([]int64, n)
 			inputs[io.Name] = onnx.IntTensor(b.class, int64(n))
@@ -624,9 +663,9 @@ func (r *runner) bound(d *device, h, w, n int) (*boundBatch, error) {
 		return nil, err
 	}
 	out, ok := bind.Output(m.Output(onnx.RolePrediction).Name)
-	if !ok || len(out.Float) != n*plane {
+	if want := n * r.outCh * h * w; !ok || len(out.Float) != want {
 		bind.Close()
-		return nil, fmt.Errorf("model %s: prediction output has %d values, want %d", r.ref, len(out.Float), n*plane)
+		return nil, fmt.Errorf("model %s: prediction output has %d values, want %d (%d rows of %d channels)", r.ref, len(out.Float), want, n, r.outCh)
 	}
 	b.bind, b.out = bind, out.Float
 	if len(d.bindings) > 16+2*r.lanes {
@@ -639,6 +678,20 @@ func (r *runner) bound(d *device, h, w, n int) (*boundBatch, error) {
 	}
 	d.bindings[key] = b
 	return b, nil
+}
+
+// perRowInt is perRow for an integer input.
+func perRowInt(io onnx.IO, n int) ([]int64, onnx.Tensor) {
+	if len(io.Shape) == 0 {
+		buf := make([]int64, 1)
+		return buf, onnx.Tensor{Int: buf}
+	}
+	if io.Shape[0] == 1 {
+		buf := make([]int64, 1)
+		return buf, onnx.IntTensor(buf, 1)
+	}
+	buf := make([]int64, n)
+	return buf, onnx.IntTensor(buf, int64(n))
 }
 
 // perRow makes the buffer of a per-row scalar input: [n], or one value when
