@@ -81,12 +81,13 @@ func (a *app) run(ctx context.Context, stop func(), files []string, stdout, stde
 	}
 	var eng *pipeline.Engine
 	var prog *progress
+	var q *jobs.Queue // set below, before any item runs
 	runner := func(ctx context.Context, args jobs.ItemArgs) (err error) {
 		prog.start(args.Item)
-		defer func() { prog.finish(args.Item, err, stopped(ctx, err)) }()
+		defer func() { prog.finish(args.Item, err, stopped(q, err)) }()
 		return jobs.MakeItem(ctx, eng, args, prog.step, wo)
 	}
-	q, err := a.openQueue(context.WithoutCancel(ctx), runner)
+	q, err = a.openQueue(context.WithoutCancel(ctx), runner)
 	if err != nil {
 		return err
 	}

@@ -109,7 +109,7 @@ func (e runEnv) checkOutputs(t *testing.T, jobPath string) {
 		if b := img.Bounds(); b.Dx() != it.Width || b.Dy() != it.Height {
 			t.Errorf("item %d: %dx%d, want %dx%d", it.Index, b.Dx(), b.Dy(), it.Width, it.Height)
 		}
-		if !jobs.Done(it) {
+		if !jobs.Done(job.Root, it) {
 			t.Errorf("item %d: PNG and sidecar disagree", it.Index)
 		}
 	}
@@ -407,6 +407,9 @@ var badJobFiles = map[string]string{
 	"image-is-directory.yaml":              "is a directory, not an image file",
 	"image-garbage-jpeg.yaml":              "garbage.jpg: not an image Tessera reads",
 	"model-sr-as-base.yaml":                "items[0]: base.model: oracle-sr is a sr model, not a base model",
+	"strength-no-step.yaml":                "items[0]: sr.strength: strength 0.01 leaves no step of 20",
+	"scale-without-image.yaml":             "items[0].scale: only for upscaling",
+	"upscale-width-only.yaml":              "items[0].width: an upscale gives both width and height, or neither",
 	"tile-huge.yaml":                       "items[0].sr.tile: size and overlap must be in [0, 4096], got 100000",
 	"count-zero.yaml":                      "items[0].count: must be between 1 and 10000, got 0",
 	"duplicate-key.yaml":                   `mapping key "version" already defined`,

@@ -72,6 +72,7 @@ func (a *app) serve(ctx context.Context, stop func()) error {
 		return err
 	}
 	var eng *pipeline.Engine
+	var q *jobs.Queue // set below, before any item runs
 	runner := func(ctx context.Context, args jobs.ItemArgs) error {
 		start := time.Now()
 		it := args.Item
@@ -84,14 +85,14 @@ func (a *app) serve(ctx context.Context, stop func()) error {
 		switch {
 		case err == nil:
 			log.Debug("item done", "job", args.Job, "item", it.Index, "output", it.Output, "seconds", time.Since(start).Seconds())
-		case stopped(ctx, err):
+		case stopped(q, err):
 			log.Info("item requeued: stopping", "job", args.Job, "item", it.Index, "output", it.Output)
 		default:
 			log.Warn("item failed", "job", args.Job, "item", it.Index, "output", it.Output, "class", pipeline.Classify(err).String(), "err", err)
 		}
 		return err
 	}
-	q, err := a.openQueue(context.WithoutCancel(ctx), runner)
+	q, err = a.openQueue(context.WithoutCancel(ctx), runner)
 	if err != nil {
 		return err
 	}
@@ -241,9 +242,10 @@ func watchedJobName(root, path string) string {
 }
 
 // stopped reports whether err is the cancellation of a stop that was asked
-// for (the item goes back in the queue), not a failure.
-func stopped(ctx context.Context, err error) bool {
-	return ctx.Err() != nil && errors.Is(err, context.Canceled)
+// for (the item goes back in the queue), not a failure; an item cancelled
+// by `tessera cancel` is cancelled too, but not requeued.
+func stopped(q *jobs.Queue, err error) bool {
+	return q.Stopping() && errors.Is(err, context.Canceled)
 }
 
 // health answers /healthz: 200 while the queue database answers, 503 when

@@ -68,7 +68,9 @@ func (p *progress) finish(it pipeline.Item, err error, requeued bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	delete(p.items, it.Index)
-	p.done++
+	if !requeued { // a requeued item is not done: the next run makes it
+		p.done++
+	}
 	if err != nil && !requeued {
 		p.failed++
 	}

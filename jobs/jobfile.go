@@ -173,21 +173,31 @@ func parseTree(name, defaultJob string, root map[string]any, f File, cfg config.
 			continue
 		}
 		// An upscale's size is its own: the defaults' width and height are
-		// those of generated items, and would otherwise override its scale.
+		// those of generated items, and would otherwise override its scale;
+		// the defaults' scale is that of upscales.
 		_, w := m["width"]
 		_, h := m["height"]
+		_, sc := m["scale"]
 		if spec.Image != "" || spec.Images != "" {
-			if !w && !h {
+			switch {
+			case !w && !h:
 				spec.Width, spec.Height = 0, 0
-			} else if _, sc := m["scale"]; sc && spec.Width != 0 {
+			case w != h:
+				bad(path+".width", "an upscale gives both width and height, or neither (then scale decides)")
+				continue
+			case sc:
 				bad(path+".scale", "give scale or width and height, not both")
 				continue
 			}
+		} else if sc {
+			bad(path+".scale", "only for upscaling (with image: or images:)")
+			continue
 		}
-		items, problems := expand(spec, path, dir, cfg, cfg.Limits.MaxItems-index)
+		srDefault := spec.SR.Model == ""
+		items, problems, over := expand(spec, path, dir, cfg, cfg.Limits.MaxItems-index)
 		v.Problems = append(v.Problems, problems...)
-		if index+len(items) > cfg.Limits.MaxItems {
-			break // reported by expand; nothing more is expanded
+		if over {
+			break // nothing more is expanded: every later item would be over too
 		}
 		for _, it := range items {
 			it.Index = index
@@ -205,7 +215,14 @@ func parseTree(name, defaultJob string, root map[string]any, f File, cfg config.
 			if describe != nil {
 				plan, err := planItem(it, describe, cfg.Limits)
 				if err != nil {
-					bad(path, "%v", err)
+					where := path
+					if spec.Images != "" {
+						where += ".images (" + filepath.Base(it.Image) + ")"
+					}
+					if srDefault && strings.Contains(err.Error(), "sr.model") {
+						err = fmt.Errorf("%w (the sr.model of models.default_sr)", err)
+					}
+					bad(where, "%v", err)
 					continue
 				}
 				job.Plans = append(job.Plans, plan)
@@ -221,10 +238,17 @@ func parseTree(name, defaultJob string, root map[string]any, f File, cfg config.
 		seen[it.Output] = it.Index
 	}
 	if len(v.Problems) > 0 {
+		if n := len(v.Problems); n > maxProblems {
+			v.Problems = append(v.Problems[:maxProblems], fmt.Sprintf("... and %d more problems", n-maxProblems))
+		}
 		return nil, v
 	}
 	return job, nil
 }
+
+// maxProblems bounds the problems a rejection lists: a file of thousands of
+// bad items says what is wrong with the first ones.
+const maxProblems = 50
 
 // planItem makes an item's plan and checks it against the limits: the
 // output and every stage's canvas within limits.max_pixels.
@@ -250,11 +274,14 @@ func planItem(it pipeline.Item, describe pipeline.Describe, lim config.Limits) (
 // Bounds on what a job file may ask for that no limit in the configuration
 // covers, checked before anything of that size is made.
 const (
-	maxPad       = 32   // zero-pad width of a template field, {index:032}
-	maxNameBytes = 255  // a job name, and each part of an output path (NAME_MAX)
-	maxPathBytes = 4000 // a whole output path, below PATH_MAX
-	maxTile      = 4096 // tile.size, tile.overlap, tile.halo
-	maxBatch     = 1024 // tiles in one Run
+	maxPad = 32 // zero-pad width of a template field, {index:032}
+	// maxOutputName bounds a name in an output path, leaving 255 - 160
+	// bytes for a temp file's ".NAME.tmp-PID@HOST-RANDOM" around it.
+	maxOutputName = 160
+	maxNameBytes  = 255  // a job name, and each part of an output path (NAME_MAX)
+	maxPathBytes  = 4000 // a whole output path, below PATH_MAX
+	maxTile       = 4096 // tile.size, tile.overlap, tile.halo
+	maxBatch      = 1024 // tiles in one Run
 )
 
 var safeName = regexp.MustCompile(`^[A-Za-z0-9._-]+$`)
@@ -271,8 +298,7 @@ func firstNonEmpty(vs ...string) string {
 // expand turns one merged item spec into work items and reports its
 // problems. room is how many items the job may still expand to; a spec
 // that would make more is refused before any of them is made.
-func expand(s ItemSpec, path, dir string, cfg config.Config, room int) ([]pipeline.Item, []string) {
-	var p []string
+func expand(s ItemSpec, path, dir string, cfg config.Config, room int) (items []pipeline.Item, p []string, over bool) {
 	bad := func(field, format string, args ...any) {
 		p = append(p, path+"."+field+": "+fmt.Sprintf(format, args...))
 	}
@@ -349,9 +375,7 @@ func expand(s ItemSpec, path, dir string, cfg config.Config, room int) ([]pipeli
 		default:
 			bad(st.name+".filter", "%q (want lanczos or bicubic)", st.p.Filter)
 		}
-		if ref := st.p.Model; ref != "" && strings.ContainsAny(ref, `/\`) {
-			st.p.Model = joinDir(dir, ref) // a path: relative to the job file
-		}
+		st.p.Model = modelRef(dir, st.p.Model)
 	}
 	if s.Count < 0 || s.Count > cfg.Limits.MaxItems {
 		bad("count", "must be between 1 and %d, got %d", cfg.Limits.MaxItems, s.Count)
@@ -363,7 +387,7 @@ func expand(s ItemSpec, path, dir string, cfg config.Config, room int) ([]pipeli
 		bad("seeds", "give seeds or count, not both")
 	}
 	if len(p) > 0 {
-		return nil, p
+		return nil, p, false
 	}
 	seed := uint64(1)
 	if s.Seed != nil {
@@ -380,19 +404,18 @@ func expand(s ItemSpec, path, dir string, cfg config.Config, room int) ([]pipeli
 	if s.Images != "" {
 		matches, err := filepath.Glob(joinDir(dir, s.Images))
 		if err != nil || len(matches) == 0 {
-			return nil, []string{path + ".images: " + fmt.Sprintf("%q matches no file", s.Images)}
+			return nil, []string{path + ".images: " + fmt.Sprintf("%q matches no file", s.Images)}, false
 		}
 		sort.Strings(matches)
 		images = matches
 	}
 	if n := int64(len(images)) * int64(nSeeds); n > int64(room) {
-		return nil, []string{fmt.Sprintf("%s: expands to %d more items, over limits.max_items (%d) with the items before it", path, n, cfg.Limits.MaxItems)}
+		return nil, []string{fmt.Sprintf("%s: expands to %d more items, over limits.max_items (%d) with the items before it", path, n, cfg.Limits.MaxItems)}, true
 	}
 	class := -1
 	if s.Class != nil {
 		class = *s.Class
 	}
-	var items []pipeline.Item
 	for _, img := range images {
 		it := pipeline.Item{Width: s.Width, Height: s.Height, Class: class, Image: img, Scale: s.Scale, Base: s.Base, SR: s.SR}
 		if img != "" {
@@ -418,9 +441,19 @@ func expand(s ItemSpec, path, dir string, cfg config.Config, room int) ([]pipeli
 		}
 	}
 	if len(p) > 0 {
-		return nil, p
+		return nil, p, false
 	}
-	return items, nil
+	return items, nil, false
+}
+
+// modelRef is a model reference as the job file at dir means it: a path
+// (it holds a separator) relative to the file's directory, made absolute;
+// a name as it is.
+func modelRef(dir, ref string) string {
+	if ref == "" || !strings.ContainsAny(ref, `/\`) {
+		return ref
+	}
+	return joinDir(dir, ref)
 }
 
 func joinDir(dir, p string) string {
@@ -496,9 +529,10 @@ func resolveOutput(tmpl, root, job string, it pipeline.Item, now time.Time) (str
 		clean += ".png"
 	}
 	for _, part := range strings.Split(clean, string(filepath.Separator)) {
-		// The sidecar's and the temp files' names are longer than the PNG's.
-		if len(part)+len(".tmp-")+len(tempOwner)+16 > maxNameBytes {
-			return "", fmt.Errorf("%q: the file name %.40q... is %d bytes; at most %d fit with the temp file's suffix", tmpl, part, len(part), maxNameBytes-len(".tmp-")-len(tempOwner)-16)
+		// The temp files' names are longer than the PNG's, by a suffix
+		// that names the writing process and its host.
+		if len(part) > maxOutputName {
+			return "", fmt.Errorf("%q: the file name %.40q... is %d bytes; at most %d leave room for the temp file's suffix", tmpl, part, len(part), maxOutputName)
 		}
 	}
 	out = filepath.Join(root, clean)

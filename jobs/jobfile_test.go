@@ -195,3 +195,48 @@ func TestOutputThroughSymlinkRejected(t *testing.T) {
 		}
 	}
 }
+
+// models.default_sr fills an item that names no SR model, but a job at the
+// base model's size needs none and never asks for it; one that does names
+// the setting where the model it names is missing.
+func TestDefaultModels(t *testing.T) {
+	dir := t.TempDir()
+	cfg := config.Default()
+	cfg.Output.Root = filepath.Join(dir, "out")
+	cfg.Models.DefaultSR = "no-such-sr"
+	path := filepath.Join(dir, "j.yaml")
+	os.WriteFile(path, []byte("version: 1\nitems:\n  - {width: 32, height: 32}\n"), 0o644)
+	job, err := LoadChecked(path, cfg, testModels())
+	if err != nil || len(job.Plans) != 1 || len(job.Plans[0].Stages) != 1 || job.Items[0].Base.Model != "demo-base" {
+		t.Fatalf("base-size job: %+v, %v", job, err)
+	}
+	os.WriteFile(path, []byte("version: 1\nitems:\n  - {width: 256, height: 256}\n"), 0o644)
+	if _, err := LoadChecked(path, cfg, testModels()); err == nil || !strings.Contains(err.Error(), "models.default_sr") || !strings.Contains(err.Error(), "no-such-sr") {
+		t.Fatalf("a missing default SR model: %v", err)
+	}
+}
+
+// A file of many bad items is reported by its first problems, and a file
+// over limits.max_items stops expanding at the first item over it.
+func TestRejectionsAreBounded(t *testing.T) {
+	var b strings.Builder
+	b.WriteString("version: 1\ndefaults: {width: 64, height: 64}\nitems:\n")
+	for i := 0; i < 20000; i++ {
+		b.WriteString("  - {width: 63}\n")
+	}
+	_, err := Parse("bad.yaml", []byte(b.String()), config.Default(), now)
+	if err == nil || len(err.Error()) > 20000 || !strings.Contains(err.Error(), "more problems") {
+		t.Fatalf("%d bytes of error: %.300s", len(fmt.Sprint(err)), err)
+	}
+	b.Reset()
+	b.WriteString("version: 1\ndefaults: {width: 64, height: 64}\nitems:\n")
+	for i := 0; i < 20000; i++ {
+		b.WriteString("  - {}\n")
+	}
+	cfg := config.Default()
+	cfg.Limits.MaxItems = 100
+	_, err = Parse("many.yaml", []byte(b.String()), cfg, now)
+	if err == nil || strings.Count(err.Error(), "limits.max_items") != 1 || !strings.Contains(err.Error(), "items[100]") {
+		t.Fatalf("over max_items: %.300s", err)
+	}
+}

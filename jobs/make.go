@@ -16,6 +16,9 @@ type Generator interface {
 // jobs (the queue) → pipeline (Generate) → jobs (Write). Errors keep their
 // class (pipeline.Classify), which the queue's worker acts on.
 func MakeItem(ctx context.Context, gen Generator, a ItemArgs, progress func(pipeline.Progress), o WriteOptions) error {
+	if len(a.Plan.Stages) == 0 || a.Root == "" {
+		return pipeline.Invalidf("the item has no plan or output root: it was queued by an older tessera; submit its job file again")
+	}
 	res, err := gen.Generate(ctx, a.Item, a.Plan, progress)
 	if err != nil {
 		return err

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"image/png"
+	"io"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -48,22 +49,53 @@ func SidecarPath(pngPath string) string {
 
 // Done reports whether the item's PNG and sidecar both exist and agree: the
 // sidecar names this item and the PNG's hash. A rerun skips such items.
-func Done(it pipeline.Item) bool {
-	data, err := os.ReadFile(SidecarPath(it.Output))
+// Both are read inside root, as Write writes them (no link out of it is
+// followed), and only as regular files; the sidecar is read up to
+// maxSidecarBytes and the PNG is hashed as it streams.
+func Done(root string, it pipeline.Item) bool {
+	rel, err := filepath.Rel(root, it.Output)
+	if err != nil || rel == ".." || strings.HasPrefix(rel, ".."+string(filepath.Separator)) {
+		return false
+	}
+	r, err := os.OpenRoot(root)
 	if err != nil {
 		return false
 	}
+	defer r.Close()
+	open := func(name string) (*os.File, bool) {
+		f, err := r.Open(name)
+		if err != nil {
+			return nil, false
+		}
+		if st, err := f.Stat(); err != nil || !st.Mode().IsRegular() {
+			f.Close()
+			return nil, false
+		}
+		return f, true
+	}
+	f, ok := open(SidecarPath(rel))
+	if !ok {
+		return false
+	}
+	data, err := io.ReadAll(io.LimitReader(f, maxSidecarBytes+1))
+	f.Close()
 	var sc Sidecar
-	if json.Unmarshal(data, &sc) != nil || sc.ItemHash != ItemHash(it) {
+	if err != nil || len(data) > maxSidecarBytes || json.Unmarshal(data, &sc) != nil || sc.ItemHash != ItemHash(it) {
 		return false
 	}
-	img, err := os.ReadFile(it.Output)
-	if err != nil {
+	if f, ok = open(rel); !ok {
 		return false
 	}
-	sum := sha256.Sum256(img)
-	return hex.EncodeToString(sum[:]) == sc.PNGSHA256
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return false
+	}
+	return hex.EncodeToString(h.Sum(nil)) == sc.PNGSHA256
 }
+
+// maxSidecarBytes bounds the sidecar Done reads: Tessera's own are a few kB.
+const maxSidecarBytes = 1 << 20
 
 // WriteOptions are what Write needs besides the image.
 type WriteOptions struct {

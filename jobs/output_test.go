@@ -59,13 +59,13 @@ func TestWriteAndDone(t *testing.T) {
 		img[i] = float32(i%17)/8 - 1
 	}
 	res := &pipeline.Result{Image: img, Channels: 3, Width: 8, Height: 4, Plan: pipeline.Plan{Width: 8, Height: 4, Stages: []pipeline.StagePlan{{Kind: "sr", Model: "demo-sr", Steps: 5, Sampler: "ddim"}}}}
-	if Done(it) {
+	if Done(dir, it) {
 		t.Fatal("done before writing")
 	}
 	if err := Write(dir, "job", it, res, WriteOptions{Version: "test"}); err != nil {
 		t.Fatal(err)
 	}
-	if !Done(it) {
+	if !Done(dir, it) {
 		t.Fatal("not done after writing")
 	}
 	data, err := os.ReadFile(it.Output)
@@ -83,11 +83,11 @@ func TestWriteAndDone(t *testing.T) {
 	// A changed item is not done; a damaged PNG is not done.
 	other := it
 	other.Seed = 43
-	if Done(other) {
+	if Done(dir, other) {
 		t.Error("a different item counts as done")
 	}
 	os.WriteFile(it.Output, data[:len(data)/2], 0o644)
-	if Done(it) {
+	if Done(dir, it) {
 		t.Error("a truncated PNG counts as done")
 	}
 }
@@ -139,5 +139,31 @@ func TestRemoveStaleTemps(t *testing.T) {
 	// WriteFileAtomic's temp names carry this process as their owner.
 	if pid, host, ok := tempOwnerOf(".a.png.tmp-" + tempOwner + "-99"); !ok || pid != os.Getpid() || host != me {
 		t.Errorf("owner of our own temp name: %d %q %v", pid, host, ok)
+	}
+}
+
+// Done reads the sidecar and PNG inside the root and as regular files only:
+// a sidecar that is a link out of the root (here to /dev/zero, which would
+// never end) makes the item not done, at once.
+func TestDoneReadsOnlyRegularFilesInTheRoot(t *testing.T) {
+	root := t.TempDir()
+	it := pipeline.Item{Seed: 1, Width: 8, Height: 4, Class: -1, Output: filepath.Join(root, "x.png")}
+	res := &pipeline.Result{Image: make([]float32, 3*4*8), Channels: 3, Width: 8, Height: 4}
+	if err := Write(root, "job", it, res, WriteOptions{}); err != nil || !Done(root, it) {
+		t.Fatalf("write: %v, done %v", err, Done(root, it))
+	}
+	os.Remove(SidecarPath(it.Output))
+	if err := os.Symlink("/dev/zero", SidecarPath(it.Output)); err != nil {
+		t.Skip(err)
+	}
+	done := make(chan bool)
+	go func() { done <- Done(root, it) }()
+	select {
+	case d := <-done:
+		if d {
+			t.Fatal("done through a link to /dev/zero")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Done reads /dev/zero through a link")
 	}
 }

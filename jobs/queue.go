@@ -108,9 +108,10 @@ type QueueOptions struct {
 // but cancelled and discarded, so that submitting a file again adds nothing
 // while a failed or cancelled item can be submitted anew. A worker first
 // checks the output (Done): an item whose PNG and sidecar exist and agree
-// completes without work. Failures wrapped with Permanent cancel the item
-// with their reason; others are retried with backoff (1s, 4s, 9s, ... at
-// most a minute apart) up to MaxAttempts.
+// completes without work. A failure of a permanent class
+// (pipeline.Classify) cancels the item with its class and reason; others
+// are retried with backoff (1s, 4s, 9s, ... at most a minute apart) up to
+// MaxAttempts.
 //
 // Crashes: the output is written atomically and its sidecar last, so a
 // killed process leaves at most a temp file (removed by the next run) and a
@@ -329,6 +330,11 @@ func migrate[TTx any](ctx context.Context, driver riverdriver.Driver[TTx], logge
 	return nil
 }
 
+// Stopping reports whether a stop past its grace period is cancelling the
+// running items, which go back in the queue: their context.Canceled is
+// not a failure (unlike that of an item cancelled by `tessera cancel`).
+func (q *Queue) Stopping() bool { return q.stopping.Load() }
+
 // ID is this process's River client ID, recorded on the items it works.
 func (q *Queue) ID() string { return q.id }
 
@@ -380,7 +386,7 @@ func (q *Queue) Enqueue(ctx context.Context, job *Job) ([]Enqueued, error) {
 		}
 		for i, r := range res {
 			e := Enqueued{ID: r.Job.ID, Item: items[i], Job: job.Name, Duplicate: r.UniqueSkippedAsDuplicate, State: r.Job.State}
-			if e.Duplicate && e.State == rivertype.JobStateCompleted && !Done(items[i]) {
+			if e.Duplicate && e.State == rivertype.JobStateCompleted && !Done(root, items[i]) {
 				row, err := q.client.JobRetry(ctx, e.ID)
 				if err != nil {
 					return out, fmt.Errorf("enqueue %s: requeue item %d whose output is missing: %w", job.Name, items[i].Index, err)
@@ -780,7 +786,7 @@ func (q *Queue) attemptTimeout(p pipeline.Plan) time.Duration {
 // a permanent class (pipeline.Classify) cancels the item with its class
 // and reason, at the first attempt; a transient one is retried.
 func (w *itemWorker) Work(ctx context.Context, job *river.Job[ItemArgs]) error {
-	if Done(job.Args.Item) {
+	if Done(job.Args.Root, job.Args.Item) {
 		return river.RecordOutput(ctx, itemOutput{Skipped: true})
 	}
 	attempt, cancel := context.WithTimeout(ctx, w.q.attemptTimeout(job.Args.Plan))

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"fmt"
 	"path/filepath"
-	"strings"
 	"time"
 	"unicode/utf8"
 
@@ -107,10 +106,8 @@ func checkTree(path string, root map[string]any, cfg config.Config, exists func(
 			if !ok || ref == "" {
 				continue
 			}
-			if strings.ContainsAny(ref, `/\`) && !filepath.IsAbs(ref) {
-				if dir, err := filepath.Abs(filepath.Dir(path)); err == nil {
-					ref = filepath.Join(dir, ref) // as expand resolves it
-				}
+			if dir, err := filepath.Abs(filepath.Dir(path)); err == nil {
+				ref = modelRef(dir, ref) // as expand resolves it
 			}
 			if err := exists(ref); err != nil {
 				models = append(models, fmt.Sprintf("%s.%s.model: %v", field, stage, err))

@@ -170,8 +170,8 @@ func testWork(t *testing.T, b backend) {
 	}
 	infos := waitFinal(t, q, IDs(res))
 	for i, j := range infos {
-		if j.State != "completed" || j.Skipped != (i == 0) || !Done(s.job.Items[i]) {
-			t.Errorf("item %d: %+v, done %v", i, j, Done(s.job.Items[i]))
+		if j.State != "completed" || j.Skipped != (i == 0) || !Done(s.out, s.job.Items[i]) {
+			t.Errorf("item %d: %+v, done %v", i, j, Done(s.out, s.job.Items[i]))
 		}
 	}
 	if calls.Load() != 5 {
@@ -190,8 +190,8 @@ func testWork(t *testing.T, b backend) {
 		}
 	}
 	waitFinal(t, q, IDs(again))
-	if calls.Load() != 6 || !Done(s.job.Items[3]) {
-		t.Errorf("after requeue: %d calls, done %v", calls.Load(), Done(s.job.Items[3]))
+	if calls.Load() != 6 || !Done(s.out, s.job.Items[3]) {
+		t.Errorf("after requeue: %d calls, done %v", calls.Load(), Done(s.out, s.job.Items[3]))
 	}
 	if err := q.Stop(ctx, time.Second); err != nil {
 		t.Fatal(err)

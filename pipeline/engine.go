@@ -452,7 +452,10 @@ func (e *Engine) Generate(ctx context.Context, it Item, plan Plan, progress func
 		}
 	}()
 	start := time.Now()
-	if len(plan.Stages) == 0 || plan.Width != it.Width || plan.Height != it.Height {
+	if len(plan.Stages) == 0 {
+		return nil, Invalidf("the item has no plan: it was queued by an older tessera; submit its job file again")
+	}
+	if plan.Width != it.Width || plan.Height != it.Height {
 		return nil, Invalidf("plan: %d stages to %dx%d do not make the item's %dx%d", len(plan.Stages), plan.Width, plan.Height, it.Width, it.Height)
 	}
 	plan.Stages = append([]StagePlan(nil), plan.Stages...) // the caller's stays as it was
@@ -467,7 +470,7 @@ func (e *Engine) Generate(ctx context.Context, it Item, plan Plan, progress func
 		var iw, ih int
 		var translucent bool
 		if img, iw, ih, translucent, err = loadImage(it.Image); err != nil {
-			return nil, Invalid(err)
+			return nil, err // classified by loadImage
 		}
 		if translucent {
 			e.logger.Warn("input image has transparency; composited on black", "item", it.Index, "image", it.Image)
@@ -560,7 +563,7 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 	n := c * H * W
 	sched, err := r.schedule(sp.Sampler)
 	if err != nil {
-		return nil, err
+		return nil, ModelUnusable(err)
 	}
 	sched.Shift = sp.Shift
 	stream := stages.StreamBase
@@ -573,7 +576,7 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 		EtaNoiseRows: etaNoise.RowsFiller(c, W),
 	})
 	if err != nil {
-		return nil, err
+		return nil, Invalid(fmt.Errorf("%s.sampler: %w", sp.Kind, err))
 	}
 	// The initial noise is drawn straight into x and the augmentation noise
 	// into cond, and both are combined in place (the updates are elementwise),

@@ -80,7 +80,8 @@ func Environment(err error) error { return classed(ClassEnvironment, err) }
 // Classify returns err's class: the one it was marked with, else
 // ClassEnvironment for a provider that cannot attach and for the file
 // system's permanent refusals (permission, read-only, name too long, not a
-// directory), else ClassTransient. A cancelled or timed-out context is
+// directory), ClassModel for a session that could not be made for any
+// reason but memory, else ClassTransient. A cancelled or timed-out context is
 // always transient: the item may finish when tried again.
 func Classify(err error) ErrorClass {
 	if err == nil {
@@ -99,7 +100,13 @@ func Classify(err error) ErrorClass {
 	}
 	var se *SessionError
 	if errors.As(err, &se) {
-		return ClassTransient
+		// A device short of memory may have room later; a session that
+		// cannot be made for any other reason (corrupt weights, a truncated
+		// .onnx_data, an operator the runtime lacks) never will.
+		if isOutOfMemory(se.Err) {
+			return ClassTransient
+		}
+		return ClassModel
 	}
 	for _, errno := range []syscall.Errno{syscall.EACCES, syscall.EPERM, syscall.EROFS, syscall.ENAMETOOLONG, syscall.ENOTDIR} {
 		if errors.Is(err, errno) {

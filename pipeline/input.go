@@ -1,11 +1,13 @@
 package pipeline
 
 import (
+	"errors"
 	"fmt"
 	"image"
 	"image/draw"
 	_ "image/jpeg" // input images may be JPEG
 	"image/png"
+	"io/fs"
 	"os"
 
 	"tessera/stages"
@@ -55,22 +57,30 @@ func LoadImage(path string) ([]float32, int, int, error) {
 // or translucent pixels. Those are composited on black, as their colour
 // premultiplied by their alpha: a transparent pixel is black, whatever
 // colour the file stores under it.
+//
+// Errors are classified: an image that is gone or does not decode is
+// ClassInvalid; one that cannot be read for another reason (EIO, too many
+// open files) is left to Classify, and may be retried.
 func loadImage(path string) (t []float32, w, h int, translucent bool, err error) {
 	f, err := os.Open(path)
 	if err != nil {
-		return nil, 0, 0, false, fmt.Errorf("image %s: %w", path, err)
+		err = fmt.Errorf("image %s: %w", path, err)
+		if errors.Is(err, fs.ErrNotExist) {
+			err = Invalid(err)
+		}
+		return nil, 0, 0, false, err
 	}
 	defer f.Close()
 	format, _, _, err := checkHeader(f, path)
 	if err != nil {
-		return nil, 0, 0, false, err
+		return nil, 0, 0, false, Invalid(err)
 	}
 	if _, err := f.Seek(0, 0); err != nil {
 		return nil, 0, 0, false, err
 	}
 	img, _, err := image.Decode(f)
 	if err != nil {
-		return nil, 0, 0, false, fmt.Errorf("image %s: decode %s: %w", path, format, err)
+		return nil, 0, 0, false, Invalidf("image %s: decode %s: %w", path, format, err)
 	}
 	if o, ok := img.(interface{ Opaque() bool }); ok && !o.Opaque() {
 		translucent = true

@@ -447,6 +447,7 @@ func TestClassify(t *testing.T) {
 		{"plain", errors.New("run failed"), ClassTransient},
 		{"session short of memory", fmt.Errorf("base.model: %w", &SessionError{Model: "m", Err: errors.New("failed to allocate memory")}), ClassTransient},
 		{"provider", &SessionError{Model: "m", Err: &onnx.ProviderError{Provider: "cuda", Reason: "no library"}}, ClassEnvironment},
+		{"session of corrupt weights", &SessionError{Model: "m", Err: errors.New("Deserialize tensor c1.bias failed")}, ClassModel},
 		{"invalid, wrapped", fmt.Errorf("stage 1: %w", Invalidf("size 0x0")), ClassInvalid},
 		{"model", ModelUnusable(errors.New("not ONNX")), ClassModel},
 		{"first class wins", ModelUnusable(Invalidf("x")), ClassInvalid},

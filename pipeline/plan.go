@@ -10,6 +10,7 @@ import (
 	"math"
 
 	"tessera/onnx"
+	"tessera/stages"
 )
 
 // StageParams are the choices for one kind of stage (base or SR); zero values
@@ -182,13 +183,12 @@ func MakePlan(it Item, describe Describe) (Plan, error) {
 			return p, ModelUnusable(fmt.Errorf("base.model: %s has no native_size", it.Base.Model))
 		}
 		nh, nw := bm.NativeSize[0], bm.NativeSize[1]
-		if it.SR.Model == "" {
-			// No SR model: the base stage alone, which must not run the base
-			// model beyond its native size.
-			if it.Width*it.Height > nw*nh {
-				return p, Invalidf("sr.model: none given, and %dx%d is larger than the base model's native %dx%d (set sr.model or models.default_sr)", it.Width, it.Height, nw, nh)
-			}
+		if it.Width*it.Height <= nw*nh {
+			// At or below the base model's size: the base stage alone,
+			// whatever SR model the item names (it is not asked for).
 			w, h, k = baseSize(it.Width, it.Height, nw, nh, 2, bm.SizeMultiple) // k = 0
+		} else if it.SR.Model == "" {
+			return p, Invalidf("sr.model: none given, and %dx%d is larger than the base model's native %dx%d (set sr.model or models.default_sr)", it.Width, it.Height, nw, nh)
 		} else {
 			if err := needSR(); err != nil {
 				return p, err
@@ -329,6 +329,11 @@ func planStage(kind string, p StageParams, man *onnx.Manifest, w, h int) (StageP
 	}
 	if sp.Steps < 1 || sp.Steps > 10000 {
 		return sp, fmt.Errorf("%s.steps: %d not in [1, 10000]", kind, sp.Steps)
+	}
+	if kind == onnx.KindSR {
+		if _, err := stages.Img2ImgStart(sp.Steps, sp.Strength); err != nil {
+			return sp, fmt.Errorf("%s.strength: %w", kind, err)
+		}
 	}
 	if w%mult != 0 || h%mult != 0 {
 		return sp, fmt.Errorf("%s stage: %dx%d is not a multiple of the model's size multiple %d", kind, w, h, mult)
