@@ -23,7 +23,7 @@ type inspection struct {
 	IRVersion       int64            `json:"ir_version"`
 	Opsets          map[string]int64 `json:"opsets"`
 	ExternalData    []string         `json:"external_data,omitempty"`
-	RolesFrom       string           `json:"roles_from"` // manifest or guessed
+	RolesFrom       string           `json:"roles_from"` // manifest, diffusers, diffusers+manifest or guessed
 	Kind            string           `json:"kind"`
 	Prediction      string           `json:"prediction,omitempty"`
 	Manifest        *onnx.Manifest   `json:"manifest,omitempty"`
@@ -62,10 +62,14 @@ func probeModel(env *onnx.Env, m *onnx.Model) (*probeResult, error) {
 				shape[i] = d
 			case i == 0:
 				shape[i] = 1
+			case len(io.Shape) == 4 && i == 1:
+				shape[i] = probeChannels(m, io.Role)
 			case len(io.Shape) == 4:
 				shape[i] = size
 			case len(io.Shape) == 3 && i == 1:
 				shape[i] = 77
+			case m.Manifest != nil && m.Manifest.ContextDim > 0:
+				shape[i] = int64(m.Manifest.ContextDim)
 			default:
 				shape[i] = 768
 			}
@@ -82,6 +86,9 @@ func probeModel(env *onnx.Env, m *onnx.Model) (*probeResult, error) {
 			t.Float = fill(n, 500)
 		case onnx.RoleNoiseLevel:
 			t.Float = fill(n, 0.1)
+			if io.Type == onnx.Int64 || io.Type == onnx.Int32 {
+				t.Float, t.Int = nil, make([]int64, n)
+			}
 		default:
 			t.Float = make([]float32, n)
 		}
@@ -99,6 +106,23 @@ func probeModel(env *onnx.Env, m *onnx.Model) (*probeResult, error) {
 		pr.Skipped = append(pr.Skipped, sk.Provider+": "+sk.Reason)
 	}
 	return pr, nil
+}
+
+// probeChannels is the channel count of a 4-D input whose channels are
+// dynamic: from the manifest (the sample's C, or C + L when the low-res
+// image is concatenated; the low-res input's L), else 3.
+func probeChannels(m *onnx.Model, role string) int64 {
+	man := m.Manifest
+	if man == nil {
+		return 3
+	}
+	switch {
+	case role == onnx.RoleSample && man.LowresConcat:
+		return int64(man.Channels + man.Lowres())
+	case role == onnx.RoleLowres:
+		return int64(man.Lowres())
+	}
+	return int64(man.Channels)
 }
 
 func fill(n int64, v float32) []float32 {
@@ -171,6 +195,20 @@ func describe(m *onnx.Model) inspection {
 	if m.Manifest != nil {
 		ins.RolesFrom = "manifest"
 		ins.Prediction = m.Manifest.Prediction
+		fromConfigs, fromYAML := false, false
+		for _, f := range m.Manifest.Facts {
+			if strings.HasPrefix(f.From, onnx.ManifestFile) {
+				fromYAML = true
+			} else {
+				fromConfigs = true
+			}
+		}
+		switch {
+		case fromConfigs && fromYAML:
+			ins.RolesFrom = "diffusers+manifest"
+		case fromConfigs:
+			ins.RolesFrom = "diffusers"
+		}
 	}
 	return ins
 }
@@ -183,7 +221,14 @@ func printInspection(w io.Writer, ins inspection) {
 	}
 	if ins.Manifest != nil {
 		man := ins.Manifest
-		fmt.Fprintf(w, "roles:     from manifest\n")
+		switch ins.RolesFrom {
+		case "diffusers":
+			fmt.Fprintf(w, "roles:     from the diffusers configs (no %s)\n", onnx.ManifestFile)
+		case "diffusers+manifest":
+			fmt.Fprintf(w, "roles:     from the diffusers configs, with %s over them\n", onnx.ManifestFile)
+		default:
+			fmt.Fprintf(w, "roles:     from %s\n", onnx.ManifestFile)
+		}
 		fmt.Fprintf(w, "kind:      %s, prediction %s, channels %d, size multiple %d", man.Kind, man.Prediction, man.Channels, man.SizeMultiple)
 		if man.Kind == onnx.KindSR {
 			fmt.Fprintf(w, ", scale %d", man.Scale)
@@ -196,6 +241,13 @@ func printInspection(w io.Writer, ins inspection) {
 		fmt.Fprintln(w)
 		if man.Description != "" {
 			fmt.Fprintf(w, "about:     %s\n", man.Description)
+		}
+		// One line per family fact, with where it came from.
+		for _, f := range man.Facts {
+			fmt.Fprintf(w, "  %-16s %s  (%s)\n", f.Key+":", f.Value, f.From)
+		}
+		for _, c := range man.Conflicts {
+			fmt.Fprintf(w, "  conflict:        %s\n", c)
 		}
 	} else {
 		fmt.Fprintf(w, "roles:     guessed from names and shapes (add a tessera.yaml beside the model to declare them)\n")

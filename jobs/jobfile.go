@@ -39,18 +39,22 @@ type File struct {
 // ItemSpec is one entry of items (or the defaults): any field left out takes
 // the default's value.
 type ItemSpec struct {
-	Width  int                  `yaml:"width" json:"width" toml:"width"`
-	Height int                  `yaml:"height" json:"height" toml:"height"`
-	Seed   *uint64              `yaml:"seed" json:"seed" toml:"seed"`
-	Seeds  []uint64             `yaml:"seeds" json:"seeds" toml:"seeds"`
-	Count  int                  `yaml:"count" json:"count" toml:"count"`
-	Class  *int                 `yaml:"class" json:"class" toml:"class"`
-	Image  string               `yaml:"image" json:"image" toml:"image"`
-	Images string               `yaml:"images" json:"images" toml:"images"`
-	Scale  float64              `yaml:"scale" json:"scale" toml:"scale"`
-	Output string               `yaml:"output" json:"output" toml:"output"`
-	Base   pipeline.StageParams `yaml:"base" json:"base" toml:"base"`
-	SR     pipeline.StageParams `yaml:"sr" json:"sr" toml:"sr"`
+	Width  int      `yaml:"width" json:"width" toml:"width"`
+	Height int      `yaml:"height" json:"height" toml:"height"`
+	Seed   *uint64  `yaml:"seed" json:"seed" toml:"seed"`
+	Seeds  []uint64 `yaml:"seeds" json:"seeds" toml:"seeds"`
+	Count  int      `yaml:"count" json:"count" toml:"count"`
+	Class  *int     `yaml:"class" json:"class" toml:"class"`
+	Image  string   `yaml:"image" json:"image" toml:"image"`
+	Images string   `yaml:"images" json:"images" toml:"images"`
+	Scale  float64  `yaml:"scale" json:"scale" toml:"scale"`
+	Output string   `yaml:"output" json:"output" toml:"output"`
+	// Context and NegativeContext are text-embedding files (.npy or
+	// .safetensors, [L, D] or [1, L, D]) for models that take context.
+	Context         string               `yaml:"context" json:"context" toml:"context"`
+	NegativeContext string               `yaml:"negative_context" json:"negative_context" toml:"negative_context"`
+	Base            pipeline.StageParams `yaml:"base" json:"base" toml:"base"`
+	SR              pipeline.StageParams `yaml:"sr" json:"sr" toml:"sr"`
 }
 
 // Job is a parsed, validated, expanded job file.
@@ -159,6 +163,7 @@ func parseTree(name, defaultJob string, root map[string]any, f File, cfg config.
 	}
 	inside := newRootCheck(outRoot)
 	job := &Job{Name: f.Name, Path: name, Root: outRoot}
+	contexts := map[string]contextAnswer{} // each file read once per job file
 	index := 0
 	for i, raw := range rawItems {
 		path := fmt.Sprintf("items[%d]", i)
@@ -194,6 +199,11 @@ func parseTree(name, defaultJob string, root map[string]any, f File, cfg config.
 			continue
 		}
 		srDefault := spec.SR.Model == ""
+		ctxRef, negRef, cerr := contextRefs(spec, dir, contexts)
+		if cerr != nil {
+			bad(path, "%v", cerr)
+			continue
+		}
 		items, problems, over := expand(spec, path, dir, cfg, cfg.Limits.MaxItems-index)
 		v.Problems = append(v.Problems, problems...)
 		if over {
@@ -201,6 +211,7 @@ func parseTree(name, defaultJob string, root map[string]any, f File, cfg config.
 		}
 		for _, it := range items {
 			it.Index = index
+			it.Context, it.NegativeContext = ctxRef, negRef
 			index++
 			tmpl := firstNonEmpty(spec.Output, f.Output, DefaultOutput)
 			out, err := resolveOutput(tmpl, outRoot, f.Name, it, now)
@@ -244,6 +255,43 @@ func parseTree(name, defaultJob string, root map[string]any, f File, cfg config.
 		return nil, v
 	}
 	return job, nil
+}
+
+// contextAnswer is a context file read for a job file: its reference or
+// why it cannot be used.
+type contextAnswer struct {
+	ref *pipeline.ContextRef
+	err error
+}
+
+// contextRefs reads the item's context files (relative to the job file's
+// directory), each once per job file: their shape and hash become part of
+// the item.
+func contextRefs(s ItemSpec, dir string, seen map[string]contextAnswer) (ctx, neg *pipeline.ContextRef, err error) {
+	read := func(field, p string) (*pipeline.ContextRef, error) {
+		if p == "" {
+			return nil, nil
+		}
+		p = joinDir(dir, p)
+		a, ok := seen[p]
+		if !ok {
+			c, sum, err := pipeline.ReadContext(p)
+			if err == nil {
+				a.ref = &pipeline.ContextRef{Path: p, SHA256: sum, Tokens: c.L, Dim: c.D}
+			}
+			a.err = err
+			seen[p] = a
+		}
+		if a.err != nil {
+			return nil, fmt.Errorf("%s: %w", field, a.err)
+		}
+		return a.ref, nil
+	}
+	if ctx, err = read("context", s.Context); err != nil {
+		return nil, nil, err
+	}
+	neg, err = read("negative_context", s.NegativeContext)
+	return ctx, neg, err
 }
 
 // maxProblems bounds the problems a rejection lists: a file of thousands of

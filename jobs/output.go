@@ -232,10 +232,20 @@ func parametersOf(it pipeline.Item, p pipeline.Plan) stages.Parameters {
 		if s.Kind != "sr" {
 			continue
 		}
-		ps = append(ps, stages.Param{Key: "SR " + strconv.Itoa(i), Value: fmt.Sprintf("%s %dx%d steps %d %s strength %g noise %g tile %d/%d/%d", s.Model, s.Width, s.Height, s.Steps, s.Sampler, s.Strength, s.NoiseLevel, s.TileSize, s.Overlap, s.Halo)})
+		noise := fmt.Sprintf("noise %g", s.NoiseLevel)
+		if s.NoiseLevelModel > 0 {
+			noise += fmt.Sprintf(" (model's %g)", s.NoiseLevelModel)
+		}
+		ps = append(ps, stages.Param{Key: "SR " + strconv.Itoa(i), Value: fmt.Sprintf("%s %dx%d steps %d %s strength %g %s tile %d/%d/%d", s.Model, s.Width, s.Height, s.Steps, s.Sampler, s.Strength, noise, s.TileSize, s.Overlap, s.Halo)})
 	}
 	if it.Image != "" {
 		ps = append(ps, kv("Upscaled from", filepath.Base(it.Image)))
+	}
+	if it.Context != nil {
+		ps = append(ps, kv("Context", filepath.Base(it.Context.Path)+" "+it.Context.SHA256[:12]))
+	}
+	if it.NegativeContext != nil {
+		ps = append(ps, kv("Negative context", filepath.Base(it.NegativeContext.Path)+" "+it.NegativeContext.SHA256[:12]))
 	}
 	return stages.Parameters{Params: ps}
 }

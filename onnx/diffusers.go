@@ -92,10 +92,24 @@ func firstFile(paths ...string) string {
 // schedulerHead is what the derivation reads of a scheduler config itself;
 // the schedule is built from the file by stages.
 type schedulerHead struct {
-	ClassName         string  `json:"_class_name"`
-	PredictionType    *string `json:"prediction_type"`
-	VarianceType      *string `json:"variance_type"`
-	NumTrainTimesteps *int    `json:"num_train_timesteps"`
+	ClassName         string   `json:"_class_name"`
+	PredictionType    *string  `json:"prediction_type"`
+	VarianceType      *string  `json:"variance_type"`
+	NumTrainTimesteps *int     `json:"num_train_timesteps"`
+	Thresholding      *bool    `json:"thresholding"`
+	ThresholdingRatio *float64 `json:"dynamic_thresholding_ratio"`
+}
+
+// thresholding is the dynamic-thresholding ratio a scheduler config sets,
+// 0 when it does not threshold (diffusers' default ratio is 0.995).
+func (h schedulerHead) thresholding() float64 {
+	if h.Thresholding == nil || !*h.Thresholding {
+		return 0
+	}
+	if h.ThresholdingRatio != nil {
+		return *h.ThresholdingRatio
+	}
+	return 0.995
 }
 
 // readDiffusers derives a manifest from the diffusers configs of the model
@@ -129,6 +143,9 @@ func readDiffusers(dir string) (*Manifest, error) {
 		return nil, err
 	}
 	m.SchedulerConfig = schedPath
+	if m.ThresholdingRatio = sh.thresholding(); m.ThresholdingRatio > 0 {
+		defer fact("thresholding", fmt.Sprintf("dynamic, ratio %g, of the whole canvas's x0", m.ThresholdingRatio), "scheduler_config.json thresholding")
+	}
 	rel := func(p string) string {
 		if r, err := filepath.Rel(dir, p); err == nil {
 			return r
@@ -214,7 +231,13 @@ func readDiffusers(dir string) (*Manifest, error) {
 	}
 	if len(u.CrossAttentionDim) > 0 && string(u.CrossAttentionDim) != "null" {
 		m.Inputs[RoleContext] = "encoder_hidden_states"
-		fact("context", "encoder_hidden_states [B,L,"+strings.Trim(string(u.CrossAttentionDim), " ")+"]", "config.json cross_attention_dim")
+		var d int
+		var ds []int
+		if json.Unmarshal(u.CrossAttentionDim, &d) != nil && json.Unmarshal(u.CrossAttentionDim, &ds) == nil && len(ds) > 0 {
+			d = ds[0] // one per block; the embedding's is the same for all
+		}
+		m.ContextDim = d
+		fact("context", fmt.Sprintf("encoder_hidden_states [B,L,%d]", d), "config.json cross_attention_dim")
 	}
 	classed := u.ClassEmbedType != nil || u.NumClassEmbeds != nil
 	switch {

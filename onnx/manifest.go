@@ -102,6 +102,9 @@ type Manifest struct {
 	// NoiseScheduler's schedule (the model's own when empty).
 	NoiseLevelMax  int    `yaml:"noise_level_max" json:"noise_level_max,omitempty"`
 	NoiseScheduler string `yaml:"noise_scheduler_config" json:"noise_scheduler_config,omitempty"`
+	// ContextDim is D of the context input [B, L, D] where known (the
+	// U-Net config's cross_attention_dim); a context file must match it.
+	ContextDim int `yaml:"context_dim" json:"context_dim,omitempty"`
 	// Space is pixel (the default) or latent; a latent model's canvas needs
 	// its autoencoder to become an image.
 	Space          string   `yaml:"space" json:"space,omitempty"`
@@ -117,6 +120,11 @@ type Manifest struct {
 	Defaults        Defaults `yaml:"defaults" json:"defaults,omitempty"`
 	Description     string   `yaml:"description" json:"description,omitempty"`
 	License         string   `yaml:"license" json:"license,omitempty"`
+
+	// ThresholdingRatio is the scheduler config's dynamic thresholding
+	// ratio, 0 when it does not threshold (read from the config, recorded
+	// in plans).
+	ThresholdingRatio float64 `yaml:"-" json:"thresholding_ratio,omitempty"`
 
 	// Facts say where each thing Tessera knows of the model came from (the
 	// diffusers configs, tessera.yaml), for inspect.
@@ -161,8 +169,11 @@ func ReadManifest(path string) (*Manifest, error) {
 	}
 	if m.SchedulerConfig != "" {
 		var sh schedulerHead
-		if _, err := readJSON(m.SchedulerConfig, &sh); err == nil && sh.PredictionType != nil && *sh.PredictionType != m.Prediction {
-			m.Conflicts = append(m.Conflicts, fmt.Sprintf("prediction: %s says %s, %s prediction_type %s; %s wins", ManifestFile, m.Prediction, filepath.Base(m.SchedulerConfig), *sh.PredictionType, ManifestFile))
+		if _, err := readJSON(m.SchedulerConfig, &sh); err == nil {
+			if sh.PredictionType != nil && *sh.PredictionType != m.Prediction {
+				m.Conflicts = append(m.Conflicts, fmt.Sprintf("prediction: %s says %s, %s prediction_type %s; %s wins", ManifestFile, m.Prediction, filepath.Base(m.SchedulerConfig), *sh.PredictionType, ManifestFile))
+			}
+			m.ThresholdingRatio = sh.thresholding()
 		}
 	}
 	for _, f := range []Fact{{"kind", m.Kind, ""}, {"prediction", m.Prediction, ""}, {"split", m.splitString(), ""}, {"scale", fmt.Sprint(m.Scale), ""}} {

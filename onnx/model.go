@@ -380,12 +380,6 @@ func (m *Model) Channels() int {
 	return 3
 }
 
-// ContextUnfed is why a model that takes context embeddings cannot run
-// yet: the contract check, inspect and the planner all say it so.
-func ContextUnfed(input string) string {
-	return fmt.Sprintf("input %q (context) takes text embeddings [B,L,D], which Tessera cannot feed yet", input)
-}
-
 // Contract is the verdict on whether a model can serve as a base or SR stage.
 type Contract struct {
 	Kind     string   `json:"kind"`
@@ -455,7 +449,12 @@ func (m *Model) CheckContract() Contract {
 		}
 	}
 	if io := m.Input(RoleContext); io != nil {
-		bad("%s", ContextUnfed(io.Name))
+		switch {
+		case !io.Type.isFloat() || len(io.Shape) != 3:
+			bad("input %q (context): %s %s, want float [B,L,D]", io.Name, io.Type, io.ShapeString())
+		case m.Manifest != nil && m.Manifest.ContextDim > 0 && io.Shape[2] > 0 && io.Shape[2] != int64(m.Manifest.ContextDim):
+			bad("input %q (context): D = %d, the config says %d", io.Name, io.Shape[2], m.Manifest.ContextDim)
+		}
 	}
 	switch m.Kind {
 	case KindBase:

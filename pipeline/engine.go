@@ -464,6 +464,10 @@ func (e *Engine) Generate(ctx context.Context, it Item, plan Plan, progress func
 			plan.Stages[i].Batch = e.opts.Batch // recorded; 0 is the runner's own choice
 		}
 	}
+	ctxs, err := loadContexts(it)
+	if err != nil {
+		return nil, err
+	}
 	var img []float32
 	w, h := it.InputWidth, it.InputHeight
 	if it.Image != "" {
@@ -498,7 +502,7 @@ func (e *Engine) Generate(ctx context.Context, it Item, plan Plan, progress func
 			return nil, ModelUnusable(fmt.Errorf("%s.model: %s is a %s model now (it was queued as %s; submit it again)", sp.Kind, sp.Model, r.model.Kind, sp.Kind))
 		}
 		if sp.Kind == onnx.KindBase {
-			img, err = e.runStage(ctx, it, si, sp, r, nil, report)
+			img, err = e.runStage(ctx, it, si, sp, r, nil, ctxs, report)
 		} else {
 			if c != r.lowresCh {
 				return nil, ModelUnusable(fmt.Errorf("sr.model: %s takes a %d-channel low-res image; stage %d gets %d channels", sp.Model, r.lowresCh, si, c))
@@ -509,7 +513,7 @@ func (e *Engine) Generate(ctx context.Context, it Item, plan Plan, progress func
 				if err := stages.Resample(up, prev, c, h, w, sp.Height, sp.Width, stages.Filter(sp.Filter)); err != nil {
 					return nil, fmt.Errorf("stage %d: upsample: %w", si, err)
 				}
-				img, err = e.runStage(ctx, it, si, sp, r, up, report)
+				img, err = e.runStage(ctx, it, si, sp, r, up, ctxs, report)
 				var big *tileTooLarge
 				if !errors.As(err, &big) {
 					break
@@ -558,7 +562,7 @@ func (e *Engine) Generate(ctx context.Context, it Item, plan Plan, progress func
 // into tiles, the tiles go to the model's batcher, their predictions are
 // converted to x0 and fused with the windows, and the sampler steps the
 // whole canvas once.
-func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r *runner, lowres []float32, report func(stage, step, steps, tiles int)) ([]float32, error) {
+func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r *runner, lowres []float32, ctxs *itemContexts, report func(stage, step, steps, tiles int)) ([]float32, error) {
 	c, H, W := r.channels, sp.Height, sp.Width
 	n := c * H * W
 	sched, err := r.schedule(sp.Sampler)
@@ -650,8 +654,13 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 	if err != nil {
 		return nil, err
 	}
+	// The rows of each tile: the conditional one, and before it, where
+	// guidance asks for one and the model has it, the unconditional one (the
+	// null class, the negative context or zeros).
 	var classes []int64
+	var contexts [][]float32
 	guidance := sp.Guidance
+	pair := false
 	if r.model.Input(onnx.RoleClass) != nil {
 		label := int64(it.Class)
 		if it.Class < 0 {
@@ -660,19 +669,39 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 		if label < 0 {
 			return nil, Invalidf("class: the model is class-conditional and has no null class; give a class")
 		}
-		classes = []int64{label}
-		if guidance != 1 && man.NullClass >= 0 && label != int64(man.NullClass) {
-			classes = []int64{int64(man.NullClass), label} // uncond, cond
+		classes = []int64{label, label}
+		if man.NullClass >= 0 && label != int64(man.NullClass) {
+			classes[0], pair = int64(man.NullClass), true
 		}
 	}
-	if len(classes) < 2 {
+	ctxLen, ctxDim := 0, 0
+	if io := r.model.Input(onnx.RoleContext); io != nil {
+		if ctxs == nil {
+			return nil, Invalidf("context: %s takes text embeddings; give context: FILE", sp.Model)
+		}
+		ctxLen, ctxDim = ctxs.cond.L, ctxs.cond.D
+		if (io.Shape[1] > 0 && int(io.Shape[1]) != ctxLen) || (io.Shape[2] > 0 && int(io.Shape[2]) != ctxDim) {
+			return nil, Invalidf("context: %s is [%d, %d]; %s's input %q takes %s", it.Context.Path, ctxLen, ctxDim, sp.Model, io.Name, io.ShapeString())
+		}
+		contexts, pair = [][]float32{ctxs.uncond.Data, ctxs.cond.Data}, true
+	}
+	switch {
+	case guidance != 1 && pair: // uncond, cond
+	default:
 		guidance = 1
+		if classes != nil {
+			classes = classes[1:]
+		}
+		if contexts != nil {
+			contexts = contexts[1:]
+		}
 	}
 	noiseLevel := sp.NoiseLevel
 	if man.NoiseLevelMax > 0 {
 		noiseLevel = sp.NoiseLevelModel
 	}
-	in := stepInputs{batch: sp.Batch, noiseLevel: float32(noiseLevel), classes: classes, guidance: guidance}
+	in := stepInputs{batch: sp.Batch, noiseLevel: float32(noiseLevel), classes: classes, guidance: guidance,
+		contexts: contexts, ctxLen: ctxLen, ctxDim: ctxDim, thresholding: sched.Thresholding}
 	err = wavefront(ctx, r, grid, sampler, x, cond, in, func(step, rows int) { report(si, step, sampler.Len(), rows) })
 	if err != nil {
 		if isOutOfMemory(err) {
@@ -692,6 +721,42 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 	return x, err
 }
 
+// itemContexts are an item's context embeddings, read once for all its
+// stages and tiles: the conditional one and the unconditional one of a
+// guidance pair (the negative context, or zeros of the same shape).
+type itemContexts struct {
+	cond, uncond *Context
+}
+
+// loadContexts reads the item's context files, checking that each is the
+// file that was hashed when the item was expanded; nil when it has none.
+func loadContexts(it Item) (*itemContexts, error) {
+	if it.Context == nil {
+		return nil, nil
+	}
+	read := func(field string, ref *ContextRef) (*Context, error) {
+		c, sum, err := ReadContext(ref.Path)
+		if err != nil {
+			return nil, err
+		}
+		if sum != ref.SHA256 {
+			return nil, Invalidf("%s: %s changed since the item was queued; submit it again", field, ref.Path)
+		}
+		return c, nil
+	}
+	cond, err := read("context", it.Context)
+	if err != nil {
+		return nil, err
+	}
+	out := &itemContexts{cond: cond, uncond: &Context{L: cond.L, D: cond.D, Data: make([]float32, len(cond.Data))}}
+	if it.NegativeContext != nil {
+		if out.uncond, err = read("negative_context", it.NegativeContext); err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
+}
+
 // tileTooLarge is a stage whose Run ran out of memory with one tile alone:
 // Generate starts the stage over with smaller tiles.
 type tileTooLarge struct {
@@ -704,11 +769,17 @@ func (e *tileTooLarge) Unwrap() error { return e.err }
 
 // stepInputs are what every tile of a stage shares.
 type stepInputs struct {
-	batch      int // the stage's own batch; 0 = the runner's
-	noiseLevel float32
-	classes    []int64
-	guidance   float64
+	batch          int // the stage's own batch; 0 = the runner's
+	noiseLevel     float32
+	classes        []int64
+	contexts       [][]float32 // per row, as classes
+	ctxLen, ctxDim int
+	guidance       float64
+	thresholding   *stages.Thresholding // of the whole canvas's x0, each step
 }
+
+// rows is how many rows each tile is: two for a guidance pair.
+func (in stepInputs) rows() int { return max(len(in.classes), len(in.contexts), 1) }
 
 // wavefront samples a stage on the canvas x, from its state at step 0 to
 // the last step, with the conditioning cond (nil for a base stage).
@@ -778,7 +849,12 @@ func wavefront(ctx context.Context, r *runner, grid *stages.TileGrid, smp stages
 	// and then converted once: the conversion is affine in the prediction
 	// and the window weights sum to one, so this equals fusing converted
 	// tiles.
-	stepBand := func(s, y0, y1 int) error {
+	//
+	// With dynamic thresholding the bands are converted as they are fused,
+	// but stepped only once the whole canvas is: the threshold is a quantile
+	// of the whole image's x0 (per tile, tiles would disagree), so each
+	// step is a barrier and its successor's tiles wait for all of it.
+	convertBand := func(s, y0, y1 int) error {
 		if err := acc.ResultRows(x0, y0, y1); err != nil {
 			return err
 		}
@@ -789,10 +865,13 @@ func wavefront(ctx context.Context, r *runner, grid *stages.TileGrid, smp stages
 				return err
 			}
 		}
+		acc.ResetRows(y0, y1)
+		return nil
+	}
+	advanceBand := func(s, y0, y1 int) error {
 		if err := smp.StepRows(s, x, x0, c, H, W, y0, y1); err != nil {
 			return err
 		}
-		acc.ResetRows(y0, y1)
 		if scaled != nil && s+1 < L {
 			scale(s+1, y0, y1)
 		}
@@ -806,7 +885,8 @@ func wavefront(ctx context.Context, r *runner, grid *stages.TileGrid, smp stages
 	newRequest := func(s, ti int) *request {
 		tile := tiles[ti]
 		q := &request{h: grid.TileHeight, w: grid.TileWidth, t: float32(smp.Timestep(s)), noiseLevel: in.noiseLevel,
-			classes: in.classes, reply: replies, tile: ti, step: s, batch: in.batch, ctx: ctx}
+			classes: in.classes, contexts: in.contexts, ctxLen: in.ctxLen, ctxDim: in.ctxDim,
+			reply: replies, tile: ti, step: s, batch: in.batch, ctx: ctx}
 		q.fill = func(sample, lowres []float32) error {
 			if err := grid.Extract(sample, xin, c, tile); err != nil {
 				return err
@@ -818,9 +898,10 @@ func wavefront(ctx context.Context, r *runner, grid *stages.TileGrid, smp stages
 		}
 		return q
 	}
-	left := make([][]int, L)  // per step, tiles of each tile row not yet fused
-	stepped := make([]int, L) // per step, tile rows stepped
-	rowsPerTile := max(len(in.classes), 1)
+	left := make([][]int, L)    // per step, tiles of each tile row not yet fused
+	stepped := make([]int, L)   // per step, tile rows stepped
+	converted := make([]int, L) // per step, tile rows converted to x0
+	rowsPerTile := in.rows()
 	sent, landed := 0, 0
 	var next *request // the next tile's request, made once, until it is sent
 	for landed < total {
@@ -864,16 +945,37 @@ func wavefront(ctx context.Context, r *runner, grid *stages.TileGrid, smp stages
 				}
 			}
 			left[s][resp.req.tile/C]--
-			for stepped[s] < R && left[s][stepped[s]] == 0 {
-				k := stepped[s]
+			for converted[s] < R && left[s][converted[s]] == 0 {
+				k := converted[s]
 				y0 := 0
 				if k > 0 {
 					y0 = edge(k - 1)
 				}
-				if err := stepBand(s, y0, edge(k)); err != nil {
+				if err := convertBand(s, y0, edge(k)); err != nil {
 					return err
 				}
-				stepped[s]++
+				converted[s]++
+				if in.thresholding == nil {
+					if err := advanceBand(s, y0, edge(k)); err != nil {
+						return err
+					}
+					stepped[s]++
+				}
+			}
+			if in.thresholding != nil && converted[s] == R && stepped[s] < R {
+				lvl, err := in.thresholding.Level(x0)
+				if err != nil {
+					return err
+				}
+				if th, ok := smp.(stages.Thresholder); ok {
+					th.SetThreshold(lvl) // DDIM thresholds its x0 term itself
+				} else {
+					in.thresholding.Apply(x0, lvl)
+				}
+				if err := advanceBand(s, 0, H); err != nil {
+					return err
+				}
+				stepped[s] = R
 			}
 			if stepped[s] == R { // only once: every tile of step s has landed
 				left[s] = nil

@@ -55,8 +55,24 @@ type Item struct {
 	Scale       float64     `json:"scale,omitempty"`
 	Base        StageParams `json:"base"`
 	SR          StageParams `json:"sr"`
+	// Context and NegativeContext are the item's text embeddings, for the
+	// models of its cascade that take them (SetInput reads their shape and
+	// hash): each tile of the item gets the same, and classifier-free
+	// guidance pairs the context with the negative one (zeros when none).
+	Context         *ContextRef `json:"context,omitempty"`
+	NegativeContext *ContextRef `json:"negative_context,omitempty"`
 	// Output is the path the image is written to (resolved by the caller).
 	Output string `json:"output"`
+}
+
+// ContextRef is a context file as an item names it: its absolute path, and
+// its shape and SHA-256 when the item was expanded, so that the item's
+// identity changes with the file's content.
+type ContextRef struct {
+	Path   string `json:"path"`
+	SHA256 string `json:"sha256"`
+	Tokens int    `json:"tokens"`
+	Dim    int    `json:"dim"`
 }
 
 // DefaultScale is an upscale item's factor when it gives neither a scale
@@ -74,17 +90,21 @@ func UpscaleSize(w, h int, scale float64) (int, int) {
 
 // StagePlan is one stage of a cascade, fully resolved.
 type StagePlan struct {
-	Kind       string  `json:"kind"` // base or sr
-	Model      string  `json:"model"`
-	Space      string  `json:"space,omitempty"` // latent, or pixel when empty
-	Width      int     `json:"width"`
-	Height     int     `json:"height"`
-	Steps      int     `json:"steps"`
-	Sampler    string  `json:"sampler"`
-	Guidance   float64 `json:"guidance,omitempty"`
-	Eta        float64 `json:"eta,omitempty"`
-	Strength   float64 `json:"strength,omitempty"`
-	NoiseLevel float64 `json:"noise_level,omitempty"`
+	Kind  string `json:"kind"` // base or sr
+	Model string `json:"model"`
+	Space string `json:"space,omitempty"` // latent, or pixel when empty
+	// Variance is the model's variance_type (a learned variance is not used
+	// by the samplers); Thresholding its dynamic thresholding ratio, 0 none.
+	Variance     string  `json:"variance_type,omitempty"`
+	Thresholding float64 `json:"thresholding_ratio,omitempty"`
+	Width        int     `json:"width"`
+	Height       int     `json:"height"`
+	Steps        int     `json:"steps"`
+	Sampler      string  `json:"sampler"`
+	Guidance     float64 `json:"guidance,omitempty"`
+	Eta          float64 `json:"eta,omitempty"`
+	Strength     float64 `json:"strength,omitempty"`
+	NoiseLevel   float64 `json:"noise_level,omitempty"`
 	// NoiseLevelModel is the level in the model's own units, where it takes
 	// one (an integer in [0, noise_level_max]): what the model is fed.
 	NoiseLevelModel float64 `json:"noise_level_model,omitempty"`
@@ -147,10 +167,28 @@ func MakePlan(it Item, describe Describe) (Plan, error) {
 		if err != nil {
 			return nil, ModelUnusable(fmt.Errorf("%s: %w", field, err))
 		}
-		if in := m.Inputs[onnx.RoleContext]; in != "" {
-			return nil, ModelUnusable(fmt.Errorf("%s: %s: %s", field, ref, onnx.ContextUnfed(in)))
-		}
 		return m, nil
+	}
+	usesContext := false
+	// contextFor checks the item's context against a model of its cascade.
+	contextFor := func(field, ref string, m *onnx.Manifest) error {
+		in := m.Inputs[onnx.RoleContext]
+		if in == "" {
+			return nil
+		}
+		usesContext = true
+		if it.Context == nil {
+			return Invalidf("context: %s %s takes text embeddings (%s); give context: FILE (.npy or .safetensors, [L, D])", field, ref, in)
+		}
+		for _, c := range []struct {
+			name string
+			c    *ContextRef
+		}{{"context", it.Context}, {"negative_context", it.NegativeContext}} {
+			if c.c != nil && m.ContextDim > 0 && c.c.Dim != m.ContextDim {
+				return Invalidf("%s: %s is [%d, %d]; %s %s takes D = %d", c.name, c.c.Path, c.c.Tokens, c.c.Dim, field, ref, m.ContextDim)
+			}
+		}
+		return nil
 	}
 	var srMan *onnx.Manifest
 	needSR := func() error {
@@ -164,8 +202,11 @@ func MakePlan(it Item, describe Describe) (Plan, error) {
 		if m.Kind != onnx.KindSR {
 			return ModelUnusable(fmt.Errorf("sr.model: %s is a %s model, not an SR model", it.SR.Model, m.Kind))
 		}
-		if m.Scale < 2 {
+		if m.Scale < 2 && m.Space != onnx.SpaceLatent {
 			return ModelUnusable(fmt.Errorf("sr.model: %s has scale %d; an SR model upscales by 2 or more", it.SR.Model, m.Scale))
+		}
+		if err := contextFor("sr.model", it.SR.Model, m); err != nil {
+			return err
 		}
 		srMan = m
 		return nil
@@ -178,6 +219,9 @@ func MakePlan(it Item, describe Describe) (Plan, error) {
 		}
 		if bm.Kind != onnx.KindBase {
 			return p, ModelUnusable(fmt.Errorf("base.model: %s is a %s model, not a base model", it.Base.Model, bm.Kind))
+		}
+		if err := contextFor("base.model", it.Base.Model, bm); err != nil {
+			return p, err
 		}
 		if len(bm.NativeSize) != 2 {
 			return p, ModelUnusable(fmt.Errorf("base.model: %s has no native_size", it.Base.Model))
@@ -196,7 +240,12 @@ func MakePlan(it Item, describe Describe) (Plan, error) {
 			// Every later canvas is the base times a power of the scale; a base on
 			// both models' size multiples keeps all of them on theirs.
 			mult := lcm(bm.SizeMultiple, srMan.SizeMultiple)
-			w, h, k = baseSize(it.Width, it.Height, nw, nh, srMan.Scale, mult)
+			if srMan.Scale < 2 { // a latent SR model: one stage at the base's size
+				w, h, _ = baseSize(it.Width, it.Height, nw, nh, 2, mult)
+				k = 1
+			} else {
+				w, h, k = baseSize(it.Width, it.Height, nw, nh, srMan.Scale, mult)
+			}
 		}
 		sp, err := planStage(onnx.KindBase, it.Base, bm, w, h)
 		if err != nil {
@@ -212,8 +261,11 @@ func MakePlan(it Item, describe Describe) (Plan, error) {
 			return p, err
 		}
 		w, h = it.InputWidth, it.InputHeight
-		ratio := math.Sqrt(float64(it.Width*it.Height) / float64(w*h))
-		k = max(1, int(math.Ceil(math.Log(ratio)/math.Log(float64(srMan.Scale))-1e-9)))
+		k = 1 // a latent SR model: one stage at the input's size
+		if srMan.Scale >= 2 {
+			ratio := math.Sqrt(float64(it.Width*it.Height) / float64(w*h))
+			k = max(1, int(math.Ceil(math.Log(ratio)/math.Log(float64(srMan.Scale))-1e-9)))
+		}
 	}
 	for i := 0; i < k; i++ {
 		w, h = w*srMan.Scale, h*srMan.Scale
@@ -232,6 +284,15 @@ func MakePlan(it Item, describe Describe) (Plan, error) {
 		p.Stages = append(p.Stages, sp)
 	}
 	p.Resample = w != it.Width || h != it.Height
+	if it.Context != nil && !usesContext {
+		return p, Invalidf("context: no model of this item's cascade takes text embeddings")
+	}
+	if it.NegativeContext != nil && it.Context == nil {
+		return p, Invalidf("negative_context: give context too")
+	}
+	if n, c := it.NegativeContext, it.Context; n != nil && (n.Tokens != c.Tokens || n.Dim != c.Dim) {
+		return p, Invalidf("negative_context: %s is [%d, %d], context %s [%d, %d]: a guidance pair shares one shape", n.Path, n.Tokens, n.Dim, c.Path, c.Tokens, c.Dim)
+	}
 	return p, nil
 }
 
@@ -275,6 +336,7 @@ func planStage(kind string, p StageParams, man *onnx.Manifest, w, h int) (StageP
 		if man.Space == onnx.SpaceLatent {
 			sp.Space = onnx.SpaceLatent
 		}
+		sp.Variance, sp.Thresholding = man.VarianceType, man.ThresholdingRatio
 	}
 	sp.Steps = firstInt(p.Steps, d.Steps, defaultSteps)
 	sp.Sampler = firstString(p.Sampler, d.Sampler, defaultSampler)

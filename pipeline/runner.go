@@ -26,8 +26,12 @@ type request struct {
 	t          float32
 	noiseLevel float32
 	classes    []int64 // one row per label; nil means one unlabelled row
-	reply      chan<- response
-	tile, step int
+	// contexts are the rows' context embeddings (L×D each, one per row as
+	// classes are), nil for a model without a context input; ctxLen is L.
+	contexts       [][]float32
+	ctxLen, ctxDim int
+	reply          chan<- response
+	tile, step     int
 	// batch, when positive, is the stage's own batch (sr.batch in the job),
 	// which beats the runner's.
 	batch int
@@ -36,7 +40,7 @@ type request struct {
 	ctx context.Context
 }
 
-func (q *request) rows() int { return max(len(q.classes), 1) }
+func (q *request) rows() int { return max(len(q.classes), len(q.contexts), 1) }
 
 // response carries the model's prediction for every row of a request. The
 // receiver hands pred back with runner.release once it is done with it.
@@ -133,7 +137,7 @@ func (r *runner) close() {
 // (provider, threads).
 func (r *runner) session() *onnx.Session { return r.devs[0].sess }
 
-type bindKey struct{ h, w, n, slot int }
+type bindKey struct{ h, w, n, ctxLen, ctxDim, slot int }
 
 type boundBatch struct {
 	dev  *device // whose session the binding belongs to
@@ -149,18 +153,21 @@ type boundBatch struct {
 	noise    []float32
 	noiseInt []int64
 	class    []int64
+	context  []float32
 	out      []float32
 }
 
-// groupKey says which requests may share a Run.
+// groupKey says which requests may share a Run: one tile shape, one
+// context length.
 type groupKey struct {
-	h, w  int
-	t     float32
-	noise float32
+	h, w           int
+	ctxLen, ctxDim int
+	t              float32
+	noise          float32
 }
 
 func (r *runner) key(q *request) groupKey {
-	k := groupKey{h: q.h, w: q.w}
+	k := groupKey{h: q.h, w: q.w, ctxLen: q.ctxLen, ctxDim: q.ctxDim}
 	if r.scalarT {
 		k.t = q.t
 	}
@@ -423,7 +430,7 @@ func (r *runner) prepare(d *device, batch []*request) (b *boundBatch, err error)
 	for _, q := range batch {
 		n += q.rows()
 	}
-	b, err = r.bound(d, q0.h, q0.w, n)
+	b, err = r.bound(d, q0.h, q0.w, n, q0.ctxLen, q0.ctxDim)
 	if err != nil {
 		return nil, err
 	}
@@ -483,6 +490,13 @@ func (r *runner) prepare(d *device, batch []*request) (b *boundBatch, err error)
 				} else {
 					b.class[row] = 0
 				}
+			}
+			if b.context != nil {
+				per := len(b.context) / b.rows
+				if len(q.contexts) != q.rows() || len(q.contexts[j]) != per {
+					return nil, fmt.Errorf("model %s: row %d's context has %d values, the Run %d", r.ref, j, len(q.contexts[j]), per)
+				}
+				copy(b.context[row*per:(row+1)*per], q.contexts[j])
 			}
 			row++
 		}
@@ -620,8 +634,8 @@ func (r *runner) release(buf []float32) {
 // bound returns a binding for n rows of h×w tiles that is not busy: of
 // those kept for that shape (one per lane, one being filled and one for a
 // retry), the first free one.
-func (r *runner) bound(d *device, h, w, n int) (*boundBatch, error) {
-	key := bindKey{h, w, n, 0}
+func (r *runner) bound(d *device, h, w, n, ctxLen, ctxDim int) (*boundBatch, error) {
+	key := bindKey{h, w, n, ctxLen, ctxDim, 0}
 	for {
 		b, ok := d.bindings[key]
 		if !ok {
@@ -654,6 +668,12 @@ func (r *runner) bound(d *device, h, w, n int) (*boundBatch, error) {
 		case onnx.RoleClass:
 			b.class = make([]int64, n)
 			inputs[io.Name] = onnx.IntTensor(b.class, int64(n))
+		case onnx.RoleContext:
+			if ctxLen < 1 || ctxDim < 1 {
+				return nil, fmt.Errorf("model %s: input %q (context) needs the item's context", r.ref, io.Name)
+			}
+			b.context = make([]float32, n*ctxLen*ctxDim)
+			inputs[io.Name] = onnx.FloatTensor(b.context, int64(n), int64(ctxLen), int64(ctxDim))
 		default:
 			return nil, fmt.Errorf("model %s: input %q (%s) cannot be fed by the pipeline", r.ref, io.Name, io.Role)
 		}

@@ -251,6 +251,7 @@ type DDIM struct {
 	etaNoise     func(int, []float32) error
 	etaNoiseRows func(int, []float32, int, int) error
 	noise        []float32
+	threshold    float64 // dynamic thresholding's s for the step; 0: none
 }
 
 // NewDDIM returns a DDIM sampler over s. The previous level of the step at
@@ -348,6 +349,12 @@ func (d *DDIM) Step(i int, x, x0 []float32) error {
 }
 
 // StepRows is Step for rows [y0, y1) of every channel.
+// SetThreshold sets the dynamic-thresholding level s of the next steps'
+// x0 (0: none); see Thresholding.
+func (d *DDIM) SetThreshold(s float64) { d.threshold = s }
+
+var _ Thresholder = (*DDIM)(nil)
+
 func (d *DDIM) StepRows(i int, x, x0 []float32, c, h, w, y0, y1 int) error {
 	if err := d.checkStep("ddim", i); err != nil {
 		return err
@@ -397,12 +404,16 @@ func (d *DDIM) step(i int, x, x0, noise []float32) {
 	ia, rb := float32(sa), float32(1/sb)
 	clip := d.sched.ClipSample
 	lo, hi := float32(-d.sched.ClipSampleRange), float32(d.sched.ClipSampleRange)
+	thr := float32(d.threshold)
 	fstd := float32(std)
 	x0 = x0[:len(x)]
 	for j := range x {
 		p0 := x0[j]
 		eps := (x[j] - ia*p0) * rb
-		if clip {
+		switch {
+		case thr > 0: // thresholding replaces clipping, as in diffusers
+			p0 = min(max(p0, -thr), thr) / thr
+		case clip:
 			p0 = min(max(p0, lo), hi)
 		}
 		v := cx0*p0 + ceps*eps

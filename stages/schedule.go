@@ -264,6 +264,9 @@ type Schedule struct {
 	// of runs shorter than 15 steps. Its final step is first order anyway,
 	// as the final sigma is zero.
 	LowerOrderFinal bool
+	// Thresholding, when set, thresholds the predicted x0 of the whole
+	// canvas at every step (the pipeline applies it: see Threshold).
+	Thresholding *Thresholding
 	// Shift is the resolution-dependent schedule shift s; 0 and 1 mean off.
 	// It multiplies every sampling sigma σ = √((1−ᾱ)/ᾱ) by s (log-SNR
 	// lowered by 2·ln s), which is the SD3 shift σ' = s·σ_f/(1+(s−1)·σ_f) of
@@ -381,6 +384,11 @@ type SchedulerConfig struct {
 	ClipSampleRange   float64   `json:"clip_sample_range"`
 	SetAlphaToOne     bool      `json:"set_alpha_to_one"`
 	LowerOrderFinal   bool      `json:"lower_order_final"`
+	// Thresholding is dynamic thresholding of the predicted x0 (Imagen,
+	// DeepFloyd IF): see Threshold.
+	Thresholding             bool    `json:"thresholding"`
+	DynamicThresholdingRatio float64 `json:"dynamic_thresholding_ratio"`
+	SampleMaxValue           float64 `json:"sample_max_value"`
 	// Shift is Tessera's schedule shift (key "shift"); 1 when absent.
 	Shift float64 `json:"shift"`
 }
@@ -404,14 +412,16 @@ const (
 // timesteps "leading" while Euler and DPM-Solver use "linspace".
 func SchedulerDefaults(class string) (SchedulerConfig, error) {
 	c := SchedulerConfig{
-		ClassName:         class,
-		NumTrainTimesteps: 1000,
-		BetaSchedule:      string(BetaLinear),
-		BetaStart:         0.0001,
-		BetaEnd:           0.02,
-		PredictionType:    string(PredEpsilon),
-		ClipSampleRange:   1,
-		Shift:             1,
+		DynamicThresholdingRatio: 0.995,
+		SampleMaxValue:           1.0,
+		ClassName:                class,
+		NumTrainTimesteps:        1000,
+		BetaSchedule:             string(BetaLinear),
+		BetaStart:                0.0001,
+		BetaEnd:                  0.02,
+		PredictionType:           string(PredEpsilon),
+		ClipSampleRange:          1,
+		Shift:                    1,
 	}
 	switch class {
 	case ClassDDIM:
@@ -466,19 +476,22 @@ func ParseSchedulerConfigAs(data []byte, class string) (SchedulerConfig, error) 
 		return SchedulerConfig{}, err
 	}
 	fields := map[string]any{
-		"num_train_timesteps": &c.NumTrainTimesteps,
-		"beta_schedule":       &c.BetaSchedule,
-		"beta_start":          &c.BetaStart,
-		"beta_end":            &c.BetaEnd,
-		"trained_betas":       &c.TrainedBetas,
-		"prediction_type":     &c.PredictionType,
-		"timestep_spacing":    &c.TimestepSpacing,
-		"steps_offset":        &c.StepsOffset,
-		"clip_sample":         &c.ClipSample,
-		"clip_sample_range":   &c.ClipSampleRange,
-		"set_alpha_to_one":    &c.SetAlphaToOne,
-		"lower_order_final":   &c.LowerOrderFinal,
-		"shift":               &c.Shift,
+		"num_train_timesteps":        &c.NumTrainTimesteps,
+		"beta_schedule":              &c.BetaSchedule,
+		"beta_start":                 &c.BetaStart,
+		"beta_end":                   &c.BetaEnd,
+		"trained_betas":              &c.TrainedBetas,
+		"prediction_type":            &c.PredictionType,
+		"timestep_spacing":           &c.TimestepSpacing,
+		"steps_offset":               &c.StepsOffset,
+		"clip_sample":                &c.ClipSample,
+		"clip_sample_range":          &c.ClipSampleRange,
+		"set_alpha_to_one":           &c.SetAlphaToOne,
+		"lower_order_final":          &c.LowerOrderFinal,
+		"thresholding":               &c.Thresholding,
+		"dynamic_thresholding_ratio": &c.DynamicThresholdingRatio,
+		"sample_max_value":           &c.SampleMaxValue,
+		"shift":                      &c.Shift,
 	}
 	for key, dst := range fields {
 		v, ok := raw[key]
@@ -491,11 +504,14 @@ func ParseSchedulerConfigAs(data []byte, class string) (SchedulerConfig, error) 
 	}
 	// Options that would change the numbers but are not implemented are
 	// refused rather than ignored.
-	for _, key := range []string{"rescale_betas_zero_snr", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "thresholding"} {
+	for _, key := range []string{"rescale_betas_zero_snr", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"} {
 		var on bool
 		if v, ok := raw[key]; ok && json.Unmarshal(v, &on) == nil && on {
 			return SchedulerConfig{}, fmt.Errorf("scheduler config: key %s: true is not supported", key)
 		}
+	}
+	if c.Thresholding && class == ClassEuler {
+		return SchedulerConfig{}, fmt.Errorf("scheduler config: key thresholding: true, which the euler sampler does not do (diffusers' EulerDiscreteScheduler has no thresholding): use ddim or dpm++2m")
 	}
 	if _, err := c.Schedule(); err != nil {
 		return SchedulerConfig{}, err
@@ -538,6 +554,14 @@ func (c SchedulerConfig) Schedule() (*Schedule, error) {
 		SetAlphaToOne:   c.SetAlphaToOne,
 		LowerOrderFinal: c.LowerOrderFinal,
 		Shift:           c.Shift,
+	}
+	if c.Thresholding {
+		// As in diffusers: thresholding replaces clipping.
+		s.ClipSample = false
+		s.Thresholding = &Thresholding{Ratio: c.DynamicThresholdingRatio, MaxValue: c.SampleMaxValue}
+		if !(s.Thresholding.Ratio > 0 && s.Thresholding.Ratio <= 1) || !(s.Thresholding.MaxValue >= 1) {
+			return nil, fmt.Errorf("scheduler config: thresholding needs dynamic_thresholding_ratio in (0, 1] and sample_max_value >= 1, got %g and %g", c.DynamicThresholdingRatio, c.SampleMaxValue)
+		}
 	}
 	if err := s.validate(); err != nil {
 		return nil, fmt.Errorf("scheduler config: %w", err)
