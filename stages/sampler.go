@@ -523,8 +523,9 @@ func (e *Euler) step(i int, x, x0 []float32) {
 // 2). The state is variance preserving, as with DDIM.
 type DPMSolver2M struct {
 	plan
-	prev     []float32 // x0 of the previous step
-	havePrev bool
+	prev            []float32 // x0 of the previous step
+	havePrev        bool
+	firstOrderFinal bool // see NewDPMSolver2M
 }
 
 // NewDPMSolver2M returns a DPM-Solver++(2M) sampler over s. The first step
@@ -536,7 +537,11 @@ func NewDPMSolver2M(s *Schedule, o SamplerOptions) (*DPMSolver2M, error) {
 		return nil, err
 	}
 	T := s.T()
-	its, err := TimestepsDPMSolver(T, o.Steps, s.TimestepSpacing, s.StepsOffset)
+	last := T
+	if s.LambdaMinClipped != nil {
+		last = LastTimestepDPMSolver(s.AlphasCumprod, *s.LambdaMinClipped)
+	}
+	its, err := timestepsDPMSolver(T, last, o.Steps, s.TimestepSpacing, s.StepsOffset)
 	if err != nil {
 		return nil, fmt.Errorf("dpm-solver++ 2m: %w", err)
 	}
@@ -552,8 +557,18 @@ func NewDPMSolver2M(s *Schedule, o SamplerOptions) (*DPMSolver2M, error) {
 	if err != nil {
 		return nil, fmt.Errorf("dpm-solver++ 2m: %w", err)
 	}
-	p.abar = append(p.abar, 1) // final sigma zero
-	return &DPMSolver2M{plan: p}, nil
+	// The last step goes to σ = 0 (ᾱ = 1), or with final_sigmas_type
+	// sigma_min to the training schedule's first ᾱ.
+	final := 1.0
+	if s.FinalSigmaMin {
+		final = s.AlphasCumprod[0]
+	}
+	p.abar = append(p.abar, final)
+	// The last step is first order with a zero final sigma, at
+	// euler_at_final, and with lower_order_final below 15 steps, as in
+	// diffusers (which counts every step of the schedule).
+	firstOrderFinal := !s.FinalSigmaMin || s.EulerAtFinal || s.LowerOrderFinal && len(its) < 15
+	return &DPMSolver2M{plan: p, firstOrderFinal: firstOrderFinal}, nil
 }
 
 // InputScale is 1: the state is the model input.
@@ -613,9 +628,9 @@ func (d *DPMSolver2M) prevBuffer(n int) []float32 {
 func (d *DPMSolver2M) step(i int, x, x0, prev []float32) {
 	ls, lt := LevelFromAlphaBar(d.abar[i]), LevelFromAlphaBar(d.abar[i+1])
 	final := i == len(d.ts)-1
-	// First order on the first step run and on the final one (lower_order_final;
-	// with a zero final sigma diffusers takes it whatever the step count).
-	firstOrder := i == 0 || final
+	// First order on the first step run and, where NewDPMSolver2M says so,
+	// on the final one.
+	firstOrder := i == 0 || final && d.firstOrderFinal
 	x0, prev = x0[:len(x)], prev[:len(x)]
 	if lt.Sigma == 0 {
 		// σ_t = 0: λ_t = ∞, e^{−h} = 0 and the update is x ← x0.

@@ -208,30 +208,50 @@ func TimestepsEuler(T, n int, spacing Spacing, stepsOffset int) ([]float64, erro
 }
 
 // TimestepsDPMSolver returns the n inference timesteps, descending, as
-// DPMSolverMultistepScheduler.set_timesteps computes them (lambda_min_clipped
-// = −inf, so last_timestep = T): n+1 points of which the last (0) is dropped:
+// DPMSolverMultistepScheduler.set_timesteps computes them, with last the
+// last_timestep that lambda_min_clipped leaves (T when it is −inf): n+1
+// points of which the last (0) is dropped:
 //
-//	leading:  (arange(n+1) · (T//(n+1))).round()[::-1][:-1] + steps_offset
-//	linspace: linspace(0, T−1, n+1).round()[::-1][:-1]
-//	trailing: arange(T, 0, −T/n).round() − 1
+//	leading:  (arange(n+1) · (last//(n+1))).round()[::-1][:-1] + steps_offset
+//	linspace: linspace(0, last−1, n+1).round()[::-1][:-1]
+//	trailing: arange(last, 0, −T/n).round() − 1
 func TimestepsDPMSolver(T, n int, spacing Spacing, stepsOffset int) ([]int, error) {
+	return timestepsDPMSolver(T, T, n, spacing, stepsOffset)
+}
+
+// LastTimestepDPMSolver is diffusers' last_timestep: T less the number of
+// training timesteps whose λ = log(√ᾱ) − log(√(1−ᾱ)) is below lambdaMin.
+func LastTimestepDPMSolver(abar []float64, lambdaMin float64) int {
+	n := 0
+	for _, a := range abar {
+		if 0.5*math.Log(a)-0.5*math.Log(1-a) < lambdaMin {
+			n++
+		}
+	}
+	return len(abar) - n
+}
+
+func timestepsDPMSolver(T, last, n int, spacing Spacing, stepsOffset int) ([]int, error) {
 	if err := checkSteps(T, n); err != nil {
 		return nil, err
+	}
+	if last < n+1 {
+		return nil, fmt.Errorf("timesteps: lambda_min_clipped leaves %d training timesteps for %d steps", last, n)
 	}
 	out := make([]int, n)
 	switch spacing {
 	case SpacingLeading:
-		r := T / (n + 1)
+		r := last / (n + 1)
 		for i := range out {
 			out[i] = (n-i)*r + stepsOffset
 		}
 	case SpacingLinspace:
-		v := linspace(0, float64(T-1), n+1)
+		v := linspace(0, float64(last-1), n+1)
 		for i := range out {
 			out[i] = int(math.RoundToEven(v[n-i]))
 		}
 	case SpacingTrailing:
-		v := arange(float64(T), 0, -float64(T)/float64(n))
+		v := arange(float64(last), 0, -float64(T)/float64(n))
 		if len(v) != n {
 			return nil, fmt.Errorf("timesteps: trailing spacing gives %d steps for %d", len(v), n)
 		}
@@ -264,6 +284,13 @@ type Schedule struct {
 	// of runs shorter than 15 steps. Its final step is first order anyway,
 	// as the final sigma is zero.
 	LowerOrderFinal bool
+	// FinalSigmaMin makes DPM-Solver's last step go to σ_min (ᾱ[0], the
+	// final_sigmas_type sigma_min of older diffusers) instead of σ = 0;
+	// EulerAtFinal makes that step first order; LambdaMinClipped drops the
+	// timesteps whose λ = log(α/σ) is below it (nil: none).
+	FinalSigmaMin    bool
+	EulerAtFinal     bool
+	LambdaMinClipped *float64
 	// Thresholding, when set, thresholds the predicted x0 of the whole
 	// canvas at every step (the pipeline applies it: see Threshold).
 	Thresholding *Thresholding
@@ -386,7 +413,12 @@ type SchedulerConfig struct {
 	LowerOrderFinal   bool      `json:"lower_order_final"`
 	// Thresholding is dynamic thresholding of the predicted x0 (Imagen,
 	// DeepFloyd IF): see Threshold.
-	Thresholding             bool    `json:"thresholding"`
+	Thresholding bool `json:"thresholding"`
+	// DPM-Solver's: where its last step goes (zero or sigma_min), whether
+	// it is an Euler step, and the λ below which timesteps are cut.
+	FinalSigmasType          string  `json:"final_sigmas_type"`
+	EulerAtFinal             bool    `json:"euler_at_final"`
+	LambdaMinClipped         float64 `json:"lambda_min_clipped"`
 	DynamicThresholdingRatio float64 `json:"dynamic_thresholding_ratio"`
 	SampleMaxValue           float64 `json:"sample_max_value"`
 	// Shift is Tessera's schedule shift (key "shift"); 1 when absent.
@@ -422,6 +454,8 @@ func SchedulerDefaults(class string) (SchedulerConfig, error) {
 		PredictionType:           string(PredEpsilon),
 		ClipSampleRange:          1,
 		Shift:                    1,
+		FinalSigmasType:          "zero",
+		LambdaMinClipped:         math.Inf(-1),
 	}
 	switch class {
 	case ClassDDIM:
@@ -460,7 +494,9 @@ func ParseSchedulerConfigAs(data []byte, class string) (SchedulerConfig, error) 
 		return SchedulerConfig{}, fmt.Errorf("scheduler config: %d bytes, limit %d", len(data), maxConfigBytes)
 	}
 	var raw map[string]json.RawMessage
-	if err := json.Unmarshal(data, &raw); err != nil {
+	// Python's json writes -Infinity, Infinity and NaN (lambda_min_clipped
+	// is -Infinity in many shipped configs); JSON has no such literals.
+	if err := json.Unmarshal(pythonJSON(data), &raw); err != nil {
 		return SchedulerConfig{}, fmt.Errorf("scheduler config: %w", err)
 	}
 	if class == "" {
@@ -489,6 +525,9 @@ func ParseSchedulerConfigAs(data []byte, class string) (SchedulerConfig, error) 
 		"set_alpha_to_one":           &c.SetAlphaToOne,
 		"lower_order_final":          &c.LowerOrderFinal,
 		"thresholding":               &c.Thresholding,
+		"final_sigmas_type":          &c.FinalSigmasType,
+		"euler_at_final":             &c.EulerAtFinal,
+		"lambda_min_clipped":         (*pyFloat)(&c.LambdaMinClipped),
 		"dynamic_thresholding_ratio": &c.DynamicThresholdingRatio,
 		"sample_max_value":           &c.SampleMaxValue,
 		"shift":                      &c.Shift,
@@ -509,6 +548,9 @@ func ParseSchedulerConfigAs(data []byte, class string) (SchedulerConfig, error) 
 		if v, ok := raw[key]; ok && json.Unmarshal(v, &on) == nil && on {
 			return SchedulerConfig{}, fmt.Errorf("scheduler config: key %s: true is not supported", key)
 		}
+	}
+	if err := c.checkClassKeys(raw, class); err != nil {
+		return SchedulerConfig{}, err
 	}
 	if c.Thresholding && class == ClassEuler {
 		return SchedulerConfig{}, fmt.Errorf("scheduler config: key thresholding: true, which the euler sampler does not do (diffusers' EulerDiscreteScheduler has no thresholding): use ddim or dpm++2m")
@@ -554,17 +596,147 @@ func (c SchedulerConfig) Schedule() (*Schedule, error) {
 		SetAlphaToOne:   c.SetAlphaToOne,
 		LowerOrderFinal: c.LowerOrderFinal,
 		Shift:           c.Shift,
+		FinalSigmaMin:   c.FinalSigmasType == "sigma_min",
+		EulerAtFinal:    c.EulerAtFinal,
+	}
+	if !math.IsInf(c.LambdaMinClipped, -1) {
+		v := c.LambdaMinClipped
+		s.LambdaMinClipped = &v
 	}
 	if c.Thresholding {
 		// As in diffusers: thresholding replaces clipping.
 		s.ClipSample = false
 		s.Thresholding = &Thresholding{Ratio: c.DynamicThresholdingRatio, MaxValue: c.SampleMaxValue}
-		if !(s.Thresholding.Ratio > 0 && s.Thresholding.Ratio <= 1) || !(s.Thresholding.MaxValue >= 1) {
-			return nil, fmt.Errorf("scheduler config: thresholding needs dynamic_thresholding_ratio in (0, 1] and sample_max_value >= 1, got %g and %g", c.DynamicThresholdingRatio, c.SampleMaxValue)
+		if !(s.Thresholding.Ratio > 0 && s.Thresholding.Ratio <= 1) || !(s.Thresholding.MaxValue > 0) {
+			return nil, fmt.Errorf("scheduler config: thresholding needs dynamic_thresholding_ratio in (0, 1] and sample_max_value > 0, got %g and %g", c.DynamicThresholdingRatio, c.SampleMaxValue)
 		}
 	}
 	if err := s.validate(); err != nil {
 		return nil, fmt.Errorf("scheduler config: %w", err)
 	}
 	return s, nil
+}
+
+// checkClassKeys refuses, by name, the keys of the file that would change
+// the numbers of class's sampler and that it does not implement; keys of
+// other classes are ignored, as diffusers' from_config ignores them.
+func (c SchedulerConfig) checkClassKeys(raw map[string]json.RawMessage, class string) error {
+	str := func(key string) (string, bool) {
+		var v string
+		b, ok := raw[key]
+		if !ok || json.Unmarshal(b, &v) != nil {
+			return "", false
+		}
+		return v, true
+	}
+	refuse := func(key, value, why string) error {
+		return fmt.Errorf("scheduler config: key %s: %s is not supported by the %s sampler (%s)", key, value, class, why)
+	}
+	switch class {
+	case ClassDPMSolver:
+		if v, ok := str("algorithm_type"); ok && v != "dpmsolver++" && v != "deis" {
+			return refuse("algorithm_type", v, "Tessera's is dpmsolver++")
+		}
+		if v, ok := str("solver_type"); ok && v != "midpoint" && v != "logrho" && v != "bh1" && v != "bh2" {
+			return refuse("solver_type", v, "Tessera's is midpoint")
+		}
+		if b, ok := raw["solver_order"]; ok {
+			var n int
+			if json.Unmarshal(b, &n) != nil || n != 2 {
+				return refuse("solver_order", string(b), "Tessera's is 2")
+			}
+		}
+		if c.FinalSigmasType != "zero" && c.FinalSigmasType != "sigma_min" {
+			return refuse("final_sigmas_type", c.FinalSigmasType, "want zero or sigma_min")
+		}
+		var on bool
+		if b, ok := raw["use_lu_lambdas"]; ok && json.Unmarshal(b, &on) == nil && on {
+			return refuse("use_lu_lambdas", "true", "uniform log-SNR steps are not implemented")
+		}
+	case ClassEuler:
+		if v, ok := str("final_sigmas_type"); ok && v != "zero" {
+			return refuse("final_sigmas_type", v, "its last step goes to sigma 0")
+		}
+		if v, ok := str("timestep_type"); ok && v != "discrete" {
+			return refuse("timestep_type", v, "its timesteps are discrete")
+		}
+		if v, ok := str("interpolation_type"); ok && v != "linear" {
+			return refuse("interpolation_type", v, "its sigmas are interpolated linearly")
+		}
+		for _, key := range []string{"sigma_min", "sigma_max"} {
+			if b, ok := raw[key]; ok && string(bytes.TrimSpace(b)) != "null" {
+				return refuse(key, string(b), "its sigmas come from the training schedule")
+			}
+		}
+	}
+	return nil
+}
+
+// pythonJSON turns the literals Python's json module writes and JSON lacks
+// (NaN, Infinity, -Infinity), outside strings, into strings, which the
+// fields that may hold them (lambda_min_clipped) read back.
+func pythonJSON(data []byte) []byte {
+	if !bytes.Contains(data, []byte("Infinity")) && !bytes.Contains(data, []byte("NaN")) {
+		return data
+	}
+	var out bytes.Buffer
+	inString, escaped := false, false
+	for i := 0; i < len(data); i++ {
+		b := data[i]
+		if inString {
+			out.WriteByte(b)
+			switch {
+			case escaped:
+				escaped = false
+			case b == '\\':
+				escaped = true
+			case b == '"':
+				inString = false
+			}
+			continue
+		}
+		if b == '"' {
+			inString = true
+			out.WriteByte(b)
+			continue
+		}
+		replaced := false
+		for _, lit := range []string{"-Infinity", "Infinity", "NaN"} {
+			if bytes.HasPrefix(data[i:], []byte(lit)) {
+				out.WriteString(`"` + lit + `"`)
+				i += len(lit) - 1
+				replaced = true
+				break
+			}
+		}
+		if !replaced {
+			out.WriteByte(b)
+		}
+	}
+	return out.Bytes()
+}
+
+// pyFloat is a float a Python-written config may give as -Infinity,
+// Infinity or NaN (strings after pythonJSON).
+type pyFloat float64
+
+func (f *pyFloat) UnmarshalJSON(b []byte) error {
+	var s string
+	if json.Unmarshal(b, &s) == nil {
+		switch s {
+		case "-Infinity":
+			*f = pyFloat(math.Inf(-1))
+		case "Infinity":
+			*f = pyFloat(math.Inf(1))
+		default:
+			return fmt.Errorf("%q is not a number", s)
+		}
+		return nil
+	}
+	var v float64
+	if err := json.Unmarshal(b, &v); err != nil {
+		return err
+	}
+	*f = pyFloat(v)
+	return nil
 }

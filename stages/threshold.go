@@ -49,7 +49,7 @@ func (t Thresholding) Level(x0 []float32) (float64, error) {
 	if len(x0) == 0 {
 		return 0, fmt.Errorf("threshold: empty image")
 	}
-	if !(t.Ratio > 0 && t.Ratio <= 1) || !(t.MaxValue >= 1) {
+	if !(t.Ratio > 0 && t.Ratio <= 1) || !(t.MaxValue > 0) {
 		return 0, fmt.Errorf("threshold: ratio %g, max %g", t.Ratio, t.MaxValue)
 	}
 	abs := make([]float32, len(x0))
