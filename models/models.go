@@ -103,16 +103,20 @@ func (r Resolver) Manifest(ref string) (*onnx.Manifest, error) {
 		return nil, err
 	}
 	var man *onnx.Manifest
+	var hdr *onnx.ModelHeader
 	if e != nil {
-		_, man, err = onnx.ReadModelBytes(e.Name, e.ONNX, e.Manifest)
+		hdr, man, err = onnx.ReadModelBytes(e.Name, e.ONNX, e.Manifest)
 	} else {
-		_, _, man, err = onnx.ReadModelFile(path)
+		_, hdr, man, err = onnx.ReadModelFile(path)
 	}
 	if err != nil {
 		return nil, err
 	}
 	if man == nil {
 		return nil, fmt.Errorf("model %s has neither a %s nor a diffusers config.json: the pipeline needs its kind, schedule and prediction type", ref, onnx.ManifestFile)
+	}
+	if c := onnx.FileContract(hdr, man); !c.Fits {
+		return nil, fmt.Errorf("model %s does not fit the %s contract: %s", ref, c.Kind, strings.Join(c.Problems, "; "))
 	}
 	return man, nil
 }

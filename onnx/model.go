@@ -347,6 +347,13 @@ func guessRoles(m *Model) {
 	if taken[RoleLowres] {
 		m.Kind = KindSR
 	}
+	// A sample of more channels than the prediction carries the low-res
+	// image concatenated (LDM-SR, the ×4 upscaler, IF II): an SR model,
+	// never a base one.
+	if in, out := m.Input(RoleSample), m.Output(RolePrediction); in != nil && out != nil && len(in.Shape) == 4 && len(out.Shape) == 4 &&
+		in.Shape[1] > 0 && out.Shape[1] > 0 && in.Shape[1] > out.Shape[1] {
+		m.Kind = KindSR
+	}
 }
 
 func (t ElemType) isFloat() bool { return t == Float32 || t == Float16 || t == Float64 }
@@ -378,6 +385,28 @@ func (m *Model) Channels() int {
 		return int(out.Shape[1])
 	}
 	return 3
+}
+
+// FileContract checks the contract of a model from what its file declares
+// (its header's inputs and outputs) and its manifest, without ONNX Runtime:
+// what a job can be refused for at submit. A file that declares no inputs
+// fits (ONNX Runtime will say more when it loads it).
+func FileContract(hdr *ModelHeader, man *Manifest) Contract {
+	if hdr == nil || man == nil || len(hdr.Inputs) == 0 {
+		return Contract{Kind: kindOf(man), Fits: true}
+	}
+	m := &Model{Header: hdr, Manifest: man, Inputs: append([]IO(nil), hdr.Inputs...), Outputs: append([]IO(nil), hdr.Outputs...)}
+	if err := m.applyManifest(); err != nil {
+		return Contract{Kind: man.Kind, Problems: []string{err.Error()}}
+	}
+	return m.CheckContract()
+}
+
+func kindOf(man *Manifest) string {
+	if man == nil {
+		return ""
+	}
+	return man.Kind
 }
 
 // Contract is the verdict on whether a model can serve as a base or SR stage.

@@ -17,6 +17,10 @@ type ModelHeader struct {
 	Opsets          map[string]int64 // domain ("" = ai.onnx) -> version
 	// ExternalData lists the files initializers are stored in (relative to the model).
 	ExternalData []string
+	// Inputs and Outputs are the graph's, as the file declares them
+	// (initializers listed as inputs left out), with no roles: enough to
+	// check a model's contract before ONNX Runtime is loaded.
+	Inputs, Outputs []IO
 }
 
 // Opset is the default-domain (ai.onnx) opset version, 0 when absent.
@@ -77,16 +81,41 @@ func ParseModelHeader(data []byte) (*ModelHeader, error) {
 	return h, nil
 }
 
-// parseGraph collects the external data locations of the graph's initializers.
+// parseGraph collects the external data locations of the graph's
+// initializers and its declared inputs and outputs.
 func parseGraph(graph []byte, h *ModelHeader) error {
 	seen := map[string]bool{}
 	for _, l := range h.ExternalData {
 		seen[l] = true
 	}
-	return walkFields(graph, func(field, wire int, _ uint64, b []byte) error {
-		if field != 5 || wire != 2 { // GraphProto.initializer
+	initializers := map[string]bool{}
+	var inputs []IO
+	err := walkFields(graph, func(field, wire int, _ uint64, b []byte) error {
+		if wire != 2 {
 			return nil
 		}
+		switch field {
+		case 11, 12: // GraphProto.input, output: ValueInfoProto
+			io, err := parseValueInfo(b)
+			if err != nil {
+				return fmt.Errorf("value info: %w", err)
+			}
+			if field == 11 {
+				inputs = append(inputs, io)
+			} else {
+				h.Outputs = append(h.Outputs, io)
+			}
+			return nil
+		case 5: // GraphProto.initializer
+		default:
+			return nil
+		}
+		_ = walkFields(b, func(f, w int, _ uint64, nb []byte) error {
+			if f == 8 && w == 2 { // TensorProto.name
+				initializers[string(nb)] = true
+			}
+			return nil
+		})
 		external := false
 		var location string
 		err := walkFields(b, func(f, w int, v uint64, b []byte) error {
@@ -121,6 +150,74 @@ func parseGraph(graph []byte, h *ModelHeader) error {
 		}
 		return nil
 	})
+	for _, io := range inputs {
+		if !initializers[io.Name] {
+			h.Inputs = append(h.Inputs, io)
+		}
+	}
+	return err
+}
+
+// parseValueInfo reads a ValueInfoProto: its name and, for a tensor, its
+// element type and shape (-1 for a dynamic dimension).
+func parseValueInfo(b []byte) (IO, error) {
+	var io IO
+	err := walkFields(b, func(f, w int, _ uint64, b []byte) error {
+		switch {
+		case f == 1 && w == 2:
+			io.Name = string(b)
+		case f == 2 && w == 2: // TypeProto
+			return walkFields(b, func(f, w int, _ uint64, b []byte) error {
+				if f != 1 || w != 2 { // TypeProto.tensor_type
+					return nil
+				}
+				return walkFields(b, func(f, w int, v uint64, b []byte) error {
+					switch {
+					case f == 1 && w == 0:
+						io.Type = onnxElemType(v)
+					case f == 2 && w == 2: // TensorShapeProto
+						io.Shape = []int64{}
+						return walkFields(b, func(f, w int, _ uint64, b []byte) error {
+							if f != 1 || w != 2 {
+								return nil
+							}
+							d := int64(-1)
+							if err := walkFields(b, func(f, w int, v uint64, _ []byte) error {
+								if f == 1 && w == 0 {
+									d = int64(v)
+								}
+								return nil
+							}); err != nil {
+								return err
+							}
+							io.Shape = append(io.Shape, d)
+							return nil
+						})
+					}
+					return nil
+				})
+			})
+		}
+		return nil
+	})
+	return io, err
+}
+
+// onnxElemType names an ONNX TensorProto.DataType.
+func onnxElemType(v uint64) ElemType {
+	switch v {
+	case 1:
+		return Float32
+	case 10:
+		return Float16
+	case 11:
+		return Float64
+	case 7:
+		return Int64
+	case 6:
+		return Int32
+	}
+	return ElemType(fmt.Sprintf("type%d", v))
 }
 
 // walkFields calls fn for each field of a protobuf message: varints with v

@@ -733,3 +733,25 @@ func TestSignalGuardRestoresGoHandlers(t *testing.T) {
 		t.Fatalf("restored %d handlers; SIGUSR2 on alternate stack: %v", n, handlerOnStack(sig))
 	}
 }
+
+// The header's inputs and outputs, read without ONNX Runtime, are the ones
+// ONNX Runtime reports: names, element types and shapes.
+func TestHeaderIOMatchesRuntime(t *testing.T) {
+	for _, name := range []string{"conv-sr", "oracle-base", "oracle-sr", "sd-signature", "sd-signature-fp16", "fp16-batch", "conv-sr-external"} {
+		m := loadFixture(t, name)
+		for _, side := range []struct {
+			what      string
+			hdr, real []IO
+		}{{"inputs", m.Header.Inputs, m.Inputs}, {"outputs", m.Header.Outputs, m.Outputs}} {
+			if len(side.hdr) != len(side.real) {
+				t.Fatalf("%s %s: header %v, runtime %v", name, side.what, side.hdr, side.real)
+			}
+			for i, io := range side.real {
+				h := side.hdr[i]
+				if h.Name != io.Name || h.Type != io.Type || h.ShapeString() != io.ShapeString() {
+					t.Errorf("%s %s[%d]: header %s %s %s, runtime %s %s %s", name, side.what, i, h.Name, h.Type, h.ShapeString(), io.Name, io.Type, io.ShapeString())
+				}
+			}
+		}
+	}
+}

@@ -257,6 +257,20 @@ def main():
                  ["sample", "timestep", "class_labels", "encoder_hidden_states"],
                  extra_sched={"image_noising_scheduler": IF2_NOISING})
 
+    # Context files as a user would give them: a T5-like [7, 32] embedding as .npy
+    # (float32) and as .safetensors (float16, [1, 7, 32], named prompt_embeds).
+    cdir = os.path.join(OUT, "contexts")
+    os.makedirs(cdir, exist_ok=True)
+    emb = (torch.randn(7, D_CTX, generator=torch.Generator().manual_seed(13)) * 0.1).numpy().astype(np.float32)
+    np.save(os.path.join(cdir, "prompt-7x32.npy"), emb)
+    np.save(os.path.join(cdir, "negative-7x32.npy"), np.zeros_like(emb))
+    np.save(os.path.join(cdir, "wrong-width-7x16.npy"), emb[:, :16].copy())
+    raw = emb.astype(np.float16).tobytes()
+    header = json.dumps({"prompt_embeds": {"dtype": "F16", "shape": [1, 7, D_CTX],
+                                           "data_offsets": [0, len(raw)]}}).encode()
+    with open(os.path.join(cdir, "prompt-7x32.safetensors"), "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header + raw)
+
     # Closed-form checks of the oracles against numpy, in float64.
     _, _, ab = tables(LDM_SR)
     with torch.no_grad():

@@ -1,0 +1,149 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"tessera/stages"
+)
+
+// familyEnv is a run environment whose models are the family fixtures, as
+// diffusers and Optimum lay them out, with no tessera.yaml.
+func familyEnv(t *testing.T) (runEnv, string) {
+	t.Helper()
+	e := newRunEnv(t, "")
+	families, _ := filepath.Abs(filepath.Join("testdata", "families"))
+	cfg, _ := os.ReadFile(e.cfg)
+	models, _ := filepath.Abs(filepath.Join("testdata", "models"))
+	cfg = bytes.Replace(cfg, []byte(fmt.Sprintf("models: {dirs: [%q]}", models)), []byte(fmt.Sprintf("models: {dirs: [%q, %q]}", families, models)), 1)
+	os.WriteFile(e.cfg, cfg, 0o644)
+	return e, families
+}
+
+// An IF II-like pipeline folder runs from a job file with a context file
+// and its negative: the image is made, and its metadata records the
+// model's own noise level and the contexts.
+func TestRunFamilyFromFolder(t *testing.T) {
+	e, families := familyEnv(t)
+	writeTestPNG(t, filepath.Join(e.dir, "in.png"), 16, 16)
+	ctx := filepath.Join(families, "contexts")
+	job := filepath.Join(e.dir, "if.yaml")
+	os.WriteFile(job, []byte(fmt.Sprintf(`version: 1
+defaults:
+  context: %s
+  sr: {model: if2-like, steps: 3, guidance: 2, tile: {size: 32, overlap: 8}}
+items:
+  - {image: in.png, negative_context: %s}
+  - {image: in.png, seed: 2, context: %s}
+`, filepath.Join(ctx, "prompt-7x32.npy"), filepath.Join(ctx, "negative-7x32.npy"), filepath.Join(ctx, "prompt-7x32.safetensors"))), 0o644)
+	r := e.tessera(t, "run", "-q", job)
+	if r.code != 0 || !strings.Contains(r.stdout, "2 images made") {
+		t.Fatalf("run: %+v", r)
+	}
+	e.checkOutputs(t, job)
+	data, err := os.ReadFile(filepath.Join(e.out, "if", "0000-1.png"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	params, meta, err := stages.ReadPNGMetadata(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"(model's 250)", "Context: prompt-7x32.npy", "Negative context: negative-7x32.npy", "Size: 64x64"} {
+		if !strings.Contains(params, want) {
+			t.Errorf("parameters lack %q: %s", want, params)
+		}
+	}
+	for _, want := range []string{`"variance_type":"learned_range"`, `"thresholding_ratio":0.95`, `"noise_level_model":250`} {
+		if !strings.Contains(string(meta), want) {
+			t.Errorf("plan lacks %s: %s", want, meta)
+		}
+	}
+}
+
+// What the pipeline cannot do yet, and bad variants of the family folders,
+// are refused at submit, naming the field, before anything is queued; and
+// inspect says what is wrong with each variant.
+func TestFamilyRefusals(t *testing.T) {
+	e, families := familyEnv(t)
+	writeTestPNG(t, filepath.Join(e.dir, "in.png"), 16, 16)
+	ctx := filepath.Join(families, "contexts")
+	variants := filepath.Join(e.dir, "variants")
+	variant := func(name string, edit func(dir string)) {
+		copyTree(t, filepath.Join(families, "if2-like"), filepath.Join(variants, name))
+		edit(filepath.Join(variants, name))
+	}
+	edit := func(path, old, new string) {
+		data, _ := os.ReadFile(path)
+		if !bytes.Contains(data, []byte(old)) {
+			t.Fatalf("%s lacks %q", path, old)
+		}
+		os.WriteFile(path, bytes.Replace(data, []byte(old), []byte(new), 1), 0o644)
+	}
+	variant("bad-split", func(d string) { edit(filepath.Join(d, "unet", "config.json"), `"in_channels": 6`, `"in_channels": 7`) })
+	variant("no-scheduler", func(d string) { os.RemoveAll(filepath.Join(d, "scheduler")) })
+	variant("bad-variance", func(d string) {
+		edit(filepath.Join(d, "scheduler", "scheduler_config.json"), `"variance_type": "learned_range"`, `"variance_type": "bogus"`)
+	})
+	cfg, _ := os.ReadFile(e.cfg)
+	cfg = bytes.Replace(cfg, []byte("models: {dirs: ["), []byte(fmt.Sprintf("models: {dirs: [%q, ", variants)), 1)
+	os.WriteFile(e.cfg, cfg, 0o644)
+	for _, c := range []struct{ name, item, want string }{
+		{"latent ldm", `{image: in.png, sr: {model: ldm-sr-like}}`, "items[0]: sr.model: ldm-sr-like denoises latents"},
+		{"latent x4", fmt.Sprintf(`{image: in.png, context: %s, sr: {model: x4-like}}`, filepath.Join(ctx, "prompt-7x32.npy")), "sr.model: x4-like denoises latents"},
+		{"no context", `{image: in.png, sr: {model: if2-like}}`, "items[0]: context: sr.model if2-like takes text embeddings"},
+		{"context of the wrong width", fmt.Sprintf(`{image: in.png, context: %s, sr: {model: if2-like}}`, filepath.Join(ctx, "wrong-width-7x16.npy")), "items[0]: context: " + filepath.Join(ctx, "wrong-width-7x16.npy") + " is [7, 16]; sr.model if2-like takes D = 32"},
+		{"context nobody takes", fmt.Sprintf(`{image: in.png, context: %s, sr: {model: oracle-sr}}`, filepath.Join(ctx, "prompt-7x32.npy")), "items[0]: context: no model of this item's cascade takes text embeddings"},
+		{"wrong channel split", fmt.Sprintf(`{image: in.png, context: %s, sr: {model: bad-split}}`, filepath.Join(ctx, "prompt-7x32.npy")), `items[0].sr.model: model bad-split does not fit the sr contract: input "sample" (sample): 6 channels, want 7`},
+		{"missing scheduler config", `{image: in.png, sr: {model: no-scheduler}}`, "items[0].sr.model: load model"},
+		{"unknown variance_type", `{image: in.png, sr: {model: bad-variance}}`, `variance_type: "bogus"`},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			job := filepath.Join(e.dir, strings.ReplaceAll(c.name, " ", "-")+".yaml")
+			os.WriteFile(job, []byte("version: 1\nitems:\n  - "+c.item+"\n"), 0o644)
+			r := e.tessera(t, "submit", job)
+			if r.code != 1 || !strings.Contains(r.stderr, c.want) {
+				t.Errorf("submit: code %d, stderr lacks %q:\n%s", r.code, c.want, r.stderr)
+			}
+		})
+	}
+	st := e.status(t)
+	for state, n := range st.Counts {
+		if n != 0 {
+			t.Errorf("%d items %s after refusals", n, state)
+		}
+	}
+	for name, want := range map[string]string{
+		"bad-split":    "6 channels, want 7",
+		"no-scheduler": "no scheduler_config.json",
+		"bad-variance": `variance_type: "bogus"`,
+	} {
+		r := e.tessera(t, "inspect", filepath.Join(variants, name))
+		if !strings.Contains(r.stdout+r.stderr, want) {
+			t.Errorf("inspect %s lacks %q: %+v", name, want, r)
+		}
+	}
+}
+
+// copyTree copies a directory tree of regular files.
+func copyTree(t *testing.T, from, to string) {
+	t.Helper()
+	filepath.WalkDir(from, func(p string, d os.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(from, p)
+		if d.IsDir() {
+			return os.MkdirAll(filepath.Join(to, rel), 0o755)
+		}
+		data, err := os.ReadFile(p)
+		if err == nil {
+			err = os.WriteFile(filepath.Join(to, rel), data, 0o644)
+		}
+		return err
+	})
+}
