@@ -129,3 +129,16 @@ func TestSchedulerConfigRefusesByName(t *testing.T) {
 		t.Errorf("last timestep %d, first step at %g", last, d.Timestep(0))
 	}
 }
+
+// euler_at_final makes the sigma_min final step first order: the same
+// update lower_order_final gives it below 15 steps, and not the
+// second-order one it has without either.
+func TestDPMSolverEulerAtFinal(t *testing.T) {
+	const base = `{"beta_schedule": "linear", "final_sigmas_type": "sigma_min", "lower_order_final": %s, "euler_at_final": %s}`
+	euler := diffusersLoop(t, ClassDPMSolver, sprintf(base, "false", "true"), nil)
+	lower := diffusersLoop(t, ClassDPMSolver, sprintf(base, "true", "false"), nil)
+	second := diffusersLoop(t, ClassDPMSolver, sprintf(base, "false", "false"), nil)
+	if math.Abs(euler-lower) > 1e-7 || math.Abs(euler-second) < 1e-4 {
+		t.Errorf("euler_at_final %.6f, lower_order_final %.6f, neither %.6f", euler, lower, second)
+	}
+}
