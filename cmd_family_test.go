@@ -147,3 +147,46 @@ func copyTree(t *testing.T, from, to string) {
 		return err
 	})
 }
+
+// A job file's prompts: one item per prompt, each encoded by the
+// pipeline's own text encoder, recorded the A1111 way (the prompt on the
+// first line, the negative one on the second); tessera tokenize shows the
+// ids the encoder is fed and where a long prompt is cut.
+func TestRunPrompts(t *testing.T) {
+	e, families := familyEnv(t)
+	writeTestPNG(t, filepath.Join(e.dir, "in.png"), 16, 16)
+	job := filepath.Join(e.dir, "p.yaml")
+	os.WriteFile(job, []byte(`version: 1
+output: "{job}/{index}.png"
+defaults:
+  negative_prompt: blurry, low quality
+  sr: {model: if2-text, steps: 3, guidance: 3, tile: {size: 32, overlap: 8}}
+items:
+  - {image: in.png, prompts: ["a red fox in the snow", "a blue fox in the snow"]}
+`), 0o644)
+	r := e.tessera(t, "run", "-q", job)
+	if r.code != 0 || !strings.Contains(r.stdout, "2 images made") {
+		t.Fatalf("run: %+v", r)
+	}
+	e.checkOutputs(t, job)
+	for i, prompt := range []string{"a red fox in the snow", "a blue fox in the snow"} {
+		data, err := os.ReadFile(filepath.Join(e.out, "p", fmt.Sprintf("%d.png", i)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		params, _, err := stages.ReadPNGMetadata(data)
+		if err != nil || !strings.HasPrefix(params, prompt+"\nNegative prompt: blurry, low quality\n") {
+			t.Errorf("item %d parameters: %q %v", i, params, err)
+		}
+	}
+	// A prompt for a model without a text encoder is refused at submit.
+	os.WriteFile(job, []byte("version: 1\nitems:\n  - {image: in.png, prompt: a fox, sr: {model: if2-like}}\n"), 0o644)
+	if r := e.tessera(t, "submit", job); r.code != 1 || !strings.Contains(r.stderr, "prompt: sr.model if2-like has no text_encoder/") {
+		t.Errorf("prompt without an encoder: %+v", r)
+	}
+	long := strings.Repeat("red fox ", 60)
+	r = e.tessera(t, "tokenize", "--json", filepath.Join(families, "if2-text"), "a red fox", long)
+	if r.code != 0 || !strings.Contains(r.stdout, `"truncated_at": 75`) || !strings.Contains(r.stdout, `"truncated_at": -1`) {
+		t.Errorf("tokenize: %+v", r)
+	}
+}

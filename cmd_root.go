@@ -82,7 +82,7 @@ models upscale it tile by tile into one seamless picture.`,
 		return nil
 	}
 	root.AddCommand(newVersionCmd(a), newInspectCmd(a), newRunCmd(a), newBenchCmd(a),
-		newSubmitCmd(a), newStatusCmd(a), newRetryCmd(a), newCancelCmd(a), newServeCmd(a))
+		newSubmitCmd(a), newStatusCmd(a), newRetryCmd(a), newCancelCmd(a), newServeCmd(a), newTokenizeCmd(a))
 	return root
 }
 

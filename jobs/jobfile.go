@@ -51,10 +51,15 @@ type ItemSpec struct {
 	Output string   `yaml:"output" json:"output" toml:"output"`
 	// Context and NegativeContext are text-embedding files (.npy or
 	// .safetensors, [L, D] or [1, L, D]) for models that take context.
-	Context         string               `yaml:"context" json:"context" toml:"context"`
-	NegativeContext string               `yaml:"negative_context" json:"negative_context" toml:"negative_context"`
-	Base            pipeline.StageParams `yaml:"base" json:"base" toml:"base"`
-	SR              pipeline.StageParams `yaml:"sr" json:"sr" toml:"sr"`
+	Context         string `yaml:"context" json:"context" toml:"context"`
+	NegativeContext string `yaml:"negative_context" json:"negative_context" toml:"negative_context"`
+	// Prompt and NegativePrompt are text for the pipeline's text encoder;
+	// Prompts expands into one item per prompt, as Seeds does per seed.
+	Prompt         string               `yaml:"prompt" json:"prompt" toml:"prompt"`
+	NegativePrompt string               `yaml:"negative_prompt" json:"negative_prompt" toml:"negative_prompt"`
+	Prompts        []string             `yaml:"prompts" json:"prompts" toml:"prompts"`
+	Base           pipeline.StageParams `yaml:"base" json:"base" toml:"base"`
+	SR             pipeline.StageParams `yaml:"sr" json:"sr" toml:"sr"`
 }
 
 // Job is a parsed, validated, expanded job file.
@@ -323,6 +328,8 @@ func planItem(it pipeline.Item, describe pipeline.Describe, lim config.Limits) (
 // covers, checked before anything of that size is made.
 const (
 	maxPad = 32 // zero-pad width of a template field, {index:032}
+	// maxPromptBytes bounds a prompt: the encoders read 77 tokens of it.
+	maxPromptBytes = 16 << 10
 	// maxOutputName bounds a name in an output path, leaving 255 - 160
 	// bytes for a temp file's ".NAME.tmp-PID@HOST-RANDOM" around it.
 	maxOutputName = 160
@@ -434,6 +441,17 @@ func expand(s ItemSpec, path, dir string, cfg config.Config, room int) (items []
 	if len(s.Seeds) > 0 && s.Count > 0 {
 		bad("seeds", "give seeds or count, not both")
 	}
+	if len(s.Prompts) > cfg.Limits.MaxItems {
+		bad("prompts", "%d prompts, limit %d (limits.max_items)", len(s.Prompts), cfg.Limits.MaxItems)
+	}
+	if len(s.Prompts) > 0 && s.Prompt != "" {
+		bad("prompts", "give prompt or prompts, not both")
+	}
+	for i, pr := range append([]string{s.Prompt, s.NegativePrompt}, s.Prompts...) {
+		if len(pr) > maxPromptBytes {
+			bad("prompt", "%d bytes (prompt %d), at most %d", len(pr), i, maxPromptBytes)
+		}
+	}
 	if len(p) > 0 {
 		return nil, p, false
 	}
@@ -457,7 +475,11 @@ func expand(s ItemSpec, path, dir string, cfg config.Config, room int) (items []
 		sort.Strings(matches)
 		images = matches
 	}
-	if n := int64(len(images)) * int64(nSeeds); n > int64(room) {
+	prompts := s.Prompts
+	if len(prompts) == 0 {
+		prompts = []string{s.Prompt}
+	}
+	if n := int64(len(images)) * int64(nSeeds) * int64(len(prompts)); n > int64(room) {
 		return nil, []string{fmt.Sprintf("%s: expands to %d more items, over limits.max_items (%d) with the items before it", path, n, cfg.Limits.MaxItems)}, true
 	}
 	class := -1
@@ -480,12 +502,16 @@ func expand(s ItemSpec, path, dir string, cfg config.Config, room int) (items []
 				continue
 			}
 		}
-		for k := 0; k < nSeeds; k++ {
-			it.Seed = seed + uint64(k)
-			if len(s.Seeds) > 0 {
-				it.Seed = s.Seeds[k]
+		it.NegativePrompt = s.NegativePrompt
+		for _, pr := range prompts {
+			it.Prompt = pr
+			for k := 0; k < nSeeds; k++ {
+				it.Seed = seed + uint64(k)
+				if len(s.Seeds) > 0 {
+					it.Seed = s.Seeds[k]
+				}
+				items = append(items, it)
 			}
-			items = append(items, it)
 		}
 	}
 	if len(p) > 0 {

@@ -247,7 +247,7 @@ func parametersOf(it pipeline.Item, p pipeline.Plan) stages.Parameters {
 	if it.NegativeContext != nil {
 		ps = append(ps, kv("Negative context", filepath.Base(it.NegativeContext.Path)+" "+it.NegativeContext.SHA256[:12]))
 	}
-	return stages.Parameters{Params: ps}
+	return stages.Parameters{Prompt: it.Prompt, NegativePrompt: it.NegativePrompt, Params: ps}
 }
 
 // WriteFileAtomic writes data to path so that path holds either its old

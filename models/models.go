@@ -12,6 +12,7 @@ import (
 	"strings"
 
 	"tessera/onnx"
+	"tessera/stages/tokenizer"
 )
 
 // Embedded is one model compiled into the binary.
@@ -137,4 +138,33 @@ func (r Resolver) Manifests() func(ref string) (*onnx.Manifest, error) {
 		seen[ref] = answer{m, err}
 		return m, err
 	}
+}
+
+// Tokenizer returns the tokenizer of the model ref names: the tokenizer/
+// folder of its pipeline (beside the model's folder, or in it), or ref
+// itself when it is a tokenizer folder (vocab.json and merges.txt) or
+// CLIP's merge list (.txt.gz).
+func (r Resolver) Tokenizer(ref string) (tokenizer.Tokenizer, string, error) {
+	if strings.HasSuffix(ref, ".txt.gz") {
+		t, err := tokenizer.LoadCLIPMerges(ref)
+		return t, ref, err
+	}
+	var dirs []string
+	if st, err := os.Stat(ref); err == nil && st.IsDir() {
+		dirs = append(dirs, ref, filepath.Join(ref, "tokenizer"))
+	}
+	if _, path, err := r.Find(ref); err == nil && path != "" {
+		d := filepath.Dir(path)
+		dirs = append(dirs, filepath.Join(d, "tokenizer"), filepath.Join(d, "..", "tokenizer"))
+	}
+	for _, d := range dirs {
+		if _, err := os.Stat(filepath.Join(d, "vocab.json")); err == nil {
+			t, err := tokenizer.LoadCLIPDir(d)
+			return t, d, err
+		}
+		if _, err := os.Stat(filepath.Join(d, "spiece.model")); err == nil {
+			return nil, d, fmt.Errorf("tokenizer %s: SentencePiece (spiece.model) tokenizers are not supported yet", d)
+		}
+	}
+	return nil, "", fmt.Errorf("model %q: no tokenizer/ folder (vocab.json and merges.txt) beside it or in its pipeline folder", ref)
 }

@@ -414,7 +414,8 @@ func checkShape(io IO, t Tensor) error {
 
 // outputShape infers an output's concrete shape: static dimensions as
 // declared, dynamic ones from the same axis of the sample input when the
-// ranks agree, which is how image-to-image graphs are shaped.
+// ranks agree, which is how image-to-image graphs are shaped, and a
+// dynamic batch axis from the inputs' batch (a text encoder's).
 func (s *Session) outputShape(io IO, inputs map[string]Tensor) ([]int64, bool) {
 	var ref []int64
 	if in := s.model.Input(RoleSample); in != nil && len(in.Shape) == len(io.Shape) {
@@ -427,9 +428,22 @@ func (s *Session) outputShape(io IO, inputs map[string]Tensor) ([]int64, bool) {
 			shape[i] = d
 		case ref != nil:
 			shape[i] = ref[i]
+		case i == 0 && batchOf(s.model, inputs) > 0:
+			shape[i] = batchOf(s.model, inputs) // the batch axis every input shares
 		default:
 			return nil, false
 		}
 	}
 	return shape, true
+}
+
+// batchOf is the batch size of the inputs: the first dimension of the first
+// input of rank 2 or more (a text encoder's input_ids [B, L]).
+func batchOf(m *Model, inputs map[string]Tensor) int64 {
+	for _, in := range m.Inputs {
+		if t, ok := inputs[in.Name]; ok && len(t.Shape) >= 2 {
+			return t.Shape[0]
+		}
+	}
+	return 0
 }

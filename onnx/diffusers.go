@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -58,18 +59,45 @@ var pipelineFacts = map[string]struct {
 // maxConfigBytes bounds a diffusers config file.
 const maxConfigBytes = 1 << 20
 
+// ReadConfigFile reads a config file of at most maxConfigBytes, which must
+// be a regular file (not /dev/zero or a FIFO a link leads to).
+func ReadConfigFile(path string) ([]byte, error) {
+	return ReadRegular(path, maxConfigBytes)
+}
+
+// ReadRegular reads path, which must be a regular file of at most limit
+// bytes; the limit holds while reading, whatever the file grows to.
+func ReadRegular(path string, limit int64) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if !st.Mode().IsRegular() {
+		return nil, fmt.Errorf("%s: not a regular file", path)
+	}
+	if st.Size() > limit {
+		return nil, fmt.Errorf("%s: %d bytes, limit %d", path, st.Size(), limit)
+	}
+	data, err := io.ReadAll(io.LimitReader(f, limit+1))
+	if err != nil {
+		return nil, err
+	}
+	if int64(len(data)) > limit {
+		return nil, fmt.Errorf("%s: more than %d bytes", path, limit)
+	}
+	return data, nil
+}
+
 func readJSON(path string, dst any) (bool, error) {
-	st, err := os.Stat(path)
-	if errors.Is(err, os.ErrNotExist) {
+	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
 		return false, nil
 	}
-	if err != nil {
-		return false, err
-	}
-	if st.Size() > maxConfigBytes {
-		return true, fmt.Errorf("%s: %d bytes, limit %d", path, st.Size(), maxConfigBytes)
-	}
-	data, err := os.ReadFile(path)
+	data, err := ReadConfigFile(path)
 	if err != nil {
 		return true, err
 	}
@@ -127,15 +155,29 @@ func readDiffusers(dir string) (*Manifest, error) {
 	if err != nil || !ok {
 		return nil, err
 	}
+	if u.ClassName != "" && !strings.HasPrefix(u.ClassName, "UNet") {
+		return nil, nil // a text encoder's or an autoencoder's config: not a denoiser
+	}
 	m := &Manifest{Version: 1, NullClass: -1, SizeMultiple: 1, Prediction: PredEpsilon, Space: SpacePixel,
 		Inputs: map[string]string{RoleSample: "sample", RoleTimestep: "timestep"}, Outputs: map[string]string{RolePrediction: "out_sample"}}
 	fact := func(key, value, from string) { m.Facts = append(m.Facts, Fact{key, value, from}) }
 	if u.InChannels == nil || u.OutChannels == nil {
 		return nil, fmt.Errorf("%s: in_channels and out_channels are required", cfgPath)
 	}
-	// The scheduler says the prediction type and whether half the output is a learned variance.
+	// The scheduler says the prediction type and whether half the output
+	// is a learned variance. The folders beside this one are looked at only
+	// in a pipeline folder (model_index.json above), so that a sibling model
+	// in a flat models.dirs is never taken for a pipeline's part.
+	_, err = os.Stat(filepath.Join(dir, "..", "model_index.json"))
+	inPipeline := err == nil
+	up := func(parts ...string) string {
+		if !inPipeline {
+			return ""
+		}
+		return filepath.Join(append([]string{dir, ".."}, parts...)...)
+	}
 	var sh schedulerHead
-	schedPath := firstFile(filepath.Join(dir, "scheduler_config.json"), filepath.Join(dir, "..", "scheduler", "scheduler_config.json"))
+	schedPath := firstFile(filepath.Join(dir, "scheduler_config.json"), up("scheduler", "scheduler_config.json"))
 	if schedPath == "" {
 		return nil, fmt.Errorf("%s: no scheduler_config.json beside it or in ../scheduler/: the schedule and prediction type are unknown", cfgPath)
 	}
@@ -177,6 +219,9 @@ func readDiffusers(dir string) (*Manifest, error) {
 	var pl diffusersPipeline
 	indexPath := filepath.Join(dir, "..", "model_index.json")
 	hasIndex, err := readJSON(indexPath, &pl)
+	if !inPipeline {
+		hasIndex = false
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -233,8 +278,14 @@ func readDiffusers(dir string) (*Manifest, error) {
 		m.Inputs[RoleContext] = "encoder_hidden_states"
 		var d int
 		var ds []int
-		if json.Unmarshal(u.CrossAttentionDim, &d) != nil && json.Unmarshal(u.CrossAttentionDim, &ds) == nil && len(ds) > 0 {
+		if json.Unmarshal(u.CrossAttentionDim, &d) != nil {
+			if json.Unmarshal(u.CrossAttentionDim, &ds) != nil || len(ds) == 0 {
+				return nil, fmt.Errorf("%s: cross_attention_dim %s: want a width or a list of them", cfgPath, u.CrossAttentionDim)
+			}
 			d = ds[0] // one per block; the embedding's is the same for all
+		}
+		if d < 1 || d > 1<<16 {
+			return nil, fmt.Errorf("%s: cross_attention_dim %d out of range", cfgPath, d)
 		}
 		m.ContextDim = d
 		fact("context", fmt.Sprintf("encoder_hidden_states [B,L,%d]", d), "config.json cross_attention_dim")
@@ -244,12 +295,15 @@ func readDiffusers(dir string) (*Manifest, error) {
 	case classed && m.Kind == KindSR:
 		// The SR families feed the augmentation level through class_labels.
 		m.Inputs[RoleNoiseLevel] = "class_labels"
-		m.NoiseLevelMax = 1000
-		from := "config.json class_embed_type/num_class_embeds on an SR model"
+		m.NoiseLevelMax = 999
+		from := "config.json class_embed_type on an SR model (a timestep)"
+		if u.NumClassEmbeds != nil && *u.NumClassEmbeds >= 2 {
+			m.NoiseLevelMax, from = min(999, *u.NumClassEmbeds-1), "config.json num_class_embeds"
+		}
 		if pl.MaxNoiseLevel != nil {
 			m.NoiseLevelMax, from = *pl.MaxNoiseLevel, "model_index.json max_noise_level"
 		}
-		noise := firstFile(filepath.Join(dir, "..", "low_res_scheduler", "scheduler_config.json"), filepath.Join(dir, "..", "image_noising_scheduler", "scheduler_config.json"))
+		noise := firstFile(up("low_res_scheduler", "scheduler_config.json"), up("image_noising_scheduler", "scheduler_config.json"))
 		if noise != "" {
 			m.NoiseScheduler = noise
 			var nh schedulerHead
@@ -275,6 +329,14 @@ func readDiffusers(dir string) (*Manifest, error) {
 	}
 	if m.Kind == KindSR && !m.LowresConcat {
 		m.Inputs[RoleLowres] = "low_res"
+	}
+	if m.Inputs[RoleContext] != "" && inPipeline {
+		te := firstFile(up("text_encoder", "model.onnx"))
+		tk := up("tokenizer")
+		if _, err := os.Stat(filepath.Join(tk, "vocab.json")); te != "" && err == nil {
+			m.TextEncoder, m.Tokenizer = te, tk
+			fact("text", "prompts through ../text_encoder/ and ../tokenizer/ (CLIP BPE)", "the pipeline folder")
+		}
 	}
 	return m, nil
 }

@@ -102,6 +102,11 @@ type Manifest struct {
 	// NoiseScheduler's schedule (the model's own when empty).
 	NoiseLevelMax  int    `yaml:"noise_level_max" json:"noise_level_max,omitempty"`
 	NoiseScheduler string `yaml:"noise_scheduler_config" json:"noise_scheduler_config,omitempty"`
+	// TextEncoder and Tokenizer are the pipeline's text side
+	// (../text_encoder/model.onnx and ../tokenizer/ of a pipeline folder),
+	// which turn an item's prompt into its context; "" when it has none.
+	TextEncoder string `yaml:"text_encoder" json:"text_encoder,omitempty"`
+	Tokenizer   string `yaml:"tokenizer" json:"tokenizer,omitempty"`
 	// ContextDim is D of the context input [B, L, D] where known (the
 	// U-Net config's cross_attention_dim); a context file must match it.
 	ContextDim int `yaml:"context_dim" json:"context_dim,omitempty"`

@@ -96,6 +96,9 @@ func parseGraph(graph []byte, h *ModelHeader) error {
 		}
 		switch field {
 		case 11, 12: // GraphProto.input, output: ValueInfoProto
+			if len(inputs)+len(h.Outputs) >= maxGraphIO {
+				return fmt.Errorf("more than %d inputs and outputs", maxGraphIO)
+			}
 			io, err := parseValueInfo(b)
 			if err != nil {
 				return fmt.Errorf("value info: %w", err)
@@ -158,6 +161,14 @@ func parseGraph(graph []byte, h *ModelHeader) error {
 	return err
 }
 
+// Bounds on what the header parse keeps of a graph's declared IO, so that a
+// hostile file cannot make it hold more than a few megabytes.
+const (
+	maxGraphIO   = 4096
+	maxIODims    = 64
+	maxIONameLen = 4096
+)
+
 // parseValueInfo reads a ValueInfoProto: its name and, for a tensor, its
 // element type and shape (-1 for a dynamic dimension).
 func parseValueInfo(b []byte) (IO, error) {
@@ -165,6 +176,9 @@ func parseValueInfo(b []byte) (IO, error) {
 	err := walkFields(b, func(f, w int, _ uint64, b []byte) error {
 		switch {
 		case f == 1 && w == 2:
+			if len(b) > maxIONameLen {
+				return fmt.Errorf("a name of %d bytes", len(b))
+			}
 			io.Name = string(b)
 		case f == 2 && w == 2: // TypeProto
 			return walkFields(b, func(f, w int, _ uint64, b []byte) error {
@@ -189,6 +203,9 @@ func parseValueInfo(b []byte) (IO, error) {
 								return nil
 							}); err != nil {
 								return err
+							}
+							if len(io.Shape) >= maxIODims {
+								return fmt.Errorf("more than %d dimensions", maxIODims)
 							}
 							io.Shape = append(io.Shape, d)
 							return nil

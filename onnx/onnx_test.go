@@ -737,8 +737,19 @@ func TestSignalGuardRestoresGoHandlers(t *testing.T) {
 // The header's inputs and outputs, read without ONNX Runtime, are the ones
 // ONNX Runtime reports: names, element types and shapes.
 func TestHeaderIOMatchesRuntime(t *testing.T) {
+	models := []*Model{}
 	for _, name := range []string{"conv-sr", "oracle-base", "oracle-sr", "sd-signature", "sd-signature-fp16", "fp16-batch", "conv-sr-external"} {
-		m := loadFixture(t, name)
+		models = append(models, loadFixture(t, name))
+	}
+	for _, f := range []string{"ddpm-like", "ddpm-like-scalar", "if2-like/unet", "x4-like/unet", "ldm-sr-like/unet", "if2-text/text_encoder"} {
+		m, err := testEnv.LoadModel(filepath.Join("..", "testdata", "families", f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		models = append(models, m)
+	}
+	for _, m := range models {
+		name := m.Name
 		for _, side := range []struct {
 			what      string
 			hdr, real []IO

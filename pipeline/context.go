@@ -16,6 +16,8 @@ import (
 	"codeberg.org/sbinet/npyio/npy/float16"
 	"github.com/nlpodyssey/safetensors"
 	f16 "github.com/x448/float16"
+
+	"tessera/onnx"
 )
 
 // Context is a context embedding, as the model's context input takes it
@@ -52,17 +54,10 @@ func ReadContext(path string) (*Context, string, error) {
 }
 
 func readContext(path string) (*Context, string, error) {
-	st, err := os.Stat(path)
-	if err != nil {
-		return nil, "", err
-	}
-	if st.IsDir() {
+	if st, err := os.Stat(path); err == nil && st.IsDir() {
 		return nil, "", fmt.Errorf("is a directory")
 	}
-	if st.Size() > maxContextBytes {
-		return nil, "", fmt.Errorf("%d bytes, at most %d", st.Size(), maxContextBytes)
-	}
-	data, err := os.ReadFile(path)
+	data, err := onnx.ReadRegular(path, maxContextBytes) // not /dev/zero, not a FIFO, bounded
 	if err != nil {
 		return nil, "", err
 	}
@@ -117,10 +112,14 @@ func parseNPY(data []byte) (*Context, error) {
 	if err != nil {
 		return nil, err
 	}
+	size := map[string]int{"<f4": 4, "<f2": 2, "<f8": 8}[h.Type]
+	if size > 0 && L*D*size > len(data) {
+		return nil, fmt.Errorf("shape [%d, %d] of %s needs %d bytes, the file has %d", L, D, h.Type, L*D*size, len(data))
+	}
 	c := &Context{L: L, D: D}
 	switch h.Type {
 	case "<f4":
-		c.Data = make([]float32, 0, L*D)
+		c.Data = make([]float32, L*D)
 		err = r.Read(&c.Data)
 	case "<f8":
 		var v []float64

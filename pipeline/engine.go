@@ -52,6 +52,7 @@ type Engine struct {
 
 	mu      sync.Mutex
 	runners map[string]*runner
+	texts   map[string]*textEncoder // by text encoder path
 	closed  bool
 }
 
@@ -62,7 +63,7 @@ func New(env *onnx.Env, resolver models.Resolver, opts Options, logger *slog.Log
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	g, ctx := errgroup.WithContext(ctx)
-	return &Engine{env: env, resolver: resolver, opts: opts, logger: logger, ctx: ctx, cancel: cancel, group: g, runners: map[string]*runner{}}
+	return &Engine{env: env, resolver: resolver, opts: opts, logger: logger, ctx: ctx, cancel: cancel, group: g, runners: map[string]*runner{}, texts: map[string]*textEncoder{}}
 }
 
 // Close stops the batchers and releases the sessions. It is safe to call
@@ -79,6 +80,9 @@ func (e *Engine) Close() error {
 	err := e.group.Wait()
 	for _, r := range e.runners {
 		r.close()
+	}
+	for _, t := range e.texts {
+		t.sess.Close()
 	}
 	return err
 }
@@ -130,6 +134,11 @@ func (e *Engine) ModelStats() []ModelStats {
 	out := make([]ModelStats, 0, len(e.runners))
 	for _, r := range e.runners {
 		out = append(out, ModelStats{Model: r.ref, Provider: r.session().Provider(), Lanes: r.totalLanes(), Devices: len(r.devs), Threads: r.session().Threads(), Stats: r.stats()})
+	}
+	for _, t := range e.texts {
+		run := time.Duration(t.nanos.Load()).Seconds()
+		out = append(out, ModelStats{Model: t.path, Provider: t.sess.Provider(), Lanes: 1, Devices: 1, Threads: t.sess.Threads(),
+			Stats: Stats{RunSeconds: run, BusySeconds: run, Runs: t.runs.Load()}})
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Model < out[j].Model })
 	return out
@@ -228,6 +237,14 @@ func (e *Engine) newRunner(ref string, m *onnx.Model, lanes int, schedules map[s
 		reqs: make(chan *request, 64), logger: e.logger,
 	}
 	r.lowresCh, r.outCh = r.channels, r.channels
+	if man := m.Manifest; man != nil && man.NoiseScheduler != "" {
+		// The low-res image is noised on the pipeline's noising schedule.
+		abar, err := noiseSchedule(man.NoiseScheduler)
+		if err != nil {
+			return nil, ModelUnusable(fmt.Errorf("model %s: noise_scheduler_config: %w", ref, err))
+		}
+		r.noiseAbar = abar
+	}
 	if man := m.Manifest; man != nil {
 		r.lowresCh, r.concat = man.Lowres(), man.LowresConcat
 		if man.LearnedVariance() {
@@ -275,6 +292,24 @@ func (e *Engine) newRunner(ref string, m *onnx.Model, lanes int, schedules map[s
 		e.logger.Debug("model session ready", "model", ref, "provider", d.sess.Provider(), "device", d.id, "lanes", lanes, "threads_per_run", d.sess.Threads())
 	}
 	return r, nil
+}
+
+// noiseSchedule reads a noising scheduler's config (low_res_scheduler,
+// image_noising_scheduler) and returns its ᾱ.
+func noiseSchedule(path string) ([]float64, error) {
+	data, err := onnx.ReadConfigFile(path)
+	if err != nil {
+		return nil, err
+	}
+	c, err := stages.ParseSchedulerConfig(data)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	s, err := c.Schedule()
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return s.AlphasCumprod, nil
 }
 
 // devices are the GPUs every model gets a session on: Options.Devices, else
@@ -465,6 +500,17 @@ func (e *Engine) Generate(ctx context.Context, it Item, plan Plan, progress func
 		}
 	}
 	ctxs, err := loadContexts(it)
+	switch {
+	case err == nil && ctxs == nil && it.Prompt != "":
+		ctxs, err = e.promptContexts(ctx, it, plan)
+	case err == nil && ctxs != nil && ctxs.zeros:
+		// A context file without a negative one: the unconditional half of
+		// guidance is the empty prompt's embedding, as the reference
+		// pipelines make it, where the pipeline has a text encoder.
+		if empty, perr := e.promptContexts(ctx, Item{}, plan); perr == nil && empty.uncond.L == ctxs.cond.L && empty.uncond.D == ctxs.cond.D {
+			ctxs.uncond, ctxs.zeros = empty.uncond, false
+		}
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -677,13 +723,20 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 	ctxLen, ctxDim := 0, 0
 	if io := r.model.Input(onnx.RoleContext); io != nil {
 		if ctxs == nil {
-			return nil, Invalidf("context: %s takes text embeddings; give context: FILE", sp.Model)
+			return nil, Invalidf("context: %s takes text embeddings; give prompt: TEXT or context: FILE", sp.Model)
 		}
 		ctxLen, ctxDim = ctxs.cond.L, ctxs.cond.D
 		if (io.Shape[1] > 0 && int(io.Shape[1]) != ctxLen) || (io.Shape[2] > 0 && int(io.Shape[2]) != ctxDim) {
-			return nil, Invalidf("context: %s is [%d, %d]; %s's input %q takes %s", it.Context.Path, ctxLen, ctxDim, sp.Model, io.Name, io.ShapeString())
+			from := "the prompt's embedding"
+			if it.Context != nil {
+				from = it.Context.Path
+			}
+			return nil, Invalidf("context: %s is [%d, %d]; %s's input %q takes %s", from, ctxLen, ctxDim, sp.Model, io.Name, io.ShapeString())
 		}
 		contexts, pair = [][]float32{ctxs.uncond.Data, ctxs.cond.Data}, true
+		if ctxs.zeros && guidance != 1 {
+			e.logger.Warn("guidance without a negative context or a text encoder: zeros are the unconditional context", "item", it.Index, "model", sp.Model)
+		}
 	}
 	switch {
 	case guidance != 1 && pair: // uncond, cond
@@ -726,6 +779,7 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 // guidance pair (the negative context, or zeros of the same shape).
 type itemContexts struct {
 	cond, uncond *Context
+	zeros        bool // uncond is zeros: no negative context and no text encoder
 }
 
 // loadContexts reads the item's context files, checking that each is the
@@ -748,11 +802,12 @@ func loadContexts(it Item) (*itemContexts, error) {
 	if err != nil {
 		return nil, err
 	}
-	out := &itemContexts{cond: cond, uncond: &Context{L: cond.L, D: cond.D, Data: make([]float32, len(cond.Data))}}
+	out := &itemContexts{cond: cond, uncond: &Context{L: cond.L, D: cond.D, Data: make([]float32, len(cond.Data))}, zeros: true}
 	if it.NegativeContext != nil {
 		if out.uncond, err = read("negative_context", it.NegativeContext); err != nil {
 			return nil, err
 		}
+		out.zeros = false
 	}
 	return out, nil
 }

@@ -20,6 +20,7 @@ import (
 	"tessera/models"
 	"tessera/onnx"
 	"tessera/stages"
+	"tessera/stages/tokenizer"
 )
 
 // The model-family fixtures (testdata/families, made by
@@ -136,7 +137,15 @@ func TestReadContextFormats(t *testing.T) {
 	// Wrong rank, a NaN, an unknown format: refused, naming the file.
 	writeNPY(t, filepath.Join(dir, "nan.npy"), 1, 2, []float32{1, float32(math.NaN())})
 	os.WriteFile(filepath.Join(dir, "x.pt"), []byte("x"), 0o644)
-	for _, f := range []string{"nan.npy", "x.pt", "missing.npy"} {
+	// A link to /dev/zero (whose size says 0) and a header claiming far
+	// more data than the file holds are refused before anything is read.
+	os.Symlink("/dev/zero", filepath.Join(dir, "zero.npy"))
+	hdr := "{'descr': '<f4', 'fortran_order': False, 'shape': (4096, 16384), }"
+	for (10+len(hdr)+1)%64 != 0 {
+		hdr += " "
+	}
+	os.WriteFile(filepath.Join(dir, "big.npy"), []byte("\x93NUMPY\x01\x00"+string([]byte{byte(len(hdr) + 1), 0})+hdr+"\n"), 0o644)
+	for _, f := range []string{"nan.npy", "x.pt", "missing.npy", "zero.npy", "big.npy"} {
 		if _, _, err := ReadContext(filepath.Join(dir, f)); err == nil || Classify(err) != ClassInvalid || !strings.Contains(err.Error(), f) {
 			t.Errorf("%s: %v", f, err)
 		}
@@ -191,13 +200,28 @@ func augmented(t testing.TB, e *Engine, it Item, plan Plan, si int, img []float3
 	}
 	noise := make([]float32, L*H*W)
 	(stages.Noise{Seed: it.Seed, Stream: stages.StageStream(stages.StreamAug, si)}).Fill(noise, 0, L, 0, 0, H, W)
-	abar := r.noiseAbar
-	if abar == nil {
-		s, _ := r.schedule(sp.Sampler)
-		abar = s.AlphasCumprod
+	// ᾱ from the config files themselves, not from the runner: the
+	// pipeline's noising scheduler where it has one, else the model's own.
+	man := r.model.Manifest
+	cfgPath := man.SchedulerConfig
+	if man.NoiseScheduler != "" {
+		cfgPath = man.NoiseScheduler
 	}
+	data, err := os.ReadFile(cfgPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sc, err := stages.ParseSchedulerConfigAs(data, stages.ClassDDPM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	schedule, err := sc.Schedule()
+	if err != nil {
+		t.Fatal(err)
+	}
+	abar := schedule.AlphasCumprod
 	level := sp.NoiseLevel
-	if r.model.Manifest.NoiseLevelMax > 0 {
+	if man.NoiseLevelMax > 0 {
 		level = sp.NoiseLevelModel / float64(len(abar)-1)
 	}
 	out := make([]float32, len(up))
@@ -470,4 +494,84 @@ func TestFamilyThresholdingIsWholeCanvas(t *testing.T) {
 	if d := maxAbsDiff(own.Image, untiled.Image); d < 1e-3 {
 		t.Errorf("thresholding at sample_max_value 3 changed the image by %g only", d)
 	}
+}
+
+// promptTerm is the if2-text oracle's context term of a prompt: the mean
+// over its 77 input ids of the text encoder oracle's
+// 0.2·((id·(ch+1)) mod 97)/97 − 0.1, per channel.
+func promptTerm(t *testing.T, prompt string) [4]float64 {
+	t.Helper()
+	tok, err := tokenizer.LoadCLIPDir(filepath.Join("..", "testdata", "families", "if2-text", "tokenizer"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out [4]float64
+	ids := tok.Encode(prompt).IDs
+	for ch := range out {
+		for _, id := range ids {
+			out[ch] += (0.2*float64((id*int64(ch+1))%97)/97 - 0.1) / float64(len(ids))
+		}
+	}
+	return out
+}
+
+// A prompt runs through the pipeline's own tokenizer and text encoder: the
+// image is the closed form of the prompt's token ids, changing one word
+// changes it as the closed form says, guidance with a negative prompt lands
+// where the formula puts it, and the encoder runs once for every distinct
+// prompt however many items share it.
+func TestFamilyPrompt(t *testing.T) {
+	e := familyEngine(t, Options{Lanes: 2})
+	in := flatPNG(t, 16, 16, [3]float64{0, 0, 0})
+	nl := 0.0 // the level term is zero: the context term alone moves the image
+	run := func(prompt, neg string, g float64, seed uint64) []float32 {
+		it := Item{Seed: seed, Class: -1, Image: in, Scale: 4, Prompt: prompt, NegativePrompt: neg,
+			SR: StageParams{Model: "if2-text", Steps: 3, Strength: 1, NoiseLevel: &nl, Guidance: g, Tile: Tiling{Size: 32, Overlap: 8, Halo: intp(2)}}}
+		res, err := e.Make(context.Background(), it, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return res.Image
+	}
+	check := func(name string, img []float32, want [4]float64) {
+		t.Helper()
+		n := len(img) / 3
+		for ch := 0; ch < 3; ch++ {
+			for i := 0; i < n; i++ {
+				// the flat input, black as an 8-bit PNG stores it, plus the context term
+				if d := math.Abs(float64(img[ch*n+i]) - quantised(0) - want[ch]); d > 1e-4 {
+					t.Fatalf("%s: channel %d pixel %d: %g, want %g", name, ch, i, img[ch*n+i], want[ch])
+				}
+			}
+		}
+	}
+	red, blue := run("a red fox in the snow", "", 1, 1), run("a blue fox in the snow", "", 1, 1)
+	check("red", red, promptTerm(t, "a red fox in the snow"))
+	check("blue", blue, promptTerm(t, "a blue fox in the snow"))
+	if maxAbsDiff(red, blue) < 1e-3 {
+		t.Error("changing one word did not change the image")
+	}
+	pos, neg := promptTerm(t, "a red fox in the snow"), promptTerm(t, "blurry")
+	var want [4]float64
+	for ch := range want {
+		want[ch] = neg[ch] + 2.5*(pos[ch]-neg[ch])
+	}
+	check("guided", run("a red fox in the snow", "blurry", 2.5, 1), want)
+	// Fifty items of one prompt: the encoder has run once per distinct prompt.
+	runsBefore := textRuns(e)
+	for i := 0; i < 50; i++ {
+		run("fifty of the same", "", 1, uint64(i))
+	}
+	if got := textRuns(e) - runsBefore; got != 1 {
+		t.Errorf("the text encoder ran %d times for 50 items of one prompt", got)
+	}
+}
+
+func textRuns(e *Engine) int64 {
+	for _, m := range e.ModelStats() {
+		if strings.Contains(m.Model, "text_encoder") {
+			return m.Runs
+		}
+	}
+	return 0
 }

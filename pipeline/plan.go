@@ -61,6 +61,11 @@ type Item struct {
 	// guidance pairs the context with the negative one (zeros when none).
 	Context         *ContextRef `json:"context,omitempty"`
 	NegativeContext *ContextRef `json:"negative_context,omitempty"`
+	// Prompt and NegativePrompt become the context (and the guidance's
+	// negative one: the empty prompt's where none is given) through the
+	// text encoder of the model's pipeline, where no context file is given.
+	Prompt         string `json:"prompt,omitempty"`
+	NegativePrompt string `json:"negative_prompt,omitempty"`
 	// Output is the path the image is written to (resolved by the caller).
 	Output string `json:"output"`
 }
@@ -178,7 +183,13 @@ func MakePlan(it Item, describe Describe) (Plan, error) {
 		}
 		usesContext = true
 		if it.Context == nil {
-			return Invalidf("context: %s %s takes text embeddings (%s); give context: FILE (.npy or .safetensors, [L, D])", field, ref, in)
+			switch {
+			case it.Prompt != "" && m.TextEncoder != "":
+				return nil // encoded at work, by the pipeline's own text encoder
+			case it.Prompt != "":
+				return Invalidf("prompt: %s %s has no text_encoder/ and tokenizer/ in its pipeline folder; give context: FILE", field, ref)
+			}
+			return Invalidf("context: %s %s takes text embeddings (%s); give prompt: TEXT or context: FILE (.npy or .safetensors, [L, D])", field, ref, in)
 		}
 		for _, c := range []struct {
 			name string
@@ -286,6 +297,12 @@ func MakePlan(it Item, describe Describe) (Plan, error) {
 	p.Resample = w != it.Width || h != it.Height
 	if it.Context != nil && !usesContext {
 		return p, Invalidf("context: no model of this item's cascade takes text embeddings")
+	}
+	if (it.Prompt != "" || it.NegativePrompt != "") && !usesContext {
+		return p, Invalidf("prompt: no model of this item's cascade takes text")
+	}
+	if it.NegativePrompt != "" && it.Prompt == "" {
+		return p, Invalidf("negative_prompt: give prompt too")
 	}
 	if it.NegativeContext != nil && it.Context == nil {
 		return p, Invalidf("negative_context: give context too")

@@ -494,7 +494,7 @@ func (r *runner) prepare(d *device, batch []*request) (b *boundBatch, err error)
 			if b.context != nil {
 				per := len(b.context) / b.rows
 				if len(q.contexts) != q.rows() || len(q.contexts[j]) != per {
-					return nil, fmt.Errorf("model %s: row %d's context has %d values, the Run %d", r.ref, j, len(q.contexts[j]), per)
+					return nil, fmt.Errorf("model %s: %d contexts for %d rows, or of other than %d values", r.ref, len(q.contexts), q.rows(), per)
 				}
 				copy(b.context[row*per:(row+1)*per], q.contexts[j])
 			}

@@ -238,6 +238,9 @@ func timestepsDPMSolver(T, last, n int, spacing Spacing, stepsOffset int) ([]int
 	if last < n+1 {
 		return nil, fmt.Errorf("timesteps: lambda_min_clipped leaves %d training timesteps for %d steps", last, n)
 	}
+	if last < T && spacing == SpacingTrailing {
+		return nil, fmt.Errorf("timesteps: lambda_min_clipped with timestep_spacing trailing is not supported")
+	}
 	out := make([]int, n)
 	switch spacing {
 	case SpacingLeading:

@@ -202,6 +202,8 @@ def pipeline(name, pipe_cls, unet_cfg, sched, net, args, names, extra_sched=None
     dyn = {n: IMG for n in ("sample", "out_sample")}
     for n in names[1:]:
         dyn[n] = {0: "batch"}
+    if "encoder_hidden_states" in names:
+        dyn["encoder_hidden_states"] = {0: "batch", 1: "sequence_length"}  # as Optimum exports it
     export(net, args, os.path.join(d, "unet", "model.onnx"), names, dyn)
     write_json(os.path.join(d, "unet", "config.json"), unet_cfg)
     write_json(os.path.join(d, "scheduler", "scheduler_config.json"), sched)
@@ -212,6 +214,62 @@ def pipeline(name, pipe_cls, unet_cfg, sched, net, args, names, extra_sched=None
         index[folder] = ["diffusers", cfg["_class_name"]]
     index.update(index_extra or {})
     write_json(os.path.join(d, "model_index.json"), index)
+
+
+class OracleTextEncoder(torch.nn.Module):
+    """last_hidden_state[b, l, d] = 0.2 * ((id * (d + 1)) mod 97) / 97 - 0.1: every token's id,
+    at every position, enters the embedding in closed form."""
+
+    def forward(self, input_ids):
+        d = torch.arange(1, D_CTX + 1, dtype=torch.int64).view(1, 1, -1)
+        v = torch.remainder(input_ids.unsqueeze(-1) * d, 97).float()
+        return 0.2 * v / 97.0 - 0.1
+
+
+SMALL_MERGES = 2000  # of CLIP's merge list, for a small tokenizer/ folder
+
+
+def text_encoder(d):
+    ids = torch.tensor([[49406, 320, 1125, 49407] + [49407] * 73], dtype=torch.int64)
+    m = OracleTextEncoder()
+    path = os.path.join(d, "text_encoder", "model.onnx")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    m.eval()
+    torch.onnx.export(m, (ids,), path, opset_version=OPSET, input_names=["input_ids"],
+                      output_names=["last_hidden_state"],
+                      dynamic_axes={"input_ids": {0: "batch"}, "last_hidden_state": {0: "batch"}})
+    om = onnx.load(path)
+    om.producer_name = "tessera-tools"
+    onnx.save(om, path)
+    write_json(os.path.join(d, "text_encoder", "config.json"),
+               {"_class_name": "CLIPTextModel", "architectures": ["CLIPTextModel"], "hidden_size": D_CTX,
+                "max_position_embeddings": 77, "model_type": "clip_text_model"})
+    # tokenizer/: vocab.json and merges.txt from the first SMALL_MERGES of CLIP's merge list
+    # (../shared/data/clip, MIT), the byte symbols in CLIP's order, then the special tokens.
+    import gzip
+    src = os.path.join(ROOT, "..", "shared", "data", "clip", "bpe_simple_vocab_16e6.txt.gz")
+    merges = gzip.open(src).read().decode("utf-8").split("\n")[1:SMALL_MERGES + 1]
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1)) + \
+        list(range(ord("\u00ae"), ord("\u00ff") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    sym = [chr(c) for c in cs]
+    vocab = sym + [s + "</w>" for s in sym] + ["".join(mm.split()) for mm in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    tdir = os.path.join(d, "tokenizer")
+    write_json(os.path.join(tdir, "vocab.json"), {v: i for i, v in enumerate(vocab)})
+    with open(os.path.join(tdir, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    write_json(os.path.join(tdir, "special_tokens_map.json"),
+               {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>"})
+    write_json(os.path.join(tdir, "tokenizer_config.json"),
+               {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True})
 
 
 def main():
@@ -239,12 +297,15 @@ def main():
     x4cfg = unet_config("UNet2DConditionModel", 7, 4, 128, [8, 16], num_class_embeds=1000,
                         cross_attention_dim=D_CTX)
     # The oracle's DDIM ends at alpha = 1 (set_alpha_to_one), so that it lands on x0 exactly.
+    # Its low-res noising schedule differs from its own (linear against scaled_linear), so that
+    # a test tells which one noised the low-res image.
     x4_oracle = dict(X4, set_alpha_to_one=True)
-    for name, net, sched in (("x4-like", FamilyNet(7, 4, 23, classes=1000, context=D_CTX), X4),
-                             ("x4-oracle", OracleSR(x4_oracle, 4, 3, "v_prediction", False, True, True), x4_oracle)):
+    for name, net, sched, low in (("x4-like", FamilyNet(7, 4, 23, classes=1000, context=D_CTX), X4, X4_LOW_RES),
+                                  ("x4-oracle", OracleSR(x4_oracle, 4, 3, "v_prediction", False, True, True), x4_oracle,
+                                   dict(X4_LOW_RES, beta_schedule="linear", beta_end=0.03))):
         pipeline(name, "StableDiffusionUpscalePipeline", x4cfg, sched, net, (x7, t, lab, ctx),
                  ["sample", "timestep", "class_labels", "encoder_hidden_states"],
-                 extra_sched={"low_res_scheduler": X4_LOW_RES},
+                 extra_sched={"low_res_scheduler": low},
                  index_extra={"vae": ["diffusers", "AutoencoderKL"], "max_noise_level": 350})
 
     # DeepFloyd IF stage II (pixels): sample = 3 noisy + 3 upsampled low-res, class_labels =
@@ -256,6 +317,15 @@ def main():
         pipeline(name, "IFSuperResolutionPipeline", if2cfg, IF2, net, (x6, t, lab, ctx),
                  ["sample", "timestep", "class_labels", "encoder_hidden_states"],
                  extra_sched={"image_noising_scheduler": IF2_NOISING})
+
+    # IF II-like oracle pipeline with its own text side: a CLIP-like text encoder oracle
+    # (input_ids int64 [B,77] -> last_hidden_state [B,77,32]) and a tokenizer/ folder.
+    pipeline("if2-text", "IFSuperResolutionPipeline", if2cfg, IF2,
+             OracleSR(IF2, 3, 3, "epsilon", True, True, True), (x6, t, lab, ctx),
+             ["sample", "timestep", "class_labels", "encoder_hidden_states"],
+             extra_sched={"image_noising_scheduler": IF2_NOISING},
+             index_extra={"text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]})
+    text_encoder(os.path.join(OUT, "if2-text"))
 
     # Context files as a user would give them: a T5-like [7, 32] embedding as .npy
     # (float32) and as .safetensors (float16, [1, 7, 32], named prompt_embeds).

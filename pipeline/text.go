@@ -1,0 +1,138 @@
+package pipeline
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"tessera/onnx"
+	"tessera/stages/tokenizer"
+)
+
+// textEncoder is a pipeline's text side: its tokenizer and a session of its
+// text encoder graph (input_ids [B, L] → last_hidden_state [B, L, D]), with
+// every prompt it has encoded kept by its token ids, so that each distinct
+// (encoder, prompt) is encoded once per process whatever the items.
+type textEncoder struct {
+	path  string
+	tok   tokenizer.Tokenizer
+	sess  *onnx.Session
+	input string // the input_ids input
+	out   string // last_hidden_state
+
+	mu    sync.Mutex
+	cache map[string]*Context
+	runs  atomic.Int64
+	nanos atomic.Int64
+}
+
+// maxCachedPrompts bounds the in-memory cache of encoded prompts.
+const maxCachedPrompts = 4096
+
+// textEncoderOf returns the text encoder of a model's pipeline, loading it
+// on first use.
+func (e *Engine) textEncoderOf(man *onnx.Manifest) (*textEncoder, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.closed {
+		return nil, fmt.Errorf("engine closed")
+	}
+	if t, ok := e.texts[man.TextEncoder]; ok {
+		return t, nil
+	}
+	tok, err := tokenizer.LoadCLIPDir(man.Tokenizer)
+	if err != nil {
+		return nil, ModelUnusable(fmt.Errorf("tokenizer %s: %w", man.Tokenizer, err))
+	}
+	m, err := e.env.LoadModel(man.TextEncoder)
+	if err != nil {
+		return nil, ModelUnusable(fmt.Errorf("text encoder: %w", err))
+	}
+	t := &textEncoder{path: man.TextEncoder, tok: tok, cache: map[string]*Context{}}
+	for _, io := range m.Inputs {
+		if (io.Type == onnx.Int64 || io.Type == onnx.Int32) && len(io.Shape) == 2 {
+			t.input = io.Name
+		}
+	}
+	for _, io := range m.Outputs {
+		if len(io.Shape) == 3 && (t.out == "" || io.Name == "last_hidden_state") {
+			t.out = io.Name
+		}
+	}
+	if t.input == "" || t.out == "" || len(m.Inputs) != 1 {
+		return nil, ModelUnusable(fmt.Errorf("text encoder %s: want one input_ids input [B, L] and a last_hidden_state output [B, L, D]", man.TextEncoder))
+	}
+	if t.sess, err = e.env.NewSession(m, onnx.SessionOptions{}); err != nil {
+		return nil, &SessionError{Model: man.TextEncoder, Err: err}
+	}
+	e.texts[man.TextEncoder] = t
+	return t, nil
+}
+
+// encode returns the prompt's embedding [L, D], from the cache or one Run,
+// and the tokenizer's cut where the prompt is longer than the encoder
+// takes (logged).
+func (t *textEncoder) encode(ctx context.Context, e *Engine, prompt string) (*Context, error) {
+	enc := t.tok.Encode(prompt)
+	var key strings.Builder
+	for _, id := range enc.IDs {
+		fmt.Fprintf(&key, "%d,", id)
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock() // one Run at a time per encoder: items sharing a prompt wait for it
+	if c, ok := t.cache[key.String()]; ok {
+		return c, nil
+	}
+	if enc.Truncated >= 0 {
+		e.logger.Warn("prompt longer than the text encoder takes: cut", "encoder", t.path, "after_token", enc.Truncated, "dropped", enc.CutText)
+	}
+	start := time.Now()
+	out, err := t.sess.RunContext(ctx, map[string]onnx.Tensor{t.input: onnx.IntTensor(enc.IDs, 1, int64(len(enc.IDs)))})
+	t.nanos.Add(int64(time.Since(start)))
+	if err != nil {
+		return nil, fmt.Errorf("text encoder %s: %w", t.path, err)
+	}
+	o := out[t.out]
+	if len(o.Shape) != 3 || o.Shape[0] != 1 || int(o.Shape[1]) != len(enc.IDs) || len(o.Float) == 0 {
+		return nil, ModelUnusable(fmt.Errorf("text encoder %s: output shape %v for %d tokens", t.path, o.Shape, len(enc.IDs)))
+	}
+	t.runs.Add(1)
+	c := &Context{L: int(o.Shape[1]), D: int(o.Shape[2]), Data: o.Float}
+	if len(t.cache) < maxCachedPrompts {
+		t.cache[key.String()] = c
+	}
+	return c, nil
+}
+
+// promptContexts encodes the item's prompt and negative prompt (the empty
+// prompt where none is given, as the reference pipelines do) with the text
+// encoder of the first model of the plan that takes context.
+func (e *Engine) promptContexts(ctx context.Context, it Item, plan Plan) (*itemContexts, error) {
+	for _, sp := range plan.Stages {
+		r, err := e.runner(sp.Model)
+		if err != nil {
+			return nil, err
+		}
+		man := r.model.Manifest
+		if r.model.Input(onnx.RoleContext) == nil || man.TextEncoder == "" {
+			continue
+		}
+		t, err := e.textEncoderOf(man)
+		if err != nil {
+			return nil, err
+		}
+		cond, err := t.encode(ctx, e, it.Prompt)
+		if err != nil {
+			return nil, err
+		}
+		uncond, err := t.encode(ctx, e, it.NegativePrompt)
+		if err != nil {
+			return nil, err
+		}
+		return &itemContexts{cond: cond, uncond: uncond}, nil
+	}
+	return nil, Invalidf("prompt: no model of the plan has a text encoder")
+}
