@@ -70,7 +70,8 @@ func (a *app) newEngine() (eng *pipeline.Engine, closeAll func(), err error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	eng = pipeline.New(env, a.resolver(), pipeline.Options{Workers: a.cfg.Workers, Batch: a.batch, MemoryBudget: a.cfg.Memory.Budget}, a.logger)
+	eng = pipeline.New(env, a.resolver(), pipeline.Options{Workers: a.cfg.Workers, Batch: a.batch, MemoryBudget: a.cfg.Memory.Budget,
+		TextCache: filepath.Join(".tessera", "text-cache")}, a.logger)
 	return eng, func() { eng.Close(); env.Close() }, nil
 }
 

@@ -56,7 +56,7 @@ func printTokens(w io.Writer, tok tokenizer.Tokenizer, prompts []string, asJSON 
 	}
 	for _, t := range out {
 		fmt.Fprintf(w, "prompt:   %q\n", t.Prompt)
-		fmt.Fprintf(w, "tokens:   %d (the encoder takes %d, with a start and an end token)\n", len(t.Tokens), tok.Length()-2)
+		fmt.Fprintf(w, "tokens:   %d (the encoder takes %d with its start and end tokens)\n", len(t.Tokens), tok.Length())
 		var pieces []string
 		for _, tk := range t.Tokens {
 			pieces = append(pieces, fmt.Sprintf("%d:%s", tk.ID, tk.Piece))

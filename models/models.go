@@ -158,12 +158,11 @@ func (r Resolver) Tokenizer(ref string) (tokenizer.Tokenizer, string, error) {
 		dirs = append(dirs, filepath.Join(d, "tokenizer"), filepath.Join(d, "..", "tokenizer"))
 	}
 	for _, d := range dirs {
-		if _, err := os.Stat(filepath.Join(d, "vocab.json")); err == nil {
-			t, err := tokenizer.LoadCLIPDir(d)
+		_, e1 := os.Stat(filepath.Join(d, "vocab.json"))
+		_, e2 := os.Stat(filepath.Join(d, "spiece.model"))
+		if e1 == nil || e2 == nil {
+			t, err := tokenizer.LoadDir(d)
 			return t, d, err
-		}
-		if _, err := os.Stat(filepath.Join(d, "spiece.model")); err == nil {
-			return nil, d, fmt.Errorf("tokenizer %s: SentencePiece (spiece.model) tokenizers are not supported yet", d)
 		}
 	}
 	return nil, "", fmt.Errorf("model %q: no tokenizer/ folder (vocab.json and merges.txt) beside it or in its pipeline folder", ref)

@@ -333,9 +333,15 @@ func readDiffusers(dir string) (*Manifest, error) {
 	if m.Inputs[RoleContext] != "" && inPipeline {
 		te := firstFile(up("text_encoder", "model.onnx"))
 		tk := up("tokenizer")
-		if _, err := os.Stat(filepath.Join(tk, "vocab.json")); te != "" && err == nil {
+		kind := ""
+		if _, err := os.Stat(filepath.Join(tk, "vocab.json")); err == nil {
+			kind = "CLIP BPE"
+		} else if _, err := os.Stat(filepath.Join(tk, "spiece.model")); err == nil {
+			kind = "SentencePiece"
+		}
+		if te != "" && kind != "" {
 			m.TextEncoder, m.Tokenizer = te, tk
-			fact("text", "prompts through ../text_encoder/ and ../tokenizer/ (CLIP BPE)", "the pipeline folder")
+			fact("text", "prompts through ../text_encoder/ and ../tokenizer/ ("+kind+")", "the pipeline folder")
 		}
 	}
 	return m, nil

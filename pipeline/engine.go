@@ -32,6 +32,9 @@ type Options struct {
 	MemoryBudget int64
 	// Lanes, when positive, overrides runtime.lanes for CPU sessions.
 	Lanes int
+	// TextCache is a directory where text encoders' embeddings are kept
+	// between processes, by the encoder's hash and the token ids; "" for none.
+	TextCache string
 	// Devices, when set, overrides runtime.devices: one session and batcher
 	// per device for every model. Tests use it on the CPU, where the
 	// sessions stand in for GPUs.

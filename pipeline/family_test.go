@@ -575,3 +575,38 @@ func textRuns(e *Engine) int64 {
 	}
 	return 0
 }
+
+// The on-disk cache keeps each embedding by the encoder's hash and the
+// token ids: a second process (a second engine) makes the same image
+// without running the encoder, and a cache file that is not one is a miss.
+func TestTextEncoderDiskCache(t *testing.T) {
+	dir := t.TempDir()
+	in := flatPNG(t, 16, 16, [3]float64{0, 0, 0})
+	it := Item{Seed: 1, Class: -1, Image: in, Scale: 4, Prompt: "a fox in a cache",
+		SR: StageParams{Model: "if2-text", Steps: 2, Strength: 1, Tile: Tiling{Size: 64}}}
+	mk := func() (*Engine, []float32) {
+		e := New(testEnv, models.Resolver{Dirs: []string{filepath.Join("..", "testdata", "families")}}, Options{Lanes: 1, TextCache: dir}, nil)
+		t.Cleanup(func() { e.Close() })
+		res, err := e.Make(context.Background(), it, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return e, res.Image
+	}
+	e1, a := mk()
+	files, _ := filepath.Glob(filepath.Join(dir, "*.emb"))
+	if textRuns(e1) != 2 || len(files) != 2 { // the prompt and the empty one
+		t.Fatalf("first engine: %d runs, %d cache files", textRuns(e1), len(files))
+	}
+	e2, b := mk()
+	if textRuns(e2) != 0 || maxAbsDiff(a, b) != 0 {
+		t.Fatalf("second engine: %d runs, images differ by %g", textRuns(e2), maxAbsDiff(a, b))
+	}
+	for _, f := range files {
+		os.WriteFile(f, []byte("TEMBgarbage"), 0o644)
+	}
+	e3, c := mk()
+	if textRuns(e3) != 2 || maxAbsDiff(a, c) != 0 {
+		t.Fatalf("after corrupt files: %d runs, images differ by %g", textRuns(e3), maxAbsDiff(a, c))
+	}
+}

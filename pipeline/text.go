@@ -2,7 +2,14 @@ package pipeline
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
 	"fmt"
+	"io"
+	"math"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -18,6 +25,8 @@ import (
 // (encoder, prompt) is encoded once per process whatever the items.
 type textEncoder struct {
 	path  string
+	hash  string // SHA-256 of the graph file, the on-disk cache's key with the ids
+	dir   string // the on-disk cache, "" for none
 	tok   tokenizer.Tokenizer
 	sess  *onnx.Session
 	input string // the input_ids input
@@ -43,7 +52,7 @@ func (e *Engine) textEncoderOf(man *onnx.Manifest) (*textEncoder, error) {
 	if t, ok := e.texts[man.TextEncoder]; ok {
 		return t, nil
 	}
-	tok, err := tokenizer.LoadCLIPDir(man.Tokenizer)
+	tok, err := tokenizer.LoadDir(man.Tokenizer)
 	if err != nil {
 		return nil, ModelUnusable(fmt.Errorf("tokenizer %s: %w", man.Tokenizer, err))
 	}
@@ -51,7 +60,12 @@ func (e *Engine) textEncoderOf(man *onnx.Manifest) (*textEncoder, error) {
 	if err != nil {
 		return nil, ModelUnusable(fmt.Errorf("text encoder: %w", err))
 	}
-	t := &textEncoder{path: man.TextEncoder, tok: tok, cache: map[string]*Context{}}
+	t := &textEncoder{path: man.TextEncoder, tok: tok, cache: map[string]*Context{}, dir: e.opts.TextCache}
+	if t.dir != "" {
+		if t.hash, err = fileSHA256(man.TextEncoder); err != nil {
+			return nil, ModelUnusable(fmt.Errorf("text encoder: %w", err))
+		}
+	}
 	for _, io := range m.Inputs {
 		if (io.Type == onnx.Int64 || io.Type == onnx.Int32) && len(io.Shape) == 2 {
 			t.input = io.Name
@@ -89,6 +103,10 @@ func (t *textEncoder) encode(ctx context.Context, e *Engine, prompt string) (*Co
 	if enc.Truncated >= 0 {
 		e.logger.Warn("prompt longer than the text encoder takes: cut", "encoder", t.path, "after_token", enc.Truncated, "dropped", enc.CutText)
 	}
+	if c := t.fromDisk(key.String()); c != nil {
+		t.cache[key.String()] = c
+		return c, nil
+	}
 	start := time.Now()
 	out, err := t.sess.RunContext(ctx, map[string]onnx.Tensor{t.input: onnx.IntTensor(enc.IDs, 1, int64(len(enc.IDs)))})
 	t.nanos.Add(int64(time.Since(start)))
@@ -104,7 +122,89 @@ func (t *textEncoder) encode(ctx context.Context, e *Engine, prompt string) (*Co
 	if len(t.cache) < maxCachedPrompts {
 		t.cache[key.String()] = c
 	}
+	if err := t.toDisk(key.String(), c); err != nil {
+		e.logger.Warn("text encoder cache: not written", "dir", t.dir, "err", err)
+	}
 	return c, nil
+}
+
+// diskPath is the cache file of the ids key: the SHA-256 of the encoder's
+// hash and the ids.
+func (t *textEncoder) diskPath(key string) string {
+	sum := sha256.Sum256([]byte(t.hash + "\x00" + key))
+	return filepath.Join(t.dir, hex.EncodeToString(sum[:])+".emb")
+}
+
+// fromDisk reads a cached embedding: "TEMB", L and D as uint32, then L×D
+// float32, little-endian. A missing or malformed file is a miss.
+func (t *textEncoder) fromDisk(key string) *Context {
+	if t.dir == "" {
+		return nil
+	}
+	data, err := onnx.ReadRegular(t.diskPath(key), maxContextBytes)
+	if err != nil || len(data) < 12 || string(data[:4]) != "TEMB" {
+		return nil
+	}
+	L, D := int(binary.LittleEndian.Uint32(data[4:])), int(binary.LittleEndian.Uint32(data[8:]))
+	if L < 1 || D < 1 || L > MaxContextTokens || D > MaxContextDim || len(data) != 12+4*L*D {
+		return nil
+	}
+	c := &Context{L: L, D: D, Data: make([]float32, L*D)}
+	for i := range c.Data {
+		c.Data[i] = math.Float32frombits(binary.LittleEndian.Uint32(data[12+4*i:]))
+	}
+	return c
+}
+
+// toDisk writes an embedding to the cache atomically: a temp file in the
+// cache directory, synced, renamed over the entry.
+func (t *textEncoder) toDisk(key string, c *Context) error {
+	if t.dir == "" {
+		return nil
+	}
+	if err := os.MkdirAll(t.dir, 0o755); err != nil {
+		return err
+	}
+	buf := make([]byte, 12+4*len(c.Data))
+	copy(buf, "TEMB")
+	binary.LittleEndian.PutUint32(buf[4:], uint32(c.L))
+	binary.LittleEndian.PutUint32(buf[8:], uint32(c.D))
+	for i, v := range c.Data {
+		binary.LittleEndian.PutUint32(buf[12+4*i:], math.Float32bits(v))
+	}
+	f, err := os.CreateTemp(t.dir, ".emb-*.tmp")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	_, err = f.Write(buf)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, t.diskPath(key))
+	}
+	if err != nil {
+		os.Remove(tmp)
+	}
+	return err
+}
+
+// fileSHA256 hashes a file as it streams.
+func fileSHA256(path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return "", err
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
 }
 
 // promptContexts encodes the item's prompt and negative prompt (the empty

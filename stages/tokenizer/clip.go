@@ -448,3 +448,23 @@ func (c *CLIP) Decode(toks []Token) string {
 }
 
 var _ Tokenizer = (*CLIP)(nil)
+
+// LoadDir loads the tokenizer of a diffusers tokenizer/ folder: CLIP's BPE
+// (vocab.json, merges.txt) or SentencePiece (spiece.model, T5's), with the
+// sequence length of its tokenizer_config.json (77 when it gives none).
+func LoadDir(dir string) (Tokenizer, error) {
+	if _, err := os.Stat(dir + "/vocab.json"); err == nil {
+		return LoadCLIPDir(dir)
+	}
+	if _, err := os.Stat(dir + "/spiece.model"); err == nil {
+		length := 77
+		var tc struct {
+			MaxLength float64 `json:"model_max_length"`
+		}
+		if data, err := readBounded(dir + "/tokenizer_config.json"); err == nil && json.Unmarshal(data, &tc) == nil && tc.MaxLength >= 2 && tc.MaxLength <= 4096 {
+			length = int(tc.MaxLength)
+		}
+		return LoadSentencePiece(dir+"/spiece.model", length)
+	}
+	return nil, fmt.Errorf("tokenizer %s: neither vocab.json and merges.txt (CLIP) nor spiece.model (SentencePiece)", dir)
+}
