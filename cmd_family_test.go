@@ -184,6 +184,16 @@ items:
 	if r := e.tessera(t, "submit", job); r.code != 1 || !strings.Contains(r.stderr, "prompt: sr.model if2-like has no text_encoder/") {
 		t.Errorf("prompt without an encoder: %+v", r)
 	}
+	// A prompt over the encoder's 77 tokens is cut where the tokenizer
+	// says, and the cut is recorded.
+	os.WriteFile(job, []byte("version: 1\noutput: long.png\nitems:\n  - {image: in.png, prompt: \""+strings.Repeat("red fox ", 60)+"\", sr: {model: if2-text, steps: 2}}\n"), 0o644)
+	if r := e.tessera(t, "run", "-q", job); r.code != 0 {
+		t.Fatalf("long prompt: %+v", r)
+	}
+	data, _ := os.ReadFile(filepath.Join(e.out, "long.png"))
+	if params, _, _ := stages.ReadPNGMetadata(data); !strings.Contains(params, "Prompt cut: ") {
+		t.Errorf("the cut is not recorded: %q", params)
+	}
 	long := strings.Repeat("red fox ", 60)
 	r = e.tessera(t, "tokenize", "--json", filepath.Join(families, "if2-text"), "a red fox", long)
 	if r.code != 0 || !strings.Contains(r.stdout, `"truncated_at": 75`) || !strings.Contains(r.stdout, `"truncated_at": -1`) {

@@ -244,6 +244,9 @@ func parametersOf(it pipeline.Item, p pipeline.Plan) stages.Parameters {
 	if it.Context != nil {
 		ps = append(ps, kv("Context", filepath.Base(it.Context.Path)+" "+it.Context.SHA256[:12]))
 	}
+	if p.PromptCut != "" {
+		ps = append(ps, kv("Prompt cut", p.PromptCut))
+	}
 	if it.NegativeContext != nil {
 		ps = append(ps, kv("Negative context", filepath.Base(it.NegativeContext.Path)+" "+it.NegativeContext.SHA256[:12]))
 	}

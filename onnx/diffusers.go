@@ -339,6 +339,10 @@ func readDiffusers(dir string) (*Manifest, error) {
 		} else if _, err := os.Stat(filepath.Join(tk, "spiece.model")); err == nil {
 			kind = "SentencePiece"
 		}
+		if _, err := os.Stat(up("text_encoder_2")); err == nil {
+			te, kind = "", ""
+			fact("text", "two text encoders (text_encoder_2/): not supported; give context: FILE", "the pipeline folder")
+		}
 		if te != "" && kind != "" {
 			m.TextEncoder, m.Tokenizer = te, tk
 			fact("text", "prompts through ../text_encoder/ and ../tokenizer/ ("+kind+")", "the pipeline folder")

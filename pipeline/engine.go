@@ -517,6 +517,9 @@ func (e *Engine) Generate(ctx context.Context, it Item, plan Plan, progress func
 	if err != nil {
 		return nil, err
 	}
+	if ctxs != nil {
+		plan.PromptCut = ctxs.cut // recorded in the sidecar with the plan
+	}
 	var img []float32
 	w, h := it.InputWidth, it.InputHeight
 	if it.Image != "" {
@@ -782,7 +785,8 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 // guidance pair (the negative context, or zeros of the same shape).
 type itemContexts struct {
 	cond, uncond *Context
-	zeros        bool // uncond is zeros: no negative context and no text encoder
+	zeros        bool   // uncond is zeros: no negative context and no text encoder
+	cut          string // what the text encoder's limit cut off the prompt
 }
 
 // loadContexts reads the item's context files, checking that each is the

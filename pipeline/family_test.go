@@ -610,3 +610,37 @@ func TestTextEncoderDiskCache(t *testing.T) {
 		t.Fatalf("after corrupt files: %d runs, images differ by %g", textRuns(e3), maxAbsDiff(a, c))
 	}
 }
+
+// The T5-like text side: SentencePiece's tokenizer/ and an encoder that
+// takes an attention mask (padding embeds to zero). The image is the closed
+// form of the prompt's ids under the mask.
+func TestFamilyPromptT5(t *testing.T) {
+	e := familyEngine(t, Options{Lanes: 1})
+	in := flatPNG(t, 16, 16, [3]float64{0, 0, 0})
+	nl := 0.0
+	prompt := "a red fox in the snow"
+	it := Item{Seed: 1, Class: -1, Image: in, Scale: 4, Prompt: prompt,
+		SR: StageParams{Model: "if2-t5", Steps: 2, Strength: 1, NoiseLevel: &nl, Tile: Tiling{Size: 64}}}
+	res, err := e.Make(context.Background(), it, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, err := tokenizer.LoadDir(filepath.Join("..", "testdata", "families", "if2-t5", "tokenizer"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	enc := tok.Encode(prompt)
+	n := len(res.Image) / 3
+	for ch := 0; ch < 3; ch++ {
+		want := 0.0
+		for i, id := range enc.IDs {
+			want += float64(enc.Mask[i]) * (0.2*float64((id*int64(ch+1))%97)/97 - 0.1) / float64(len(enc.IDs))
+		}
+		if d := math.Abs(float64(res.Image[ch*n]) - quantised(0) - want); d > 1e-4 {
+			t.Errorf("channel %d: %g, want %g", ch, res.Image[ch*n], quantised(0)+want)
+		}
+	}
+	if enc.IDs[len(enc.Tokens)] != 1 || enc.Mask[len(enc.Tokens)] != 1 || enc.Mask[len(enc.Tokens)+1] != 0 {
+		t.Errorf("T5 sequence: %v / %v", enc.IDs[:len(enc.Tokens)+2], enc.Mask[:len(enc.Tokens)+2])
+	}
+}

@@ -130,6 +130,9 @@ type Plan struct {
 	Width    int  `json:"width"`
 	Height   int  `json:"height"`
 	Resample bool `json:"resample"`
+	// PromptCut is what the text encoder's limit cut off the prompt, as
+	// its tokenizer decodes it (set when the item is made).
+	PromptCut string `json:"prompt_cut,omitempty"`
 }
 
 // TileSteps is the number of tile evaluations the plan costs (CFG pairs count twice).

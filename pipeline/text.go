@@ -30,6 +30,7 @@ type textEncoder struct {
 	tok   tokenizer.Tokenizer
 	sess  *onnx.Session
 	input string // the input_ids input
+	mask  string // the attention_mask input, "" where the graph takes none
 	out   string // last_hidden_state
 
 	mu    sync.Mutex
@@ -68,7 +69,11 @@ func (e *Engine) textEncoderOf(man *onnx.Manifest) (*textEncoder, error) {
 	}
 	for _, io := range m.Inputs {
 		if (io.Type == onnx.Int64 || io.Type == onnx.Int32) && len(io.Shape) == 2 {
-			t.input = io.Name
+			if io.Name == "attention_mask" {
+				t.mask = io.Name
+			} else {
+				t.input = io.Name
+			}
 		}
 	}
 	for _, io := range m.Outputs {
@@ -76,8 +81,12 @@ func (e *Engine) textEncoderOf(man *onnx.Manifest) (*textEncoder, error) {
 			t.out = io.Name
 		}
 	}
-	if t.input == "" || t.out == "" || len(m.Inputs) != 1 {
-		return nil, ModelUnusable(fmt.Errorf("text encoder %s: want one input_ids input [B, L] and a last_hidden_state output [B, L, D]", man.TextEncoder))
+	want := 1
+	if t.mask != "" {
+		want = 2
+	}
+	if t.input == "" || t.out == "" || len(m.Inputs) != want {
+		return nil, ModelUnusable(fmt.Errorf("text encoder %s: want an input_ids input [B, L] (and an attention_mask), and a last_hidden_state output [B, L, D]", man.TextEncoder))
 	}
 	if t.sess, err = e.env.NewSession(m, onnx.SessionOptions{}); err != nil {
 		return nil, &SessionError{Model: man.TextEncoder, Err: err}
@@ -90,7 +99,18 @@ func (e *Engine) textEncoderOf(man *onnx.Manifest) (*textEncoder, error) {
 // and the tokenizer's cut where the prompt is longer than the encoder
 // takes (logged).
 func (t *textEncoder) encode(ctx context.Context, e *Engine, prompt string) (*Context, error) {
+	c, _, err := t.encodeCut(ctx, e, prompt)
+	return c, err
+}
+
+// encodeCut is encode that also returns what truncation cut ("" nothing).
+func (t *textEncoder) encodeCut(ctx context.Context, e *Engine, prompt string) (*Context, string, error) {
 	enc := t.tok.Encode(prompt)
+	c, err := t.encodeIDs(ctx, e, enc)
+	return c, enc.CutText, err
+}
+
+func (t *textEncoder) encodeIDs(ctx context.Context, e *Engine, enc tokenizer.Encoding) (*Context, error) {
 	var key strings.Builder
 	for _, id := range enc.IDs {
 		fmt.Fprintf(&key, "%d,", id)
@@ -108,7 +128,11 @@ func (t *textEncoder) encode(ctx context.Context, e *Engine, prompt string) (*Co
 		return c, nil
 	}
 	start := time.Now()
-	out, err := t.sess.RunContext(ctx, map[string]onnx.Tensor{t.input: onnx.IntTensor(enc.IDs, 1, int64(len(enc.IDs)))})
+	in := map[string]onnx.Tensor{t.input: onnx.IntTensor(enc.IDs, 1, int64(len(enc.IDs)))}
+	if t.mask != "" {
+		in[t.mask] = onnx.IntTensor(enc.Mask, 1, int64(len(enc.Mask)))
+	}
+	out, err := t.sess.RunContext(ctx, in)
 	t.nanos.Add(int64(time.Since(start)))
 	if err != nil {
 		return nil, fmt.Errorf("text encoder %s: %w", t.path, err)
@@ -224,7 +248,7 @@ func (e *Engine) promptContexts(ctx context.Context, it Item, plan Plan) (*itemC
 		if err != nil {
 			return nil, err
 		}
-		cond, err := t.encode(ctx, e, it.Prompt)
+		cond, cut, err := t.encodeCut(ctx, e, it.Prompt)
 		if err != nil {
 			return nil, err
 		}
@@ -232,7 +256,7 @@ func (e *Engine) promptContexts(ctx context.Context, it Item, plan Plan) (*itemC
 		if err != nil {
 			return nil, err
 		}
-		return &itemContexts{cond: cond, uncond: uncond}, nil
+		return &itemContexts{cond: cond, uncond: uncond, cut: cut}, nil
 	}
 	return nil, Invalidf("prompt: no model of the plan has a text encoder")
 }

@@ -226,6 +226,40 @@ class OracleTextEncoder(torch.nn.Module):
         return 0.2 * v / 97.0 - 0.1
 
 
+class OracleT5Encoder(torch.nn.Module):
+    """As OracleTextEncoder, times the attention mask (T5's input_ids [B, L] and
+    attention_mask [B, L]): padding embeds to zero."""
+
+    def forward(self, input_ids, attention_mask):
+        d = torch.arange(1, D_CTX + 1, dtype=torch.int64).view(1, 1, -1)
+        v = torch.remainder(input_ids.unsqueeze(-1) * d, 97).float()
+        return (0.2 * v / 97.0 - 0.1) * attention_mask.unsqueeze(-1).float()
+
+
+def t5_text_encoder(d):
+    ids = torch.tensor([[35, 95, 1] + [0] * 74], dtype=torch.int64)
+    mask = torch.tensor([[1, 1, 1] + [0] * 74], dtype=torch.int64)
+    path = os.path.join(d, "text_encoder", "model.onnx")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.onnx.export(OracleT5Encoder().eval(), (ids, mask), path, opset_version=OPSET,
+                      input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
+                      dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"},
+                                    "last_hidden_state": {0: "batch"}})
+    om = onnx.load(path)
+    om.producer_name = "tessera-tools"
+    onnx.save(om, path)
+    write_json(os.path.join(d, "text_encoder", "config.json"),
+               {"_class_name": "T5EncoderModel", "architectures": ["T5EncoderModel"], "d_model": D_CTX,
+                "model_type": "t5"})
+    tdir = os.path.join(d, "tokenizer")
+    os.makedirs(tdir, exist_ok=True)
+    import shutil
+    shutil.copy(os.path.join(ROOT, "testdata", "tokenizer", "t5-like", "spiece.model"), os.path.join(tdir, "spiece.model"))
+    write_json(os.path.join(tdir, "tokenizer_config.json"),
+               {"tokenizer_class": "T5Tokenizer", "model_max_length": 77, "eos_token": "</s>",
+                "pad_token": "<pad>", "unk_token": "<unk>"})
+
+
 SMALL_MERGES = 2000  # of CLIP's merge list, for a small tokenizer/ folder
 
 
@@ -326,6 +360,14 @@ def main():
              extra_sched={"image_noising_scheduler": IF2_NOISING},
              index_extra={"text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]})
     text_encoder(os.path.join(OUT, "if2-text"))
+    # The same with a T5-like text side: the encoder oracle with an attention_mask input,
+    # as Optimum exports T5, and SentencePiece's spiece.model (tools/make_tokenizer_fixtures.py).
+    pipeline("if2-t5", "IFSuperResolutionPipeline", if2cfg, IF2,
+             OracleSR(IF2, 3, 3, "epsilon", True, True, True), (x6, t, lab, ctx),
+             ["sample", "timestep", "class_labels", "encoder_hidden_states"],
+             extra_sched={"image_noising_scheduler": IF2_NOISING},
+             index_extra={"text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5Tokenizer"]})
+    t5_text_encoder(os.path.join(OUT, "if2-t5"))
 
     # Context files as a user would give them: a T5-like [7, 32] embedding as .npy
     # (float32) and as .safetensors (float16, [1, 7, 32], named prompt_embeds).

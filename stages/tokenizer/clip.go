@@ -34,7 +34,10 @@ type Token struct {
 // pieces, and where truncation cut (the index, in the prompt's own tokens,
 // of the first one dropped; -1 when nothing was).
 type Encoding struct {
-	IDs       []int64 `json:"ids"`
+	IDs []int64 `json:"ids"`
+	// Mask is 1 for the tokens and the special ones, 0 for padding (the
+	// attention_mask of encoders that take one, T5's).
+	Mask      []int64 `json:"attention_mask"`
 	Tokens    []Token `json:"tokens"` // the prompt's own, before truncation
 	Truncated int     `json:"truncated_at"`
 	// CutText is the prompt text from the first dropped token on.
@@ -416,10 +419,20 @@ func (c *CLIP) Encode(prompt string) Encoding {
 		e.IDs = append(e.IDs, int64(t.ID))
 	}
 	e.IDs = append(e.IDs, int64(c.eot))
+	e.Mask = mask(len(e.IDs), c.length)
 	for len(e.IDs) < c.length {
 		e.IDs = append(e.IDs, int64(c.pad))
 	}
 	return e
+}
+
+// mask is n ones and then zeros, length in all.
+func mask(n, length int) []int64 {
+	m := make([]int64, length)
+	for i := 0; i < n && i < length; i++ {
+		m[i] = 1
+	}
+	return m
 }
 
 // Decode turns tokens back into text (word ends become spaces).

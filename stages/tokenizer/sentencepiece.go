@@ -430,6 +430,7 @@ func (sp *SentencePiece) Encode(prompt string) Encoding {
 	if sp.eos >= 0 {
 		e.IDs = append(e.IDs, int64(sp.eos))
 	}
+	e.Mask = mask(len(e.IDs), sp.length)
 	pad := max(sp.pad, 0)
 	for len(e.IDs) < sp.length {
 		e.IDs = append(e.IDs, int64(pad))
