@@ -207,10 +207,19 @@ func (s *Session) run(ctx context.Context, in, out []ort.Value) error {
 	if err != nil {
 		return err
 	}
-	defer opts.Destroy()
-	stop := context.AfterFunc(ctx, func() { opts.Terminate() })
-	defer stop()
-	return sess.RunWithOptions(in, out, opts)
+	// The options are destroyed only once a Terminate that ctx started has
+	// returned: stop reports false when the func already began.
+	terminated := make(chan struct{})
+	stop := context.AfterFunc(ctx, func() {
+		defer close(terminated)
+		opts.Terminate()
+	})
+	err = sess.RunWithOptions(in, out, opts)
+	if !stop() {
+		<-terminated
+	}
+	opts.Destroy()
+	return err
 }
 
 // bindInput makes the ONNX Runtime value for one input. float32 and int64
