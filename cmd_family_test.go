@@ -85,6 +85,8 @@ func TestFamilyRefusals(t *testing.T) {
 		os.WriteFile(path, bytes.Replace(data, []byte(old), []byte(new), 1), 0o644)
 	}
 	variant("bad-split", func(d string) { edit(filepath.Join(d, "unet", "config.json"), `"in_channels": 6`, `"in_channels": 7`) })
+	copyTree(t, filepath.Join(families, "x4-like"), filepath.Join(variants, "x4-no-decoder"))
+	os.RemoveAll(filepath.Join(variants, "x4-no-decoder", "vae_decoder"))
 	variant("no-scheduler", func(d string) { os.RemoveAll(filepath.Join(d, "scheduler")) })
 	variant("bad-variance", func(d string) {
 		edit(filepath.Join(d, "scheduler", "scheduler_config.json"), `"variance_type": "learned_range"`, `"variance_type": "bogus"`)
@@ -93,8 +95,7 @@ func TestFamilyRefusals(t *testing.T) {
 	cfg = bytes.Replace(cfg, []byte("models: {dirs: ["), []byte(fmt.Sprintf("models: {dirs: [%q, ", variants)), 1)
 	os.WriteFile(e.cfg, cfg, 0o644)
 	for _, c := range []struct{ name, item, want string }{
-		{"latent ldm", `{image: in.png, sr: {model: ldm-sr-like}}`, "items[0]: sr.model: ldm-sr-like denoises latents"},
-		{"latent x4", fmt.Sprintf(`{image: in.png, context: %s, sr: {model: x4-like}}`, filepath.Join(ctx, "prompt-7x32.npy")), "sr.model: x4-like denoises latents"},
+		{"latent without a decoder", fmt.Sprintf(`{image: in.png, context: %s, sr: {model: x4-no-decoder}}`, filepath.Join(ctx, "prompt-7x32.npy")), "items[0]: sr.model: x4-no-decoder denoises latents, and its pipeline folder has no vae_decoder/"},
 		{"no context", `{image: in.png, sr: {model: if2-like}}`, "items[0]: context: sr.model if2-like takes text embeddings"},
 		{"context of the wrong width", fmt.Sprintf(`{image: in.png, context: %s, sr: {model: if2-like}}`, filepath.Join(ctx, "wrong-width-7x16.npy")), "items[0]: context: " + filepath.Join(ctx, "wrong-width-7x16.npy") + " is [7, 16]; sr.model if2-like takes D = 32"},
 		{"context nobody takes", fmt.Sprintf(`{image: in.png, context: %s, sr: {model: oracle-sr}}`, filepath.Join(ctx, "prompt-7x32.npy")), "items[0]: context: no model of this item's cascade takes text embeddings"},
@@ -198,5 +199,34 @@ items:
 	r = e.tessera(t, "tokenize", "--json", filepath.Join(families, "if2-text"), "a red fox", long)
 	if r.code != 0 || !strings.Contains(r.stdout, `"truncated_at": 75`) || !strings.Contains(r.stdout, `"truncated_at": -1`) {
 		t.Errorf("tokenize: %+v", r)
+	}
+}
+
+// The latent SR families run end to end: the U-Net denoises the latent
+// canvas at the low-res size with the low-res image concatenated, and the
+// pipeline's decoder (run in tiles of the latent canvas) makes the 4×
+// image; the plan records the decode.
+func TestRunLatentFamilies(t *testing.T) {
+	e, families := familyEnv(t)
+	writeTestPNG(t, filepath.Join(e.dir, "in.png"), 24, 24)
+	ctx := filepath.Join(families, "contexts", "prompt-7x32.npy")
+	job := filepath.Join(e.dir, "latent.yaml")
+	os.WriteFile(job, []byte(fmt.Sprintf(`version: 1
+output: "{job}/{index}.png"
+items:
+  - {image: in.png, context: %s, sr: {model: x4-like, steps: 3, guidance: 2, tile: {size: 16, overlap: 4}}}
+  - {image: in.png, sr: {model: ldm-sr-like, steps: 3}}
+`, ctx)), 0o644)
+	r := e.tessera(t, "run", "-q", job)
+	if r.code != 0 || !strings.Contains(r.stdout, "2 images made") {
+		t.Fatalf("run: %+v", r)
+	}
+	e.checkOutputs(t, job)
+	for i := 0; i < 2; i++ {
+		data, _ := os.ReadFile(filepath.Join(e.out, "latent", fmt.Sprintf("%d.png", i)))
+		_, meta, err := stages.ReadPNGMetadata(data)
+		if err != nil || !strings.Contains(string(meta), `"decode":{"autoencoder":`) || !strings.Contains(string(meta), `"width":96`) {
+			t.Errorf("item %d: %v %s", i, err, meta)
+		}
 	}
 }

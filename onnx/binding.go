@@ -19,7 +19,12 @@ func (s *Session) Run(inputs map[string]Tensor) (map[string]Tensor, error) {
 // RunContext is Run with cancellation: when ctx ends, ONNX Runtime is asked
 // to terminate the Run, which then returns ctx's error.
 func (s *Session) RunContext(ctx context.Context, inputs map[string]Tensor) (map[string]Tensor, error) {
-	b, err := s.Bind(inputs)
+	return s.RunShaped(ctx, inputs, nil)
+}
+
+// RunShaped is RunContext with the shapes of some outputs given (see BindShaped).
+func (s *Session) RunShaped(ctx context.Context, inputs map[string]Tensor, outShapes map[string][]int64) (map[string]Tensor, error) {
+	b, err := s.BindShaped(inputs, outShapes)
 	if err != nil {
 		return nil, err
 	}
@@ -66,6 +71,13 @@ type boundOutput struct {
 
 // Bind prepares a Run over inputs (keyed by graph input name).
 func (s *Session) Bind(inputs map[string]Tensor) (_ *Binding, err error) {
+	return s.BindShaped(inputs, nil)
+}
+
+// BindShaped is Bind with the shapes of some outputs given (by name), for
+// graphs whose dynamic output sizes do not follow their inputs' (a
+// decoder's output is its input times its factor).
+func (s *Session) BindShaped(inputs map[string]Tensor, outShapes map[string][]int64) (_ *Binding, err error) {
 	m := s.model
 	for name := range inputs {
 		if !hasIO(m.Inputs, name) {
@@ -93,7 +105,10 @@ func (s *Session) Bind(inputs map[string]Tensor) (_ *Binding, err error) {
 		b.inputs = append(b.inputs, in)
 	}
 	for _, io := range m.Outputs {
-		shape, ok := s.outputShape(io, inputs)
+		shape, ok := outShapes[io.Name]
+		if !ok {
+			shape, ok = s.outputShape(io, inputs)
+		}
 		if !ok {
 			return nil, fmt.Errorf("output %q: shape %s cannot be inferred from the inputs", io.Name, io.ShapeString())
 		}

@@ -330,6 +330,19 @@ func readDiffusers(dir string) (*Manifest, error) {
 	if m.Kind == KindSR && !m.LowresConcat {
 		m.Inputs[RoleLowres] = "low_res"
 	}
+	if m.Space == SpaceLatent && inPipeline {
+		if _, err := os.Stat(up("vae_decoder", "model.onnx")); err == nil {
+			a, err := ReadAutoencoder(filepath.Join(dir, ".."))
+			if err != nil {
+				return nil, err
+			}
+			if a.LatentChannels != m.Channels {
+				return nil, fmt.Errorf("%s: the decoder takes %d latent channels, the U-Net makes %d", a.Decoder, a.LatentChannels, m.Channels)
+			}
+			m.Autoencoder, m.DecodeFactor = filepath.Join(dir, ".."), a.Factor
+			fact("decoder", fmt.Sprintf("%s ×%d, %d latent channels, scaling %g", a.Class, a.Factor, a.LatentChannels, a.ScalingFactor), "../vae_decoder/config.json")
+		}
+	}
 	if m.Inputs[RoleContext] != "" && inPipeline {
 		te := firstFile(up("text_encoder", "model.onnx"))
 		tk := up("tokenizer")

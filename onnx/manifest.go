@@ -107,6 +107,11 @@ type Manifest struct {
 	// which turn an item's prompt into its context; "" when it has none.
 	TextEncoder string `yaml:"text_encoder" json:"text_encoder,omitempty"`
 	Tokenizer   string `yaml:"tokenizer" json:"tokenizer,omitempty"`
+	// Autoencoder is the folder of a latent model's autoencoder (its
+	// pipeline folder, holding vae_decoder/), "" when it has none;
+	// DecodeFactor is its decoder's factor.
+	Autoencoder  string `yaml:"autoencoder" json:"autoencoder,omitempty"`
+	DecodeFactor int    `yaml:"-" json:"decode_factor,omitempty"`
 	// ContextDim is D of the context input [B, L, D] where known (the
 	// U-Net config's cross_attention_dim); a context file must match it.
 	ContextDim int `yaml:"context_dim" json:"context_dim,omitempty"`

@@ -53,10 +53,11 @@ type Engine struct {
 	cancel context.CancelFunc
 	group  *errgroup.Group
 
-	mu      sync.Mutex
-	runners map[string]*runner
-	texts   map[string]*textEncoder // by text encoder path
-	closed  bool
+	mu       sync.Mutex
+	runners  map[string]*runner
+	texts    map[string]*textEncoder // by text encoder path
+	decoders map[string]*decoder     // by autoencoder folder
+	closed   bool
 }
 
 // New returns an engine; Close releases its sessions.
@@ -66,7 +67,7 @@ func New(env *onnx.Env, resolver models.Resolver, opts Options, logger *slog.Log
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	g, ctx := errgroup.WithContext(ctx)
-	return &Engine{env: env, resolver: resolver, opts: opts, logger: logger, ctx: ctx, cancel: cancel, group: g, runners: map[string]*runner{}, texts: map[string]*textEncoder{}}
+	return &Engine{env: env, resolver: resolver, opts: opts, logger: logger, ctx: ctx, cancel: cancel, group: g, runners: map[string]*runner{}, texts: map[string]*textEncoder{}, decoders: map[string]*decoder{}}
 }
 
 // Close stops the batchers and releases the sessions. It is safe to call
@@ -86,6 +87,9 @@ func (e *Engine) Close() error {
 	}
 	for _, t := range e.texts {
 		t.sess.Close()
+	}
+	for _, d := range e.decoders {
+		d.sess.Close()
 	}
 	return err
 }
@@ -598,6 +602,12 @@ func (e *Engine) Generate(ctx context.Context, it Item, plan Plan, progress func
 			return nil, fmt.Errorf("stage %d (%s, %dx%d): %w", si, sp.Kind, sp.Width, sp.Height, err)
 		}
 		w, h, c = sp.Width, sp.Height, r.channels
+		if sp.Decode != nil {
+			if img, err = e.decode(ctx, sp.Decode, img, c, h, w); err != nil {
+				return nil, fmt.Errorf("stage %d: decode: %w", si, err)
+			}
+			w, h, c = w*sp.Decode.Factor, h*sp.Decode.Factor, 3
+		}
 	}
 	if plan.Resample {
 		out := make([]float32, c*it.Height*it.Width)
@@ -767,6 +777,9 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 			return nil, &tileTooLarge{tile: grid.TileHeight, err: err}
 		}
 		return nil, err
+	}
+	if sp.Space == onnx.SpaceLatent {
+		return x, nil // latents are not images: their decoder bounds the pixels
 	}
 	err = stages.InBands(H, 64, func(y0, y1 int) error {
 		for ch := 0; ch < c; ch++ {

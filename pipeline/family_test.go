@@ -320,9 +320,12 @@ func TestFamilyOracles(t *testing.T) {
 						if ch < 3 {
 							low = float64(cond[ch*H*W+i])
 						}
-						// The stage ends clamped to [-1, 1]; IF's thresholding
-						// (sample_max_value 1) is that clamp too.
-						want := min(max(low+gain[ch]*level+ctx, -1), 1)
+						// A pixel stage ends clamped to [-1, 1] (IF's thresholding,
+						// sample_max_value 1, is that clamp too); latents are not.
+						want := low + gain[ch]*level + ctx
+						if man.Space != onnx.SpaceLatent {
+							want = min(max(want, -1), 1)
+						}
 						worst = max(worst, math.Abs(float64(res.Image[ch*H*W+i])-want))
 					}
 				}

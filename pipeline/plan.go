@@ -102,14 +102,17 @@ type StagePlan struct {
 	// by the samplers); Thresholding its dynamic thresholding ratio, 0 none.
 	Variance     string  `json:"variance_type,omitempty"`
 	Thresholding float64 `json:"thresholding_ratio,omitempty"`
-	Width        int     `json:"width"`
-	Height       int     `json:"height"`
-	Steps        int     `json:"steps"`
-	Sampler      string  `json:"sampler"`
-	Guidance     float64 `json:"guidance,omitempty"`
-	Eta          float64 `json:"eta,omitempty"`
-	Strength     float64 `json:"strength,omitempty"`
-	NoiseLevel   float64 `json:"noise_level,omitempty"`
+	// Decode, for a latent stage, is how its latents become pixels: the
+	// autoencoder's decoder, run in tiles of the latent canvas.
+	Decode     *DecodePlan `json:"decode,omitempty"`
+	Width      int         `json:"width"`
+	Height     int         `json:"height"`
+	Steps      int         `json:"steps"`
+	Sampler    string      `json:"sampler"`
+	Guidance   float64     `json:"guidance,omitempty"`
+	Eta        float64     `json:"eta,omitempty"`
+	Strength   float64     `json:"strength,omitempty"`
+	NoiseLevel float64     `json:"noise_level,omitempty"`
 	// NoiseLevelModel is the level in the model's own units, where it takes
 	// one (an integer in [0, noise_level_max]): what the model is fed.
 	NoiseLevelModel float64 `json:"noise_level_model,omitempty"`
@@ -121,6 +124,26 @@ type StagePlan struct {
 	Tiles           int     `json:"tiles"`
 	Batch           int     `json:"batch"`
 }
+
+// DecodePlan is a latent stage's tiled decode: the autoencoder, its
+// factor, and the latent tiles (size, overlap and halo in latent pixels).
+type DecodePlan struct {
+	Autoencoder string `json:"autoencoder"`
+	Factor      int    `json:"factor"`
+	TileSize    int    `json:"tile_size"`
+	Overlap     int    `json:"overlap"`
+	Halo        int    `json:"halo"`
+	Tiles       int    `json:"tiles"`
+}
+
+// Decode tiles, in latent pixels: 64 (256 output pixels at factor 4), an
+// overlap of 8 with a cosine ramp, and a halo of 8 for the decoder's
+// receptive field.
+const (
+	decodeTile    = 64
+	decodeOverlap = 8
+	decodeHalo    = 8
+)
 
 // Plan is the cascade for one item.
 type Plan struct {
@@ -295,6 +318,16 @@ func MakePlan(it Item, describe Describe) (Plan, error) {
 			return p, Invalidf("sr.tile: %w", err)
 		}
 		sp.TileSize, sp.Tiles = g.TileHeight, len(g.Tiles)
+		if srMan.Space == onnx.SpaceLatent && srMan.DecodeFactor > 0 {
+			d := &DecodePlan{Autoencoder: srMan.Autoencoder, Factor: srMan.DecodeFactor, TileSize: decodeTile, Overlap: decodeOverlap, Halo: decodeHalo}
+			dg, err := decodeGrid(sp.Height, sp.Width, d)
+			if err != nil {
+				return p, Invalidf("decode: %w", err)
+			}
+			d.TileSize, d.Tiles = dg.TileHeight, len(dg.Tiles)
+			sp.Decode = d
+			w, h = w*d.Factor, h*d.Factor
+		}
 		p.Stages = append(p.Stages, sp)
 	}
 	p.Resample = w != it.Width || h != it.Height
@@ -314,6 +347,11 @@ func MakePlan(it Item, describe Describe) (Plan, error) {
 		return p, Invalidf("negative_context: %s is [%d, %d], context %s [%d, %d]: a guidance pair shares one shape", n.Path, n.Tokens, n.Dim, c.Path, c.Tokens, c.Dim)
 	}
 	return p, nil
+}
+
+// decodeGrid is the latent tile grid of a decode.
+func decodeGrid(h, w int, d *DecodePlan) (*stages.TileGrid, error) {
+	return stages.NewTileGrid(h, w, stages.TileOptions{Size: d.TileSize, Overlap: d.Overlap, Halo: d.Halo, Pad: stages.PadReflect})
 }
 
 // MaxCanvasPixels bounds any stage's canvas whatever limits.max_pixels

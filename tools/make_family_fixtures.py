@@ -369,6 +369,15 @@ def main():
              index_extra={"text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5Tokenizer"]})
     t5_text_encoder(os.path.join(OUT, "if2-t5"))
 
+    # The latent pipelines' decoders (tools/make_autoencoder_fixtures.py, run first): the
+    # KL-like VAE for x4-like, the VQ-like one for ldm-sr-like.
+    import shutil
+    for name, ae in (("x4-like", "kl-like"), ("ldm-sr-like", "vq-like")):
+        src = os.path.join(ROOT, "testdata", "autoencoders", ae, "vae_decoder")
+        dst = os.path.join(OUT, name, "vae_decoder")
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src, dst)
+
     # Context files as a user would give them: a T5-like [7, 32] embedding as .npy
     # (float32) and as .safetensors (float16, [1, 7, 32], named prompt_embeds).
     cdir = os.path.join(OUT, "contexts")
