@@ -53,7 +53,7 @@ def main():
     spec = importlib.util.spec_from_file_location("simple_tokenizer", os.path.join(args.clip_src, "clip", "simple_tokenizer.py"))
     st = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(st)
-    tok = st.SimpleTokenizer(os.path.join(ROOT, "..", "shared", "data", "clip", "bpe_simple_vocab_16e6.txt.gz"))
+    tok = st.SimpleTokenizer(os.path.join(ROOT, "testdata", "tokenizer", "clip", "bpe_simple_vocab_16e6.txt.gz"))
     sot, eot = tok.encoder["<|startoftext|>"], tok.encoder["<|endoftext|>"]
     with open(os.path.join(ROOT, "testdata", "tokenizer", "prompts.jsonl")) as f, \
             open(os.path.join(ROOT, "testdata", "tokenizer", "clip-ids.jsonl"), "w") as out:
