@@ -317,6 +317,9 @@ func planItem(it pipeline.Item, describe pipeline.Describe, lim config.Limits) (
 		if int64(st.Width)*int64(st.Height) > lim.MaxPixels {
 			return p, fmt.Errorf("stage %d (%s) works a %dx%d canvas, over limits.max_pixels (%d)", i, st.Kind, st.Width, st.Height, lim.MaxPixels)
 		}
+		if d := st.Decode; d != nil && int64(st.Width*d.Factor)*int64(st.Height*d.Factor) > lim.MaxPixels {
+			return p, fmt.Errorf("stage %d (%s) decodes to %dx%d, over limits.max_pixels (%d)", i, st.Kind, st.Width*d.Factor, st.Height*d.Factor, lim.MaxPixels)
+		}
 		if st.Steps > lim.MaxSteps {
 			return p, fmt.Errorf("%s.steps: %d (from the model's defaults) is over limits.max_steps (%d)", st.Kind, st.Steps, lim.MaxSteps)
 		}
@@ -444,13 +447,24 @@ func expand(s ItemSpec, path, dir string, cfg config.Config, room int) (items []
 	if len(s.Prompts) > cfg.Limits.MaxItems {
 		bad("prompts", "%d prompts, limit %d (limits.max_items)", len(s.Prompts), cfg.Limits.MaxItems)
 	}
-	if len(s.Prompts) > 0 && s.Prompt != "" {
-		bad("prompts", "give prompt or prompts, not both")
+	if len(s.Prompts) > 0 {
+		s.Prompt = "" // an item's prompts: replace the defaults' prompt
 	}
-	for i, pr := range append([]string{s.Prompt, s.NegativePrompt}, s.Prompts...) {
+	for field, pr := range map[string]string{"prompt": s.Prompt, "negative_prompt": s.NegativePrompt} {
 		if len(pr) > maxPromptBytes {
-			bad("prompt", "%d bytes (prompt %d), at most %d", len(pr), i, maxPromptBytes)
+			bad(field, "%d bytes, at most %d", len(pr), maxPromptBytes)
 		}
+	}
+	for k, pr := range s.Prompts {
+		if len(pr) > maxPromptBytes {
+			bad(fmt.Sprintf("prompts[%d]", k), "%d bytes, at most %d", len(pr), maxPromptBytes)
+		}
+		if strings.TrimSpace(pr) == "" {
+			bad(fmt.Sprintf("prompts[%d]", k), "empty")
+		}
+	}
+	if (s.Prompt != "" || len(s.Prompts) > 0) && s.Context != "" {
+		bad("prompt", "give prompt or context, not both (a context file would win, and the prompt be recorded but unused)")
 	}
 	if len(p) > 0 {
 		return nil, p, false

@@ -79,7 +79,10 @@ func ReadAutoencoder(dir string) (*Autoencoder, error) {
 		return nil, fmt.Errorf("%s: block_out_channels %v", cfgPath, c.BlockOutChannels)
 	}
 	a.Factor = 1 << (len(c.BlockOutChannels) - 1)
-	if c.ScalingFactor != nil {
+	// A VQ decoder takes its latents unscaled (LDMSuperResolutionPipeline
+	// decodes them as the U-Net makes them), whatever scaling_factor a
+	// re-saved config holds.
+	if c.ScalingFactor != nil && c.ClassName != "VQModel" {
 		a.ScalingFactor = *c.ScalingFactor
 	}
 	if !(a.ScalingFactor > 0) {

@@ -86,10 +86,14 @@ func (e *Engine) Close() error {
 		r.close()
 	}
 	for _, t := range e.texts {
+		t.mu.Lock() // a Run on a caller's goroutine finishes first
 		t.sess.Close()
+		t.mu.Unlock()
 	}
 	for _, d := range e.decoders {
+		d.mu.Lock() // a Run on a caller's goroutine finishes first
 		d.sess.Close()
+		d.mu.Unlock()
 	}
 	return err
 }
@@ -506,23 +510,9 @@ func (e *Engine) Generate(ctx context.Context, it Item, plan Plan, progress func
 			plan.Stages[i].Batch = e.opts.Batch // recorded; 0 is the runner's own choice
 		}
 	}
-	ctxs, err := loadContexts(it)
-	switch {
-	case err == nil && ctxs == nil && it.Prompt != "":
-		ctxs, err = e.promptContexts(ctx, it, plan)
-	case err == nil && ctxs != nil && ctxs.zeros:
-		// A context file without a negative one: the unconditional half of
-		// guidance is the empty prompt's embedding, as the reference
-		// pipelines make it, where the pipeline has a text encoder.
-		if empty, perr := e.promptContexts(ctx, Item{}, plan); perr == nil && empty.uncond.L == ctxs.cond.L && empty.uncond.D == ctxs.cond.D {
-			ctxs.uncond, ctxs.zeros = empty.uncond, false
-		}
-	}
+	files, err := loadContexts(it) // context files, read once for every stage
 	if err != nil {
 		return nil, err
-	}
-	if ctxs != nil {
-		plan.PromptCut = ctxs.cut // recorded in the sidecar with the plan
 	}
 	var img []float32
 	w, h := it.InputWidth, it.InputHeight
@@ -556,6 +546,13 @@ func (e *Engine) Generate(ctx context.Context, it Item, plan Plan, progress func
 		}
 		if r.model.Kind != sp.Kind {
 			return nil, ModelUnusable(fmt.Errorf("%s.model: %s is a %s model now (it was queued as %s; submit it again)", sp.Kind, sp.Model, r.model.Kind, sp.Kind))
+		}
+		ctxs, err := e.stageContexts(ctx, it, sp, r, files)
+		if err != nil {
+			return nil, err
+		}
+		if ctxs != nil && ctxs.cut != "" {
+			plan.PromptCut = ctxs.cut // recorded in the sidecar with the plan
 		}
 		if sp.Kind == onnx.KindBase {
 			img, err = e.runStage(ctx, it, si, sp, r, nil, ctxs, report)

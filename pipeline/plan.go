@@ -277,9 +277,13 @@ func MakePlan(it Item, describe Describe) (Plan, error) {
 			// Every later canvas is the base times a power of the scale; a base on
 			// both models' size multiples keeps all of them on theirs.
 			mult := lcm(bm.SizeMultiple, srMan.SizeMultiple)
-			if srMan.Scale < 2 { // a latent SR model: one stage at the base's size
-				w, h, _ = baseSize(it.Width, it.Height, nw, nh, 2, mult)
-				k = 1
+			if srMan.Scale < 2 {
+				// A latent SR model: one stage at the base's size, whose
+				// decoder's factor makes the target; the base is the target
+				// divided by it.
+				f := float64(max(srMan.DecodeFactor, 1))
+				round := func(v float64) int { return max(mult, int(math.Round(v/float64(mult)))*mult) }
+				w, h, k = round(float64(it.Width)/f), round(float64(it.Height)/f), 1
 			} else {
 				w, h, k = baseSize(it.Width, it.Height, nw, nh, srMan.Scale, mult)
 			}

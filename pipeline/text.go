@@ -32,6 +32,14 @@ type textEncoder struct {
 	input string // the input_ids input
 	mask  string // the attention_mask input, "" where the graph takes none
 	out   string // last_hidden_state
+	// outs are the graph's outputs, whose shapes a Run is told: the batch
+	// is 1, a 3-D output's second axis the sequence, the rest as declared.
+	outs []onnx.IO
+	// lower makes the text lower case and trimmed before tokenizing, as
+	// DeepFloyd IF's pipeline does for its T5 prompts (without its caption
+	// cleaning).
+	lower bool
+	bytes int64 // of the embeddings in cache
 
 	mu    sync.Mutex
 	cache map[string]*Context
@@ -39,8 +47,12 @@ type textEncoder struct {
 	nanos atomic.Int64
 }
 
-// maxCachedPrompts bounds the in-memory cache of encoded prompts.
-const maxCachedPrompts = 4096
+// maxCachedPrompts and maxCachedBytes bound the in-memory cache of encoded
+// prompts (a T5-XXL embedding of 77 tokens is 1.2 MB).
+const (
+	maxCachedPrompts = 4096
+	maxCachedBytes   = 256 << 20
+)
 
 // textEncoderOf returns the text encoder of a model's pipeline, loading it
 // on first use.
@@ -63,7 +75,12 @@ func (e *Engine) textEncoderOf(man *onnx.Manifest) (*textEncoder, error) {
 	}
 	t := &textEncoder{path: man.TextEncoder, tok: tok, cache: map[string]*Context{}, dir: e.opts.TextCache}
 	if t.dir != "" {
-		if t.hash, err = fileSHA256(man.TextEncoder); err != nil {
+		// The graph and its external weights: the cache's key changes with either.
+		files := []string{man.TextEncoder}
+		for _, x := range m.Header.ExternalData {
+			files = append(files, filepath.Join(filepath.Dir(man.TextEncoder), x))
+		}
+		if t.hash, err = filesSHA256(files); err != nil {
 			return nil, ModelUnusable(fmt.Errorf("text encoder: %w", err))
 		}
 	}
@@ -80,7 +97,14 @@ func (e *Engine) textEncoderOf(man *onnx.Manifest) (*textEncoder, error) {
 		if len(io.Shape) == 3 && (t.out == "" || io.Name == "last_hidden_state") {
 			t.out = io.Name
 		}
+		for i, d := range io.Shape {
+			if d < 0 && i > 1 || d < 0 && i == 1 && len(io.Shape) != 3 {
+				return nil, ModelUnusable(fmt.Errorf("text encoder %s: output %q has a dynamic axis %d (%s) that is neither the batch nor the sequence", man.TextEncoder, io.Name, i, io.ShapeString()))
+			}
+		}
+		t.outs = append(t.outs, io)
 	}
+	_, t.lower = tok.(*tokenizer.SentencePiece)
 	want := 1
 	if t.mask != "" {
 		want = 2
@@ -105,6 +129,9 @@ func (t *textEncoder) encode(ctx context.Context, e *Engine, prompt string) (*Co
 
 // encodeCut is encode that also returns what truncation cut ("" nothing).
 func (t *textEncoder) encodeCut(ctx context.Context, e *Engine, prompt string) (*Context, string, error) {
+	if t.lower {
+		prompt = strings.ToLower(strings.TrimSpace(prompt))
+	}
 	enc := t.tok.Encode(prompt)
 	c, err := t.encodeIDs(ctx, e, enc)
 	return c, enc.CutText, err
@@ -114,6 +141,12 @@ func (t *textEncoder) encodeIDs(ctx context.Context, e *Engine, enc tokenizer.En
 	var key strings.Builder
 	for _, id := range enc.IDs {
 		fmt.Fprintf(&key, "%d,", id)
+	}
+	if t.mask != "" {
+		key.WriteString("mask:")
+		for _, m := range enc.Mask {
+			fmt.Fprintf(&key, "%d", m)
+		}
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock() // one Run at a time per encoder: items sharing a prompt wait for it
@@ -132,7 +165,18 @@ func (t *textEncoder) encodeIDs(ctx context.Context, e *Engine, enc tokenizer.En
 	if t.mask != "" {
 		in[t.mask] = onnx.IntTensor(enc.Mask, 1, int64(len(enc.Mask)))
 	}
-	out, err := t.sess.RunContext(ctx, in)
+	shapes := map[string][]int64{}
+	for _, io := range t.outs {
+		s := append([]int64(nil), io.Shape...)
+		if len(s) > 0 {
+			s[0] = 1
+		}
+		if len(s) == 3 && s[1] < 0 {
+			s[1] = int64(len(enc.IDs))
+		}
+		shapes[io.Name] = s
+	}
+	out, err := t.sess.RunShaped(ctx, in, shapes)
 	t.nanos.Add(int64(time.Since(start)))
 	if err != nil {
 		return nil, fmt.Errorf("text encoder %s: %w", t.path, err)
@@ -143,8 +187,9 @@ func (t *textEncoder) encodeIDs(ctx context.Context, e *Engine, enc tokenizer.En
 	}
 	t.runs.Add(1)
 	c := &Context{L: int(o.Shape[1]), D: int(o.Shape[2]), Data: o.Float}
-	if len(t.cache) < maxCachedPrompts {
+	if n := int64(4 * len(c.Data)); len(t.cache) < maxCachedPrompts && t.bytes+n <= maxCachedBytes {
 		t.cache[key.String()] = c
+		t.bytes += n
 	}
 	if err := t.toDisk(key.String(), c); err != nil {
 		e.logger.Warn("text encoder cache: not written", "dir", t.dir, "err", err)
@@ -217,46 +262,66 @@ func (t *textEncoder) toDisk(key string, c *Context) error {
 	return err
 }
 
-// fileSHA256 hashes a file as it streams.
-func fileSHA256(path string) (string, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
+// filesSHA256 hashes files, one after the other, as they stream.
+func filesSHA256(paths []string) (string, error) {
 	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		return "", err
+	for _, p := range paths {
+		f, err := os.Open(p)
+		if err != nil {
+			return "", err
+		}
+		_, err = io.Copy(h, f)
+		f.Close()
+		if err != nil {
+			return "", err
+		}
 	}
 	return hex.EncodeToString(h.Sum(nil)), nil
 }
 
-// promptContexts encodes the item's prompt and negative prompt (the empty
-// prompt where none is given, as the reference pipelines do) with the text
-// encoder of the first model of the plan that takes context.
-func (e *Engine) promptContexts(ctx context.Context, it Item, plan Plan) (*itemContexts, error) {
-	for _, sp := range plan.Stages {
-		r, err := e.runner(sp.Model)
-		if err != nil {
-			return nil, err
-		}
-		man := r.model.Manifest
-		if r.model.Input(onnx.RoleContext) == nil || man.TextEncoder == "" {
-			continue
+// stageContexts are the contexts of one stage: the item's context files
+// where it gives them (with the empty prompt's embedding, by this stage's
+// own text encoder, as the unconditional half of guidance where no
+// negative file is given), else its prompt and negative prompt (the empty
+// prompt where none is given, as the reference pipelines do) encoded by
+// the text encoder of this stage's own pipeline; nil for a model that takes
+// no context.
+func (e *Engine) stageContexts(ctx context.Context, it Item, sp StagePlan, r *runner, files *itemContexts) (*itemContexts, error) {
+	man := r.model.Manifest
+	if r.model.Input(onnx.RoleContext) == nil {
+		return nil, nil
+	}
+	if files != nil {
+		if !files.zeros || sp.Guidance == 1 || man.TextEncoder == "" {
+			return files, nil
 		}
 		t, err := e.textEncoderOf(man)
 		if err != nil {
 			return nil, err
 		}
-		cond, cut, err := t.encodeCut(ctx, e, it.Prompt)
+		empty, err := t.encode(ctx, e, "")
 		if err != nil {
 			return nil, err
 		}
-		uncond, err := t.encode(ctx, e, it.NegativePrompt)
-		if err != nil {
-			return nil, err
+		if empty.L != files.cond.L || empty.D != files.cond.D {
+			return files, nil // the file's shape is not the encoder's: zeros, as warned
 		}
-		return &itemContexts{cond: cond, uncond: uncond, cut: cut}, nil
+		return &itemContexts{cond: files.cond, uncond: empty}, nil
 	}
-	return nil, Invalidf("prompt: no model of the plan has a text encoder")
+	if it.Prompt == "" || man.TextEncoder == "" {
+		return nil, nil // runStage names what is missing
+	}
+	t, err := e.textEncoderOf(man)
+	if err != nil {
+		return nil, err
+	}
+	cond, cut, err := t.encodeCut(ctx, e, it.Prompt)
+	if err != nil {
+		return nil, err
+	}
+	uncond, err := t.encode(ctx, e, it.NegativePrompt)
+	if err != nil {
+		return nil, err
+	}
+	return &itemContexts{cond: cond, uncond: uncond, cut: cut}, nil
 }

@@ -243,8 +243,9 @@ def t5_text_encoder(d):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.onnx.export(OracleT5Encoder().eval(), (ids, mask), path, opset_version=OPSET,
                       input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
-                      dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"},
-                                    "last_hidden_state": {0: "batch"}})
+                      dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
+                                    "attention_mask": {0: "batch", 1: "sequence"},
+                                    "last_hidden_state": {0: "batch", 1: "sequence"}})
     om = onnx.load(path)
     om.producer_name = "tessera-tools"
     onnx.save(om, path)
@@ -271,7 +272,8 @@ def text_encoder(d):
     m.eval()
     torch.onnx.export(m, (ids,), path, opset_version=OPSET, input_names=["input_ids"],
                       output_names=["last_hidden_state"],
-                      dynamic_axes={"input_ids": {0: "batch"}, "last_hidden_state": {0: "batch"}})
+                      dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
+                                    "last_hidden_state": {0: "batch", 1: "sequence"}})
     om = onnx.load(path)
     om.producer_name = "tessera-tools"
     onnx.save(om, path)

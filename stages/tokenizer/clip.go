@@ -126,14 +126,13 @@ const (
 // 256 byte symbols, the same with </w>, the merges, <|startoftext|> and
 // <|endoftext|>: 49408 tokens. Padding is with <|endoftext|> (SD 1.x).
 func LoadCLIPMerges(path string) (*CLIP, error) {
-	f, err := os.Open(path)
+	data, err := readBounded(path)
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
-	var r io.Reader = f
+	var r io.Reader = bytes.NewReader(data)
 	if strings.HasSuffix(path, ".gz") {
-		gz, err := gzip.NewReader(f)
+		gz, err := gzip.NewReader(r)
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", path, err)
 		}
@@ -176,12 +175,11 @@ func LoadCLIPDir(dir string) (*CLIP, error) {
 	if len(enc) > maxVocab {
 		return nil, fmt.Errorf("%s/vocab.json: %d tokens, limit %d", dir, len(enc), maxVocab)
 	}
-	f, err := os.Open(dir + "/merges.txt")
+	mdata, err := readBounded(dir + "/merges.txt")
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
-	merges, err := readMerges(io.LimitReader(f, maxFileBytes), maxMerges)
+	merges, err := readMerges(bytes.NewReader(mdata), maxMerges)
 	if err != nil {
 		return nil, fmt.Errorf("%s/merges.txt: %w", dir, err)
 	}
@@ -209,15 +207,26 @@ func LoadCLIPDir(dir string) (*CLIP, error) {
 	return newCLIP(enc, merges, pad, length)
 }
 
+// readBounded reads a regular file of at most maxFileBytes, bounded while
+// it reads (not /dev/zero or a FIFO a link leads to).
 func readBounded(path string) ([]byte, error) {
-	st, err := os.Stat(path)
+	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
 	}
-	if st.Size() > maxFileBytes {
-		return nil, fmt.Errorf("%s: %d bytes, limit %d", path, st.Size(), maxFileBytes)
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, err
 	}
-	return os.ReadFile(path)
+	if !st.Mode().IsRegular() || st.Size() > maxFileBytes {
+		return nil, fmt.Errorf("%s: not a regular file of at most %d bytes", path, maxFileBytes)
+	}
+	data, err := io.ReadAll(io.LimitReader(f, maxFileBytes+1))
+	if err == nil && len(data) > maxFileBytes {
+		err = fmt.Errorf("%s: more than %d bytes", path, maxFileBytes)
+	}
+	return data, err
 }
 
 // readMerges reads a merge list: a first version line (always skipped:

@@ -1,6 +1,7 @@
 package tokenizer
 
 import (
+	"bytes"
 	"encoding/binary"
 	"fmt"
 	"math"
@@ -23,6 +24,7 @@ type SentencePiece struct {
 	byPiece  map[string]int
 	maxLen   int // longest piece, in bytes
 	minScore float64
+	topScore float64 // of normal pieces: user-defined ones score length × it − 0.1
 	unk      int
 	eos, pad int
 	bytes    [256]int // <0xXX> piece ids, where byte fallback
@@ -114,6 +116,11 @@ func parseSentencePiece(data []byte) (*SentencePiece, error) {
 						sp.charsmap[i] = binary.LittleEndian.Uint32(b[4+4*i:])
 					}
 					sp.normalized = append([]byte(nil), b[4+n:]...)
+					for _, rule := range bytes.Split(sp.normalized, []byte{0}) {
+						if !utf8.Valid(rule) {
+							return fmt.Errorf("precompiled_charsmap: a replacement that is not UTF-8")
+						}
+					}
 				case 3:
 					sp.addDummyPrefix = v != 0
 				case 4:
@@ -142,16 +149,20 @@ func parseSentencePiece(data []byte) (*SentencePiece, error) {
 	for i := range sp.bytes {
 		sp.bytes[i] = -1
 	}
-	sp.minScore = math.Inf(1)
+	sp.minScore, sp.topScore = math.Inf(1), math.Inf(-1)
 	for id, p := range sp.pieces {
 		switch p.typ {
 		case spNormal, spUser, spUnused:
+			if len(p.piece) > maxPieceBytes {
+				return nil, fmt.Errorf("piece %d is %d bytes, at most %d", id, len(p.piece), maxPieceBytes)
+			}
 			if _, ok := sp.byPiece[p.piece]; !ok {
 				sp.byPiece[p.piece] = id
 			}
 			sp.maxLen = max(sp.maxLen, len(p.piece))
 			if p.typ == spNormal {
 				sp.minScore = math.Min(sp.minScore, p.score)
+				sp.topScore = math.Max(sp.topScore, p.score)
 			}
 		case spUnknown:
 			sp.unk = id
@@ -300,7 +311,7 @@ func (sp *SentencePiece) normalize(s string) string {
 			} else {
 				out.WriteString(p)
 			}
-			prevSpace = strings.HasSuffix(p, " ")
+			prevSpace = sp.removeExtraSpaces && strings.HasSuffix(p, " ")
 		}
 		s = s[n:]
 	}
@@ -350,7 +361,7 @@ func (sp *SentencePiece) Tokens(prompt string) []Token {
 			}
 			score := float32(p.score)
 			if p.typ == spUser {
-				score = float32(float64(l)*sp.maxScore() - 0.1)
+				score = float32(float64(l)*sp.topScore - 0.1)
 			}
 			if l == charLen {
 				single = true
@@ -389,9 +400,9 @@ func (sp *SentencePiece) Tokens(prompt string) []Token {
 			continue
 		}
 		for _, b := range []byte(t.Piece) {
-			if sp.bytes[b] < 0 {
-				fb = append(fb, t)
-				break
+			if sp.bytes[b] < 0 { // a byte the model lacks: unknown, as the reference makes it
+				fb = append(fb, Token{ID: sp.unk, Piece: string([]byte{b})})
+				continue
 			}
 			fb = append(fb, Token{ID: sp.bytes[b], Piece: fmt.Sprintf("<0x%02X>", b)})
 		}
@@ -399,15 +410,8 @@ func (sp *SentencePiece) Tokens(prompt string) []Token {
 	return fb
 }
 
-func (sp *SentencePiece) maxScore() float64 {
-	m := math.Inf(-1)
-	for _, p := range sp.pieces {
-		if p.typ == spNormal {
-			m = math.Max(m, p.score)
-		}
-	}
-	return m
-}
+// maxPieceBytes bounds a piece: longer ones would make segmentation slow.
+const maxPieceBytes = 256
 
 // Encode is the prompt's pieces cut to Length−1, </s>, and padding to
 // Length, as T5's tokenizer makes them with max_length, truncation and
@@ -416,7 +420,11 @@ func (sp *SentencePiece) Encode(prompt string) Encoding {
 	toks := sp.Tokens(prompt)
 	e := Encoding{Tokens: toks, Truncated: -1}
 	keep := toks
-	if room := sp.length - 1; len(toks) > room {
+	room := sp.length
+	if sp.eos >= 0 {
+		room-- // </s> ends the sequence
+	}
+	if len(toks) > room {
 		keep, e.Truncated = toks[:room], room
 		var cut strings.Builder
 		for _, t := range toks[room:] {

@@ -100,3 +100,37 @@ func FuzzSentencePiece(f *testing.F) {
 		}
 	})
 }
+
+// Without remove_extra_whitespaces the normaliser keeps every space.
+func TestSentencePieceKeepsSpacesWhenAsked(t *testing.T) {
+	sp, err := LoadSentencePiece(filepath.Join("..", "..", "testdata", "tokenizer", "t5-like", "spiece.model"), 77)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := sp.normalize("a  b"); got != "\u2581a\u2581b" {
+		t.Errorf("collapsing: %q", got)
+	}
+	sp.removeExtraSpaces = false
+	if got := sp.normalize("a  b"); got != "\u2581a\u2581\u2581b" {
+		t.Errorf("keeping: %q", got)
+	}
+}
+
+// A model file of arbitrary bytes is refused or read, never a panic, and
+// what is read tokenizes anything.
+func FuzzSentencePieceModel(f *testing.F) {
+	data, err := os.ReadFile(filepath.Join("..", "..", "testdata", "tokenizer", "t5-bytes", "spiece.model"))
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(data[:2000], "a photo")
+	f.Add(data, "東京 x")
+	f.Fuzz(func(t *testing.T, model []byte, prompt string) {
+		sp, err := parseSentencePiece(model)
+		if err != nil {
+			return
+		}
+		sp.length = 77
+		sp.Encode(prompt)
+	})
+}
