@@ -22,6 +22,9 @@ type decoder struct {
 	mu    sync.Mutex // one Run at a time
 	runs  atomic.Int64
 	nanos atomic.Int64
+	// inject, set by tests, fails a Run of n tiles before it starts (a
+	// device out of memory, which the CPU cannot be made to be).
+	inject func(n int) error
 }
 
 // decoderOf returns the decoder of an autoencoder folder, loading it on
@@ -75,27 +78,47 @@ func (e *Engine) decode(ctx context.Context, dp *DecodePlan, z []float32, c, h, 
 	f := dp.Factor
 	H, W := h*f, w*f
 	acc := stages.NewAccumulator(3, H, W)
-	tile := make([]float32, c*g.TileHeight*g.TileWidth)
-	for _, t := range g.Tiles {
+	per := c * g.TileHeight * g.TileWidth
+	batch := max(1, min(dp.Batch, len(g.Tiles)))
+	if dp.Batch == 0 {
+		batch = min(decodeBatch, len(g.Tiles))
+	}
+	buf := make([]float32, batch*per)
+	for start := 0; start < len(g.Tiles); {
 		if err := ctx.Err(); err != nil {
 			return nil, err
 		}
-		if err := g.Extract(tile, z, c, t); err != nil {
-			return nil, err
+		n := min(batch, len(g.Tiles)-start)
+		tiles := g.Tiles[start : start+n]
+		for i, t := range tiles {
+			tile := buf[i*per : (i+1)*per]
+			if err := g.Extract(tile, z, c, t); err != nil {
+				return nil, err
+			}
+			for j := range tile {
+				tile[j] = tile[j]/float32(d.ae.ScalingFactor) + float32(d.ae.ShiftFactor)
+			}
 		}
-		for i := range tile {
-			tile[i] = tile[i]/float32(d.ae.ScalingFactor) + float32(d.ae.ShiftFactor)
+		out, err := d.run(ctx, buf[:n*per], n, c, g.TileHeight, g.TileWidth)
+		if err != nil && isOutOfMemory(err) && batch > 1 {
+			// A Run of several tiles did not fit: halve and go on.
+			batch /= 2
+			e.logger.Warn("decoder ran out of memory; batch halved", "decoder", d.ae.Decoder, "batch", batch, "err", err)
+			continue
 		}
-		out, err := d.run(ctx, tile, c, t.Height, t.Width)
 		if err != nil {
 			return nil, err
 		}
-		if len(out) != 3*t.Height*f*t.Width*f {
-			return nil, ModelUnusable(fmt.Errorf("decoder %s: %d values for a %dx%d tile ×%d", d.ae.Decoder, len(out), t.Width, t.Height, f))
+		outPer := 3 * g.TileHeight * f * g.TileWidth * f
+		if len(out) != n*outPer {
+			return nil, ModelUnusable(fmt.Errorf("decoder %s: %d values for %d tiles of %dx%d ×%d", d.ae.Decoder, len(out), n, g.TileWidth, g.TileHeight, f))
 		}
-		if err := acc.Add(scaleTile(t, f), out); err != nil {
-			return nil, err
+		for i, t := range tiles {
+			if err := acc.Add(scaleTile(t, f), out[i*outPer:(i+1)*outPer]); err != nil {
+				return nil, err
+			}
 		}
+		start += n
 	}
 	img := make([]float32, 3*H*W)
 	if err := acc.Result(img); err != nil {
@@ -106,6 +129,9 @@ func (e *Engine) decode(ctx context.Context, dp *DecodePlan, z []float32, c, h, 
 	}
 	return img, nil
 }
+
+// decodeBatch is how many decoder tiles go in one Run by default.
+const decodeBatch = 4
 
 // scaleTile is a latent tile as the decoder's output covers it: F times the
 // origin and size, each window weight repeated F times.
@@ -123,13 +149,18 @@ func scaleTile(t stages.Tile, f int) stages.Tile {
 		Window: stages.Window{Y: up(t.Window.Y), X: up(t.Window.X)}}
 }
 
-func (d *decoder) run(ctx context.Context, z []float32, c, h, w int) ([]float32, error) {
+func (d *decoder) run(ctx context.Context, z []float32, n, c, h, w int) ([]float32, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if d.inject != nil {
+		if err := d.inject(n); err != nil {
+			return nil, err
+		}
+	}
 	start := time.Now()
 	f := int64(d.ae.Factor)
-	out, err := d.sess.RunShaped(ctx, map[string]onnx.Tensor{d.input: onnx.FloatTensor(z, 1, int64(c), int64(h), int64(w))},
-		map[string][]int64{d.out: {1, 3, int64(h) * f, int64(w) * f}})
+	out, err := d.sess.RunShaped(ctx, map[string]onnx.Tensor{d.input: onnx.FloatTensor(z, int64(n), int64(c), int64(h), int64(w))},
+		map[string][]int64{d.out: {int64(n), 3, int64(h) * f, int64(w) * f}})
 	d.nanos.Add(int64(time.Since(start)))
 	if err != nil {
 		return nil, fmt.Errorf("decoder %s: %w", d.ae.Decoder, err)

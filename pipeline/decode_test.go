@@ -2,6 +2,8 @@ package pipeline
 
 import (
 	"context"
+	"errors"
+	"slices"
 	"math"
 	"path/filepath"
 	"testing"
@@ -98,5 +100,43 @@ func TestDecodeNaiveTilingDrift(t *testing.T) {
 	t.Logf("naive tiled decode (%d tiles of 16 latent px, halo 4) vs whole: %.1f dB, largest tile mean colour difference %.4f", len(g.Tiles), psnr, worst)
 	if math.IsInf(psnr, 1) || psnr < 10 || worst == 0 {
 		t.Errorf("a decoder with GroupNorm and attention should drift a little per tile, not %.1f dB / %g", psnr, worst)
+	}
+}
+
+// Tiles go to the decoder several to a Run; a Run that runs out of memory
+// is halved and the image is the same.
+func TestDecodeBatchesAndHalves(t *testing.T) {
+	e := New(testEnv, models.Resolver{}, Options{}, nil)
+	defer e.Close()
+	const c, h, w = 48, 24, 24
+	z := make([]float32, c*h*w)
+	(stages.Noise{Seed: 2}).Fill(z, 0, c, 0, 0, h, w)
+	dp := func(batch int) *DecodePlan {
+		return &DecodePlan{Autoencoder: autoencoders("oracle-f4"), Factor: 4, TileSize: 8, Overlap: 2, Halo: 1, Batch: batch}
+	}
+	ref, err := e.decode(context.Background(), dp(1), z, c, h, w)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, _ := e.decoderOf(autoencoders("oracle-f4"))
+	before := d.runs.Load()
+	var seen []int
+	d.inject = func(n int) error {
+		seen = append(seen, n)
+		if n > 2 {
+			return errors.New("onnxruntime: Failed to allocate memory for requested buffer")
+		}
+		return nil
+	}
+	got, err := e.decode(context.Background(), dp(8), z, c, h, w)
+	d.inject = nil
+	if err != nil {
+		t.Fatal(err)
+	}
+	if maxAbsDiff(got, ref) != 0 || len(seen) < 3 || seen[0] != 8 || seen[1] != 4 || slices.Max(seen[2:]) > 2 {
+		t.Fatalf("halving: runs of %v, images differ by %g", seen, maxAbsDiff(got, ref))
+	}
+	if runs := d.runs.Load() - before; runs >= int64(len(seen)) {
+		t.Errorf("%d Runs counted for %d attempts (the failed ones do not run)", runs, len(seen))
 	}
 }

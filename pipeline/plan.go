@@ -134,6 +134,9 @@ type DecodePlan struct {
 	Overlap     int    `json:"overlap"`
 	Halo        int    `json:"halo"`
 	Tiles       int    `json:"tiles"`
+	// Batch is the most tiles per decoder Run; 0: the default (4), halved
+	// while a Run runs out of memory.
+	Batch int `json:"batch,omitempty"`
 }
 
 // Decode tiles, in latent pixels: 64 (256 output pixels at factor 4), an
