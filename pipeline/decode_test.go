@@ -3,9 +3,9 @@ package pipeline
 import (
 	"context"
 	"errors"
-	"slices"
 	"math"
 	"path/filepath"
+	"slices"
 	"testing"
 
 	"tessera/models"
