@@ -226,7 +226,7 @@ items:
 	for i := 0; i < 2; i++ {
 		data, _ := os.ReadFile(filepath.Join(e.out, "latent", fmt.Sprintf("%d.png", i)))
 		_, meta, err := stages.ReadPNGMetadata(data)
-		if err != nil || !strings.Contains(string(meta), `"decode":{"autoencoder":`) {
+		if err != nil || !strings.Contains(string(meta), `"decode":{"autoencoder":`) || !strings.Contains(string(meta), `"statistics":"image"`) {
 			t.Errorf("item %d: %v %s", i, err, meta)
 		}
 		// The image itself is the decoder's 4×: 96², not the 24² latent canvas.

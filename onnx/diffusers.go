@@ -340,6 +340,10 @@ func readDiffusers(dir string) (*Manifest, error) {
 				return nil, fmt.Errorf("%s: the decoder takes %d latent channels, the U-Net makes %d", a.Decoder, a.LatentChannels, m.Channels)
 			}
 			m.Autoencoder, m.DecodeFactor = filepath.Join(dir, ".."), a.Factor
+			if _, err := os.Stat(filepath.Join(filepath.Dir(a.Decoder), "model_sync.onnx")); err == nil {
+				m.DecodeSync = true
+				fact("decode", "GroupNorm statistics of the whole image (vae_decoder/model_sync.onnx)", "tools/sync_decoder.py")
+			}
 			fact("decoder", fmt.Sprintf("%s ×%d, %d latent channels, scaling %g", a.Class, a.Factor, a.LatentChannels, a.ScalingFactor), "../vae_decoder/config.json")
 		}
 	}

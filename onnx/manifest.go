@@ -112,6 +112,9 @@ type Manifest struct {
 	// DecodeFactor is its decoder's factor.
 	Autoencoder  string `yaml:"autoencoder" json:"autoencoder,omitempty"`
 	DecodeFactor int    `yaml:"-" json:"decode_factor,omitempty"`
+	// DecodeSync says the decoder has a cut-open copy (model_sync.onnx)
+	// for GroupNorm statistics of the whole image.
+	DecodeSync bool `yaml:"-" json:"decode_sync,omitempty"`
 	// ContextDim is D of the context input [B, L, D] where known (the
 	// U-Net config's cross_attention_dim); a context file must match it.
 	ContextDim int `yaml:"context_dim" json:"context_dim,omitempty"`

@@ -25,6 +25,10 @@ type decoder struct {
 	// inject, set by tests, fails a Run of n tiles before it starts (a
 	// device out of memory, which the CPU cannot be made to be).
 	inject func(n int) error
+	// sync is the decoder cut open at its GroupNorm layers, for statistics
+	// of the whole image (nil: none, noSync once looked for).
+	sync   *syncDecoder
+	noSync bool
 }
 
 // decoderOf returns the decoder of an autoencoder folder, loading it on
@@ -74,6 +78,16 @@ func (e *Engine) decode(ctx context.Context, dp *DecodePlan, z []float32, c, h, 
 	g, err := decodeGrid(h, w, dp)
 	if err != nil {
 		return nil, Invalidf("decode: %w", err)
+	}
+	if dp.Statistics == StatisticsImage {
+		s, err := e.syncDecoderOf(d)
+		if err != nil {
+			return nil, err
+		}
+		if s == nil {
+			return nil, ModelUnusable(fmt.Errorf("decoder %s: no model_sync.onnx beside it for statistics of the whole image (tools/sync_decoder.py makes one)", d.ae.Decoder))
+		}
+		return e.decodeSynced(ctx, d, s, g, z, c, h, w)
 	}
 	f := dp.Factor
 	H, W := h*f, w*f

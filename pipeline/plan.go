@@ -137,7 +137,17 @@ type DecodePlan struct {
 	// Batch is the most tiles per decoder Run; 0: the default (4), halved
 	// while a Run runs out of memory.
 	Batch int `json:"batch,omitempty"`
+	// Statistics is where the decoder's GroupNorm statistics come from:
+	// "tile" (each tile's own, the naive decode) or "image" (the whole
+	// image's, shared over the tiles: see decodeSynced).
+	Statistics string `json:"statistics"`
 }
+
+// Decode statistics.
+const (
+	StatisticsTile  = "tile"
+	StatisticsImage = "image"
+)
 
 // Decode tiles, in latent pixels: 64 (256 output pixels at factor 4), an
 // overlap of 8 with a cosine ramp, and a halo of 8 for the decoder's
@@ -326,7 +336,10 @@ func MakePlan(it Item, describe Describe) (Plan, error) {
 		}
 		sp.TileSize, sp.Tiles = g.TileHeight, len(g.Tiles)
 		if srMan.Space == onnx.SpaceLatent && srMan.DecodeFactor > 0 {
-			d := &DecodePlan{Autoencoder: srMan.Autoencoder, Factor: srMan.DecodeFactor, TileSize: decodeTile, Overlap: decodeOverlap, Halo: decodeHalo}
+			d := &DecodePlan{Autoencoder: srMan.Autoencoder, Factor: srMan.DecodeFactor, TileSize: decodeTile, Overlap: decodeOverlap, Halo: decodeHalo, Statistics: StatisticsTile}
+			if srMan.DecodeSync {
+				d.Statistics = StatisticsImage
+			}
 			dg, err := decodeGrid(sp.Height, sp.Width, d)
 			if err != nil {
 				return p, Invalidf("decode: %w", err)

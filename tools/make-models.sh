@@ -25,6 +25,7 @@ $PY -c 'import numpy' 2>/dev/null || need+=(python3-numpy)
 $PY -c 'import PIL' 2>/dev/null || need+=(python3-pil)
 $PY -c 'import onnx' 2>/dev/null || need+=(python3-onnx)
 $PY -c 'import yaml' 2>/dev/null || need+=(python3-yaml)
+$PY -c 'import sentencepiece' 2>/dev/null || need+=(python3-sentencepiece)
 if [ "$what" != fixtures ]; then
   [ -f /usr/lib/python3/dist-packages/skimage/data/astronaut.png ] || need+=(python3-skimage)
   [ -f /usr/share/backgrounds/seeding_by_Clements_Engelhardt.jpg ] || need+=(lomiri-wallpapers-16.04)
@@ -38,6 +39,10 @@ fi
 
 if [ "$what" = all ] || [ "$what" = fixtures ]; then
   $PY tools/make_fixtures.py
+  $PY tools/make_tokenizer_fixtures.py      # needs python3-sentencepiece
+  $PY tools/make_autoencoder_fixtures.py
+  $PY tools/sync_decoder.py testdata/autoencoders/kl-like/vae_decoder testdata/autoencoders/vq-like/vae_decoder
+  $PY tools/make_family_fixtures.py         # copies the decoders into the latent pipelines
 fi
 
 if [ "$what" = all ] || [ "$what" = demos ]; then
