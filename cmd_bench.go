@@ -59,6 +59,7 @@ type benchReport struct {
 	BusyRatio     float64        `json:"busy_ratio"`      // busy(1024²) ÷ busy(512²): the ratio of model work
 	Upscale       *upscaleReport `json:"upscale,omitempty"`
 	Memory        *benchItem     `json:"memory,omitempty"`
+	Latent        *latentReport  `json:"latent,omitempty"`
 	Models        []benchModel   `json:"models"`
 }
 
@@ -73,7 +74,7 @@ type benchModel struct {
 
 func newBenchCmd(a *app) *cobra.Command {
 	var asJSON, memory bool
-	var image string
+	var image, latent, latentContext string
 	var repeat int
 	cmd := &cobra.Command{
 		Use:   "bench",
@@ -91,15 +92,43 @@ median of each figure (the scaling ratio is the median of each round's).
 It then upscales a
 photograph 4× (downscaled first) tiled and untiled and reports PSNR against
 the original next to Lanczos and bicubic. --memory adds a 4096² item with one
-SR step per stage to report peak RSS at that size.`,
+SR step per stage to report peak RSS at that size.
+
+--latent DIR measures a latent SR pipeline folder (a vae_decoder/ beside its
+unet/): its decoder's tiled decode of a 64² latent against the whole decode,
+naive and with the whole image's GroupNorm statistics (PSNR and the largest
+tile mean colour difference); with --memory also its ×4 upscale of the
+photograph to 2048² and to 4096² (one denoising step), with the peak RSS,
+the decode's own growth above what was resident when it began, and both
+per output pixel. --latent-context FILE gives the context file of a model
+that takes text embeddings.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if repeat < 1 {
 				return fmt.Errorf("--repeat must be at least 1, got %d", repeat)
 			}
+			if latentContext != "" && latent == "" {
+				return fmt.Errorf("--latent-context needs --latent")
+			}
+			if latent != "" { // before minutes of the demo items
+				if _, _, _, err := latentModel(latent); err != nil {
+					return err
+				}
+				// One ONNX Runtime environment for both parts.
+				env, err := onnx.Open(a.cfg.Runtime, a.logger)
+				if err != nil {
+					return err
+				}
+				defer env.Close()
+			}
 			rep, err := a.bench(cmd.Context(), image, memory, repeat, cmd.ErrOrStderr())
 			if err != nil {
 				return err
+			}
+			if latent != "" {
+				if rep.Latent, err = a.benchLatent(cmd.Context(), latent, latentContext, memory, cmd.ErrOrStderr()); err != nil {
+					return err
+				}
 			}
 			if asJSON {
 				enc := json.NewEncoder(cmd.OutOrStdout())
@@ -107,12 +136,17 @@ SR step per stage to report peak RSS at that size.`,
 				return enc.Encode(rep)
 			}
 			printBench(cmd.OutOrStdout(), rep)
+			if rep.Latent != nil {
+				printLatent(cmd.OutOrStdout(), rep.Latent)
+			}
 			return nil
 		},
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	cmd.Flags().BoolVar(&memory, "memory", false, "add a 4096² item to measure peak memory")
 	cmd.Flags().IntVar(&repeat, "repeat", 1, "measure the 512² and 1024² items this many times and report medians")
+	cmd.Flags().StringVar(&latent, "latent", "", "latent SR pipeline folder to measure its tiled decode (and, with --memory, its ×4 upscale to 2048² and 4096²)")
+	cmd.Flags().StringVar(&latentContext, "latent-context", "", "context file (.npy or .safetensors) for the --latent model, when it takes text embeddings")
 	cmd.Flags().StringVar(&image, "image", benchPhoto, "photograph for the upscaling measurement (default: the embedded "+models.BenchPhotoName+"; \"\" skips it)")
 	return cmd
 }

@@ -1,10 +1,15 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
+	"io"
+	"log/slog"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"tessera/config"
 )
 
 // bench runs its fixed workload end to end and reports numbers that hang
@@ -86,5 +91,41 @@ func TestBenchRepeatMustBePositive(t *testing.T) {
 	r := tessera(t, nil, "bench", "--repeat", "0")
 	if r.code == 0 || !strings.Contains(r.stderr, "--repeat must be at least 1") {
 		t.Errorf("bench --repeat 0: %+v", r)
+	}
+}
+
+// bench --latent on the x4-like pipeline folder: its decoder, tiled, with
+// the whole image's GroupNorm statistics is nearer the whole decode than
+// the naive tiled decode (the figure the README quotes for the fixture).
+func TestBenchLatentDrift(t *testing.T) {
+	a := &app{cfg: config.Default()}
+	a.cfg.Runtime.Library, _ = filepath.Abs(filepath.Join(".ort", "libonnxruntime.so.1"))
+	a.logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	rep, err := a.benchLatent(context.Background(), filepath.Join("testdata", "families", "x4-like"), "", false, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := rep.Drift
+	t.Logf("%+v", *d)
+	if !d.Synced || d.Tiles < 4 || d.SyncedPSNR <= d.NaivePSNR || len(rep.Items) != 0 {
+		t.Errorf("x4-like decoder drift %+v: want several tiles, synchronised nearer the whole decode than naive, no memory items without --memory", *d)
+	}
+	var out strings.Builder
+	printLatent(&out, rep)
+	if !strings.Contains(out.String(), "synchronised") || strings.Contains(out.String(), "peak MiB") {
+		t.Errorf("printed: %s", out.String())
+	}
+}
+
+// --latent names a latent pipeline folder; a pixel model is refused before
+// anything runs, naming the flag.
+func TestBenchLatentRefusesPixelModels(t *testing.T) {
+	r := tessera(t, nil, "bench", "--latent", filepath.Join("testdata", "families", "ddpm-like"))
+	if r.code == 0 || !strings.Contains(r.stderr, "--latent testdata/families/ddpm-like: not a latent pipeline folder") {
+		t.Errorf("bench --latent ddpm-like: %+v", r)
+	}
+	r = tessera(t, nil, "bench", "--latent-context", "x.npy")
+	if r.code == 0 || !strings.Contains(r.stderr, "--latent-context needs --latent") {
+		t.Errorf("bench --latent-context alone: %+v", r)
 	}
 }

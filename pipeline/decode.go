@@ -144,6 +144,11 @@ func (e *Engine) decode(ctx context.Context, dp *DecodePlan, z []float32, c, h, 
 	return img, nil
 }
 
+// DecodeCanvasBytes is what a decode to W×H pixels holds whatever its
+// tiles: the fusion accumulator (three float64 sums and a float64 weight
+// per pixel) and the float32 RGB image it resolves into, 44 bytes a pixel.
+func DecodeCanvasBytes(W, H int) int64 { return int64(W) * int64(H) * (3*8 + 8 + 3*4) }
+
 // decodeBatch is how many decoder tiles go in one Run by default.
 const decodeBatch = 4
 

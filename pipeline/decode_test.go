@@ -141,26 +141,23 @@ func TestDecodeBatchesAndHalves(t *testing.T) {
 	}
 }
 
-// driftOf is a tiled decode against the whole-canvas one: PSNR and the
-// largest difference of a tile's mean colour.
-func driftOf(whole, tiled []float32, g *stages.TileGrid, h, w, f int) (float64, float64) {
-	worst := 0.0
-	H, W := h*f, w*f
-	for _, tl := range g.Tiles {
-		for ch := 0; ch < 3; ch++ {
-			var a, b float64
-			n := 0
-			for y := tl.Y0 * f; y < min((tl.Y0+tl.Height)*f, H); y++ {
-				for x := tl.X0 * f; x < min((tl.X0+tl.Width)*f, W); x++ {
-					a += float64(whole[(ch*H+y)*W+x])
-					b += float64(tiled[(ch*H+y)*W+x])
-					n++
-				}
-			}
-			worst = math.Max(worst, math.Abs(a-b)/float64(n))
-		}
+// MeasureDecodeDrift, what `tessera bench --latent` reports, finds what
+// the test below finds by hand: the synchronised decode of the decoder
+// without attention is exact, the naive one drifts.
+func TestMeasureDecodeDrift(t *testing.T) {
+	e := New(testEnv, models.Resolver{}, Options{}, nil)
+	defer e.Close()
+	dr, err := e.MeasureDecodeDrift(context.Background(), autoencoders("vq-like"), 32, 32, 24)
+	if err != nil {
+		t.Fatal(err)
 	}
-	return PSNR(tiled, whole), worst
+	t.Logf("%+v", *dr)
+	if !dr.Synced || dr.Tiles != 4 || dr.SyncedPSNR < 60 || dr.NaivePSNR > 40 || dr.NaiveColour <= dr.SyncedColour {
+		t.Errorf("vq-like drift %+v: want 4 tiles, synchronised above 60 dB, naive below 40 dB", *dr)
+	}
+	if _, err := e.MeasureDecodeDrift(context.Background(), autoencoders("vq-like"), 32, 32, 32); err == nil {
+		t.Error("one tile covering the latent: want an error (nothing to measure)")
+	}
 }
 
 // GroupNorm statistics of the whole image, gathered over the tiles

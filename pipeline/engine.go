@@ -39,6 +39,10 @@ type Options struct {
 	// per device for every model. Tests use it on the CPU, where the
 	// sessions stand in for GPUs.
 	Devices []int
+	// MeasureDecode makes Generate measure each decode's time and memory
+	// (Result.Decodes). It restarts the process's peak resident count at
+	// each decode, so it is for one item at a time (bench).
+	MeasureDecode bool
 }
 
 // Engine runs items through cascades. It keeps one session and batcher per
@@ -436,7 +440,24 @@ type Result struct {
 	Height   int
 	Plan     Plan
 	Seconds  float64
+	// Decodes are the decodes' measurements, with Options.MeasureDecode.
+	Decodes []DecodeStats
 }
+
+// DecodeStats is one decode's time and memory: the process's resident set
+// when it began, its peak before (since the caller's last
+// ResetPeakResident) and its peak during the decode.
+type DecodeStats struct {
+	Stage          int
+	Seconds        float64
+	ResidentBefore int64
+	PeakBefore     int64
+	Peak           int64
+}
+
+// Growth is what the decode added to the resident set at its peak: the
+// decoder's own share of the item's memory.
+func (d DecodeStats) Growth() int64 { return max(d.Peak-d.ResidentBefore, 0) }
 
 // Progress reports one finished sampler step of one stage.
 type Progress struct {
@@ -515,6 +536,7 @@ func (e *Engine) Generate(ctx context.Context, it Item, plan Plan, progress func
 		return nil, err
 	}
 	var img []float32
+	var decodes []DecodeStats
 	w, h := it.InputWidth, it.InputHeight
 	if it.Image != "" {
 		var iw, ih int
@@ -600,8 +622,18 @@ func (e *Engine) Generate(ctx context.Context, it Item, plan Plan, progress func
 		}
 		w, h, c = sp.Width, sp.Height, r.channels
 		if sp.Decode != nil {
+			var ds DecodeStats
+			if e.opts.MeasureDecode {
+				ds = DecodeStats{Stage: si, PeakBefore: PeakResidentBytes(), ResidentBefore: residentBytes()}
+				ResetPeakResident()
+			}
+			t0 := time.Now()
 			if img, err = e.decode(ctx, sp.Decode, img, c, h, w); err != nil {
 				return nil, fmt.Errorf("stage %d: decode: %w", si, err)
+			}
+			if e.opts.MeasureDecode {
+				ds.Seconds, ds.Peak = time.Since(t0).Seconds(), PeakResidentBytes()
+				decodes = append(decodes, ds)
 			}
 			w, h, c = w*sp.Decode.Factor, h*sp.Decode.Factor, 3
 		}
@@ -613,7 +645,7 @@ func (e *Engine) Generate(ctx context.Context, it Item, plan Plan, progress func
 		}
 		img = out
 	}
-	return &Result{Image: img, Channels: c, Width: it.Width, Height: it.Height, Plan: plan, Seconds: time.Since(start).Seconds()}, nil
+	return &Result{Image: img, Channels: c, Width: it.Width, Height: it.Height, Plan: plan, Seconds: time.Since(start).Seconds(), Decodes: decodes}, nil
 }
 
 // runStage samples one stage. lowres is the previous image upsampled to
