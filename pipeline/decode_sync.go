@@ -127,22 +127,29 @@ func (e *Engine) decodeSynced(ctx context.Context, d *decoder, s *syncDecoder, g
 		}
 	}
 	total := ones.Weights()
-	tiles := make([][]float32, len(g.Tiles))
-	for i, t := range g.Tiles {
-		tiles[i] = make([]float32, c*t.Height*t.Width)
-		if err := g.Extract(tiles[i], z, c, t); err != nil {
+	// Each pass cuts its tile out of z again, into one buffer: memory
+	// beyond the canvases stays one tile's, whatever the image.
+	buf := make([]float32, c*g.TileHeight*g.TileWidth)
+	tile := func(t stages.Tile) ([]float32, error) {
+		b := buf[:c*t.Height*t.Width]
+		if err := g.Extract(b, z, c, t); err != nil {
 			return nil, err
 		}
-		for j := range tiles[i] {
-			tiles[i][j] = tiles[i][j]/float32(d.ae.ScalingFactor) + float32(d.ae.ShiftFactor)
+		for j := range b {
+			b[j] = b[j]/float32(d.ae.ScalingFactor) + float32(d.ae.ShiftFactor)
 		}
+		return b, nil
 	}
 	var mean, rstd [][]float32
 	for k, l := range s.layers {
 		sum, sq, cnt := make([]float64, l.Groups), make([]float64, l.Groups), make([]float64, l.Groups)
 		per := l.Channels / l.Groups
-		for i, t := range g.Tiles {
-			out, err := s.run(ctx, d, tiles[i], c, t.Height, t.Width, mean, rstd)
+		for _, t := range g.Tiles {
+			in, err := tile(t)
+			if err != nil {
+				return nil, err
+			}
+			out, err := s.run(ctx, d, in, c, t.Height, t.Width, mean, rstd)
 			if err != nil {
 				return nil, fmt.Errorf("decoder %s: %w", d.ae.Decoder, err)
 			}
@@ -182,8 +189,12 @@ func (e *Engine) decodeSynced(ctx context.Context, d *decoder, s *syncDecoder, g
 	}
 	f := d.ae.Factor
 	acc := stages.NewAccumulator(3, h*f, w*f)
-	for i, t := range g.Tiles {
-		out, err := s.run(ctx, d, tiles[i], c, t.Height, t.Width, mean, rstd)
+	for _, t := range g.Tiles {
+		in, err := tile(t)
+		if err != nil {
+			return nil, err
+		}
+		out, err := s.run(ctx, d, in, c, t.Height, t.Width, mean, rstd)
 		if err != nil {
 			return nil, fmt.Errorf("decoder %s: %w", d.ae.Decoder, err)
 		}
