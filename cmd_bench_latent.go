@@ -6,7 +6,6 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"runtime/debug"
 
 	"tessera/models"
 	"tessera/onnx"
@@ -156,9 +155,8 @@ func (a *app) benchLatent(ctx context.Context, dir, contextFile string, memory b
 			}
 		}
 		li.DecoderWorkMiB = li.DecodeGrowthMiB - li.DecodeCanvasMiB
+		li.Overhead = 0 // wall ÷ the U-Net's busy time says nothing here: the decode is the item
 		rep.Items = append(rep.Items, li)
-		r = nil
-		debug.FreeOSMemory()
 	}
 	if n := len(rep.Items); n >= 2 {
 		a, b := rep.Items[0], rep.Items[n-1]
