@@ -110,8 +110,10 @@ that takes text embeddings.`,
 			if latentContext != "" && latent == "" {
 				return fmt.Errorf("--latent-context needs --latent")
 			}
+			var lb *latentBench
 			if latent != "" { // before minutes of the demo items
-				if _, _, _, err := latentModel(latent); err != nil {
+				var err error
+				if lb, err = checkLatent(latent, latentContext, memory); err != nil {
 					return err
 				}
 				// One ONNX Runtime environment for both parts.
@@ -125,8 +127,8 @@ that takes text embeddings.`,
 			if err != nil {
 				return err
 			}
-			if latent != "" {
-				if rep.Latent, err = a.benchLatent(cmd.Context(), latent, latentContext, memory, cmd.ErrOrStderr()); err != nil {
+			if lb != nil {
+				if rep.Latent, err = a.benchLatent(cmd.Context(), lb, memory, cmd.ErrOrStderr()); err != nil {
 					return err
 				}
 			}

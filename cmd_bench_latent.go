@@ -53,31 +53,56 @@ const (
 
 var latentSizes = []int{2048, 4096}
 
-// latentModel checks --latent before anything runs: a latent pipeline
-// folder with its decoder. It returns the resolver that finds it and its
-// name there.
-func latentModel(dir string) (models.Resolver, string, *onnx.Manifest, error) {
-	abs, err := filepath.Abs(dir)
-	if err != nil {
-		return models.Resolver{}, "", nil, err
-	}
-	res := models.Resolver{Dirs: []string{filepath.Dir(abs)}}
-	name := filepath.Base(abs)
-	man, err := res.Manifest(name)
-	if err != nil {
-		return res, "", nil, fmt.Errorf("--latent %s: %w", dir, err)
-	}
-	if man.Space != onnx.SpaceLatent || man.Autoencoder == "" {
-		return res, "", nil, fmt.Errorf("--latent %s: not a latent pipeline folder with a vae_decoder/", dir)
-	}
-	return res, name, man, nil
+// latentBench is --latent and --latent-context, checked before anything
+// runs: a latent pipeline folder with its decoder (found by res as name),
+// and the context file its U-Net's context input takes, where it takes one.
+type latentBench struct {
+	res  models.Resolver
+	name string
+	man  *onnx.Manifest
+	cref *pipeline.ContextRef
 }
 
-func (a *app) benchLatent(ctx context.Context, dir, contextFile string, memory bool, log io.Writer) (*latentReport, error) {
-	res, name, man, err := latentModel(dir)
+func checkLatent(dir, contextFile string, memory bool) (*latentBench, error) {
+	abs, err := filepath.Abs(dir)
 	if err != nil {
 		return nil, err
 	}
+	lb := &latentBench{res: models.Resolver{Dirs: []string{filepath.Dir(abs)}}, name: filepath.Base(abs)}
+	if lb.man, err = lb.res.Manifest(lb.name); err != nil {
+		return nil, fmt.Errorf("--latent %s: %w", dir, err)
+	}
+	if lb.man.Space != onnx.SpaceLatent || lb.man.Autoencoder == "" {
+		return nil, fmt.Errorf("--latent %s: not a latent pipeline folder with a vae_decoder/", dir)
+	}
+	in := lb.man.Inputs[onnx.RoleContext]
+	switch {
+	case contextFile != "" && !memory:
+		return nil, fmt.Errorf("--latent-context: only the --memory items denoise; without --memory it would be ignored")
+	case contextFile != "" && in == "":
+		return nil, fmt.Errorf("--latent-context: %s takes no text embeddings", dir)
+	case contextFile == "" && in != "" && memory:
+		return nil, fmt.Errorf("--latent %s takes text embeddings (%s): give --latent-context FILE (.npy or .safetensors, [L, D])", dir, in)
+	case contextFile == "":
+		return lb, nil
+	}
+	p, err := filepath.Abs(contextFile)
+	if err != nil {
+		return nil, err
+	}
+	c, sum, err := pipeline.ReadContext(p)
+	if err != nil {
+		return nil, fmt.Errorf("--latent-context: %w", err)
+	}
+	if d := lb.man.ContextDim; d > 0 && c.D != d {
+		return nil, fmt.Errorf("--latent-context: %s is [%d, %d]; %s takes D = %d", contextFile, c.L, c.D, dir, d)
+	}
+	lb.cref = &pipeline.ContextRef{Path: p, SHA256: sum, Tokens: c.L, Dim: c.D}
+	return lb, nil
+}
+
+func (a *app) benchLatent(ctx context.Context, lb *latentBench, memory bool, log io.Writer) (*latentReport, error) {
+	res, name, man := lb.res, lb.name, lb.man
 	abs := filepath.Join(res.Dirs[0], name)
 	env, err := onnx.Open(a.cfg.Runtime, a.logger)
 	if err != nil {
@@ -89,23 +114,11 @@ func (a *app) benchLatent(ctx context.Context, dir, contextFile string, memory b
 	rep := &latentReport{Model: abs}
 	fmt.Fprintf(log, "bench: %s decoder, tiled and whole, on a %d² latent ...\n", name, latentDriftSize)
 	if rep.Drift, err = eng.MeasureDecodeDrift(ctx, man.Autoencoder, latentDriftSize, latentDriftSize, latentDriftTile); err != nil {
-		return nil, fmt.Errorf("--latent %s: %w", dir, err)
+		return nil, fmt.Errorf("--latent %s: %w", abs, err)
 	}
 	rep.NaivePSNR, rep.SyncedPSNR = dB(rep.Drift.NaivePSNR), dB(rep.Drift.SyncedPSNR)
 	if !memory {
 		return rep, nil
-	}
-	var cref *pipeline.ContextRef
-	if contextFile != "" {
-		p, err := filepath.Abs(contextFile)
-		if err != nil {
-			return nil, err
-		}
-		c, sum, err := pipeline.ReadContext(p)
-		if err != nil {
-			return nil, fmt.Errorf("--latent-context: %w", err)
-		}
-		cref = &pipeline.ContextRef{Path: p, SHA256: sum, Tokens: c.L, Dim: c.D}
 	}
 	tmp, err := os.MkdirTemp("", "tessera-bench")
 	if err != nil {
@@ -130,15 +143,12 @@ func (a *app) benchLatent(ctx context.Context, dir, contextFile string, memory b
 		if err := pipeline.SaveImage(path, low, in, in); err != nil {
 			return nil, err
 		}
-		it := pipeline.Item{Seed: 1, Class: -1, Image: path, Scale: 4, Context: cref,
+		it := pipeline.Item{Seed: 1, Class: -1, Image: path, Scale: 4, Context: lb.cref,
 			SR: pipeline.StageParams{Model: name, Steps: 1}}
 		label := fmt.Sprintf("latent ×4 %d²", size)
 		fmt.Fprintf(log, "bench: %s ...\n", label)
 		bi, r, err := measure(ctx, eng, label, it)
 		if err != nil {
-			if cref == nil {
-				err = fmt.Errorf("%w (--latent-context names a context file for a model that takes text embeddings)", err)
-			}
 			return nil, err
 		}
 		li := latentItem{benchItem: *bi}

@@ -101,7 +101,11 @@ func TestBenchLatentDrift(t *testing.T) {
 	a := &app{cfg: config.Default()}
 	a.cfg.Runtime.Library, _ = filepath.Abs(filepath.Join(".ort", "libonnxruntime.so.1"))
 	a.logger = slog.New(slog.NewTextHandler(io.Discard, nil))
-	rep, err := a.benchLatent(context.Background(), filepath.Join("testdata", "families", "x4-like"), "", false, io.Discard)
+	lb, err := checkLatent(filepath.Join("testdata", "families", "x4-like"), "", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rep, err := a.benchLatent(context.Background(), lb, false, io.Discard)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -127,5 +131,21 @@ func TestBenchLatentRefusesPixelModels(t *testing.T) {
 	r = tessera(t, nil, "bench", "--latent-context", "x.npy")
 	if r.code == 0 || !strings.Contains(r.stderr, "--latent-context needs --latent") {
 		t.Errorf("bench --latent-context alone: %+v", r)
+	}
+	// The flags that would be ignored or fail minutes later are refused at once.
+	x4 := filepath.Join("testdata", "families", "x4-like")
+	ctx := filepath.Join("testdata", "families", "contexts")
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--memory"}, "--latent " + x4 + " takes text embeddings (encoder_hidden_states): give --latent-context FILE"},
+		{[]string{"--latent-context", filepath.Join(ctx, "prompt-7x32.npy")}, "--latent-context: only the --memory items denoise"},
+		{[]string{"--memory", "--latent-context", filepath.Join(ctx, "wrong-width-7x16.npy")}, "is [7, 16]; " + x4 + " takes D = 32"},
+	} {
+		r := tessera(t, nil, append([]string{"bench", "--latent", x4}, c.args...)...)
+		if r.code == 0 || !strings.Contains(r.stderr, c.want) {
+			t.Errorf("bench --latent x4-like %v: want %q, got %+v", c.args, c.want, r)
+		}
 	}
 }

@@ -130,7 +130,7 @@ func (e *Engine) decodeSynced(ctx context.Context, d *decoder, s *syncDecoder, g
 	// Each pass cuts its tile out of z again, into one buffer: memory
 	// beyond the canvases stays one tile's, whatever the image.
 	buf := make([]float32, c*g.TileHeight*g.TileWidth)
-	tile := func(t stages.Tile) ([]float32, error) {
+	runTile := func(t stages.Tile, mean, rstd [][]float32) (map[string]onnx.Tensor, error) {
 		b := buf[:c*t.Height*t.Width]
 		if err := g.Extract(b, z, c, t); err != nil {
 			return nil, err
@@ -138,20 +138,20 @@ func (e *Engine) decodeSynced(ctx context.Context, d *decoder, s *syncDecoder, g
 		for j := range b {
 			b[j] = b[j]/float32(d.ae.ScalingFactor) + float32(d.ae.ShiftFactor)
 		}
-		return b, nil
+		out, err := s.run(ctx, d, b, c, t.Height, t.Width, mean, rstd)
+		if err != nil {
+			return nil, fmt.Errorf("decoder %s: %w", d.ae.Decoder, err)
+		}
+		return out, nil
 	}
 	var mean, rstd [][]float32
 	for k, l := range s.layers {
 		sum, sq, cnt := make([]float64, l.Groups), make([]float64, l.Groups), make([]float64, l.Groups)
 		per := l.Channels / l.Groups
 		for _, t := range g.Tiles {
-			in, err := tile(t)
+			out, err := runTile(t, mean, rstd)
 			if err != nil {
 				return nil, err
-			}
-			out, err := s.run(ctx, d, in, c, t.Height, t.Width, mean, rstd)
-			if err != nil {
-				return nil, fmt.Errorf("decoder %s: %w", d.ae.Decoder, err)
 			}
 			act := out[l.Activation].Float
 			ah, aw := t.Height*l.Scale, t.Width*l.Scale
@@ -190,13 +190,9 @@ func (e *Engine) decodeSynced(ctx context.Context, d *decoder, s *syncDecoder, g
 	f := d.ae.Factor
 	acc := stages.NewAccumulator(3, h*f, w*f)
 	for _, t := range g.Tiles {
-		in, err := tile(t)
+		out, err := runTile(t, mean, rstd)
 		if err != nil {
 			return nil, err
-		}
-		out, err := s.run(ctx, d, in, c, t.Height, t.Width, mean, rstd)
-		if err != nil {
-			return nil, fmt.Errorf("decoder %s: %w", d.ae.Decoder, err)
 		}
 		if err := acc.Add(scaleTile(t, f), out[s.output].Float); err != nil {
 			return nil, err

@@ -80,23 +80,7 @@ func TestDecodeNaiveTilingDrift(t *testing.T) {
 		t.Fatal(err)
 	}
 	g, _ := decodeGrid(h, w, dp)
-	worst := 0.0
-	H, W := h*4, w*4
-	for _, tl := range g.Tiles {
-		for ch := 0; ch < 3; ch++ {
-			var a, b float64
-			n := 0
-			for y := tl.Y0 * 4; y < min((tl.Y0+tl.Height)*4, H); y++ {
-				for x := tl.X0 * 4; x < min((tl.X0+tl.Width)*4, W); x++ {
-					a += float64(whole[(ch*H+y)*W+x])
-					b += float64(tiled[(ch*H+y)*W+x])
-					n++
-				}
-			}
-			worst = math.Max(worst, math.Abs(a-b)/float64(n))
-		}
-	}
-	psnr := PSNR(tiled, whole)
+	psnr, worst := driftOf(whole, tiled, g, h, w, 4)
 	t.Logf("naive tiled decode (%d tiles of 16 latent px, halo 4) vs whole: %.1f dB, largest tile mean colour difference %.4f", len(g.Tiles), psnr, worst)
 	if math.IsInf(psnr, 1) || psnr < 10 || worst == 0 {
 		t.Errorf("a decoder with GroupNorm and attention should drift a little per tile, not %.1f dB / %g", psnr, worst)
