@@ -336,27 +336,66 @@ func RemoveStaleTemps(dir string) (int, error) {
 			}
 			return err
 		}
-		name := d.Name()
-		if d.IsDir() || !strings.HasPrefix(name, ".") || !strings.Contains(name, ".tmp-") {
-			return nil
-		}
-		stale := false
-		if pid, host, ok := tempOwnerOf(name); ok && host == tempHost {
-			stale = pid != os.Getpid() && !processAlive(pid)
-		}
-		if !stale {
-			info, err := d.Info()
-			if err != nil {
-				return nil // gone already
-			}
-			stale = info.ModTime().Before(cutoff)
-		}
-		if stale && os.Remove(p) == nil {
+		if !d.IsDir() && staleTemp(d, cutoff) && os.Remove(p) == nil {
 			n++
 		}
 		return nil
 	})
 	return n, err
+}
+
+// RemoveStaleTempsOf deletes, as RemoveStaleTemps does, the temp files of
+// one item's PNG and sidecar: those a killed earlier attempt of the item
+// left beside its output. A worker calls it when it takes an item over
+// (attempt > 1), so that a crash mid-write leaves nothing behind once the
+// item is done, however long the process that finds it keeps running.
+func RemoveStaleTempsOf(root string, it pipeline.Item) int {
+	rel, err := filepath.Rel(root, it.Output)
+	if err != nil || rel == ".." || strings.HasPrefix(rel, ".."+string(filepath.Separator)) {
+		return 0
+	}
+	r, err := os.OpenRoot(root)
+	if err != nil {
+		return 0
+	}
+	defer r.Close()
+	d, err := r.Open(filepath.Dir(rel))
+	if err != nil {
+		return 0
+	}
+	entries, err := d.ReadDir(-1)
+	d.Close()
+	if err != nil {
+		return 0
+	}
+	prefixes := []string{"." + filepath.Base(rel) + ".tmp-", "." + filepath.Base(SidecarPath(rel)) + ".tmp-"}
+	cutoff := time.Now().Add(-StaleTempAge)
+	n := 0
+	for _, e := range entries {
+		mine := false
+		for _, p := range prefixes {
+			mine = mine || strings.HasPrefix(e.Name(), p)
+		}
+		if mine && !e.IsDir() && staleTemp(e, cutoff) && r.Remove(filepath.Join(filepath.Dir(rel), e.Name())) == nil {
+			n++
+		}
+	}
+	return n
+}
+
+// staleTemp reports whether d is a WriteFileAtomic temp file left by a
+// crash: of a process of this machine that is no longer running, or older
+// than cutoff.
+func staleTemp(d os.DirEntry, cutoff time.Time) bool {
+	name := d.Name()
+	if !strings.HasPrefix(name, ".") || !strings.Contains(name, ".tmp-") {
+		return false
+	}
+	if pid, host, ok := tempOwnerOf(name); ok && host == tempHost && pid != os.Getpid() && !processAlive(pid) {
+		return true
+	}
+	info, err := d.Info()
+	return err == nil && info.ModTime().Before(cutoff)
 }
 
 // CheckRoot makes the output root if it is missing and checks that a file

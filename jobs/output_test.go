@@ -167,3 +167,41 @@ func TestDoneReadsOnlyRegularFilesInTheRoot(t *testing.T) {
 		t.Fatal("Done reads /dev/zero through a link")
 	}
 }
+
+// TestRemoveStaleTempsOf removes a dead attempt's temp files of one item's
+// PNG and sidecar, and nothing else in the directory.
+func TestRemoveStaleTempsOf(t *testing.T) {
+	root := t.TempDir()
+	dir := filepath.Join(root, "batch")
+	os.MkdirAll(dir, 0o755)
+	child := exec.Command("true")
+	if err := child.Run(); err != nil {
+		t.Fatal(err)
+	}
+	dead := strconv.Itoa(child.Process.Pid) + "@" + tempHost
+	files := map[string]bool{ // name -> removed
+		".0001.png.tmp-" + dead + "-a1":                                        true,
+		".0001.json.tmp-" + dead + "-a2":                                       true,
+		".0001.png.tmp-" + strconv.Itoa(os.Getppid()) + "@" + tempHost + "-a3": false, // alive
+		".0002.png.tmp-" + dead + "-a4":                                        false, // another item
+		"0001.png":                                                             false,
+	}
+	for name := range files {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte("x"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	it := pipeline.Item{Output: filepath.Join(dir, "0001.png")}
+	if n := RemoveStaleTempsOf(root, it); n != 2 {
+		t.Errorf("removed %d, want 2", n)
+	}
+	for name, removed := range files {
+		_, err := os.Stat(filepath.Join(dir, name))
+		if gone := os.IsNotExist(err); gone != removed {
+			t.Errorf("%s: removed %v, want %v", name, gone, removed)
+		}
+	}
+	if n := RemoveStaleTempsOf(root, pipeline.Item{Output: filepath.Join(root, "..", "x.png")}); n != 0 {
+		t.Errorf("an output outside the root: removed %d", n)
+	}
+}

@@ -786,6 +786,11 @@ func (q *Queue) attemptTimeout(p pipeline.Plan) time.Duration {
 // a permanent class (pipeline.Classify) cancels the item with its class
 // and reason, at the first attempt; a transient one is retried.
 func (w *itemWorker) Work(ctx context.Context, job *river.Job[ItemArgs]) error {
+	if job.Attempt > 1 {
+		if n := RemoveStaleTempsOf(job.Args.Root, job.Args.Item); n > 0 {
+			w.q.logger.Info("removed temp files an earlier attempt left", "job_id", job.ID, "count", n, "output", job.Args.Item.Output)
+		}
+	}
 	if Done(job.Args.Root, job.Args.Item) {
 		return river.RecordOutput(ctx, itemOutput{Skipped: true})
 	}
