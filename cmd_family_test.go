@@ -96,7 +96,7 @@ func TestFamilyRefusals(t *testing.T) {
 	cfg = bytes.Replace(cfg, []byte("models: {dirs: ["), []byte(fmt.Sprintf("models: {dirs: [%q, ", variants)), 1)
 	os.WriteFile(e.cfg, cfg, 0o644)
 	for _, c := range []struct{ name, item, want string }{
-		{"latent without a decoder", fmt.Sprintf(`{image: in.png, context: %s, sr: {model: x4-no-decoder}}`, filepath.Join(ctx, "prompt-7x32.npy")), "items[0]: sr.model: x4-no-decoder denoises latents, and its pipeline folder has no vae_decoder/"},
+		{"latent without a decoder", fmt.Sprintf(`{image: in.png, context: %s, sr: {model: x4-no-decoder}}`, filepath.Join(ctx, "prompt-7x32.npy")), "items[0]: sr.model: x4-no-decoder is a latent model without an autoencoder (no vae_decoder/ in its pipeline folder"},
 		{"no context", `{image: in.png, sr: {model: if2-like}}`, "items[0]: context: sr.model if2-like takes text embeddings"},
 		{"context of the wrong width", fmt.Sprintf(`{image: in.png, context: %s, sr: {model: if2-like}}`, filepath.Join(ctx, "wrong-width-7x16.npy")), "items[0]: context: " + filepath.Join(ctx, "wrong-width-7x16.npy") + " is [7, 16]; sr.model if2-like takes D = 32"},
 		{"context nobody takes", fmt.Sprintf(`{image: in.png, context: %s, sr: {model: oracle-sr}}`, filepath.Join(ctx, "prompt-7x32.npy")), "items[0]: context: no model of this item's cascade takes text embeddings"},
@@ -232,6 +232,52 @@ items:
 		// The image itself is the decoder's 4×: 96², not the 24² latent canvas.
 		c, err := png.DecodeConfig(bytes.NewReader(data))
 		if err != nil || c.Width != 96 || c.Height != 96 {
+			t.Errorf("item %d: %v %dx%d", i, err, c.Width, c.Height)
+		}
+	}
+}
+
+// An img2img upscale and a latent base stage run end to end from a job
+// file: the sidecar's plan records the encode and the decode with the
+// autoencoder's scaling and shift, and the A1111 parameters say so.
+func TestRunImg2ImgAndLatentBase(t *testing.T) {
+	e, _ := familyEnv(t)
+	writeTestPNG(t, filepath.Join(e.dir, "in.png"), 24, 24)
+	job := filepath.Join(e.dir, "img2img.yaml")
+	os.WriteFile(job, []byte(`version: 1
+output: "{job}/{index}.png"
+items:
+  - {image: in.png, scale: 2, sr: {model: img2img-oracle, steps: 4, strength: 0.5, tile: {size: 8, overlap: 2}}}
+  - {width: 32, height: 32, base: {model: latent-base-oracle, steps: 3}}
+`), 0o644)
+	r := e.tessera(t, "run", "-q", job)
+	if r.code != 0 || !strings.Contains(r.stdout, "2 images made") {
+		t.Fatalf("run: %+v", r)
+	}
+	e.checkOutputs(t, job)
+	for i, want := range []struct {
+		size  int
+		meta  []string
+		param string
+	}{
+		{48, []string{`"kind":"img2img"`, `"encode":{"autoencoder":`, `"scaling":0.5,"shift":0.1`, `"strength":0.5`}, "img2img img2img-oracle 12x12 steps 4 ddim strength 0.5 tile 8/2/0 latent ×4 scaling 0.5 shift 0.1 statistics tile"},
+		{32, []string{`"kind":"base"`, `"space":"latent"`, `"decode":{"autoencoder":`, `"scaling":1`}, "Base: latent-base-oracle latent ×4 scaling 1 statistics tile"},
+	} {
+		data, _ := os.ReadFile(filepath.Join(e.out, "img2img", fmt.Sprintf("%d.png", i)))
+		params, meta, err := stages.ReadPNGMetadata(data)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, s := range want.meta {
+			if !strings.Contains(string(meta), s) {
+				t.Errorf("item %d: metadata lacks %s: %s", i, s, meta)
+			}
+		}
+		if !strings.Contains(params, want.param) {
+			t.Errorf("item %d: parameters lack %q: %s", i, want.param, params)
+		}
+		c, err := png.DecodeConfig(bytes.NewReader(data))
+		if err != nil || c.Width != want.size || c.Height != want.size {
 			t.Errorf("item %d: %v %dx%d", i, err, c.Width, c.Height)
 		}
 	}

@@ -311,9 +311,6 @@ func planItem(it pipeline.Item, describe pipeline.Describe, lim config.Limits) (
 		return p, err
 	}
 	for i, st := range p.Stages {
-		if st.Space == "latent" && st.Decode == nil {
-			return p, pipeline.ModelUnusable(fmt.Errorf("%s.model: %s denoises latents, and its pipeline folder has no vae_decoder/ to turn them into an image", st.Kind, st.Model))
-		}
 		if int64(st.Width)*int64(st.Height) > lim.MaxPixels {
 			return p, fmt.Errorf("stage %d (%s) works a %dx%d canvas, over limits.max_pixels (%d)", i, st.Kind, st.Width, st.Height, lim.MaxPixels)
 		}

@@ -229,14 +229,36 @@ func parametersOf(it pipeline.Item, p pipeline.Plan) stages.Parameters {
 		ps = append(ps, kv("Class", it.Class))
 	}
 	for i, s := range p.Stages {
-		if s.Kind != "sr" {
+		var v string
+		switch s.Kind {
+		case "sr":
+			noise := fmt.Sprintf("noise %g", s.NoiseLevel)
+			if s.NoiseLevelModel > 0 {
+				noise += fmt.Sprintf(" (model's %g)", s.NoiseLevelModel)
+			}
+			v = fmt.Sprintf("%s %dx%d steps %d %s strength %g %s tile %d/%d/%d", s.Model, s.Width, s.Height, s.Steps, s.Sampler, s.Strength, noise, s.TileSize, s.Overlap, s.Halo)
+		case pipeline.KindImg2Img:
+			v = fmt.Sprintf("img2img %s %dx%d steps %d %s strength %g tile %d/%d/%d", s.Model, s.Width, s.Height, s.Steps, s.Sampler, s.Strength, s.TileSize, s.Overlap, s.Halo)
+		}
+		// A latent stage: its space, factor and scaling.
+		if d := s.Decode; d != nil {
+			if v == "" {
+				v = s.Model
+			}
+			v += fmt.Sprintf(" latent ×%d scaling %g", d.Factor, d.Scaling)
+			if d.Shift != 0 {
+				v += fmt.Sprintf(" shift %g", d.Shift)
+			}
+			v += " statistics " + d.Statistics
+		}
+		if v == "" {
 			continue
 		}
-		noise := fmt.Sprintf("noise %g", s.NoiseLevel)
-		if s.NoiseLevelModel > 0 {
-			noise += fmt.Sprintf(" (model's %g)", s.NoiseLevelModel)
+		key := "SR " + strconv.Itoa(i)
+		if s.Kind == "base" {
+			key = "Base"
 		}
-		ps = append(ps, stages.Param{Key: "SR " + strconv.Itoa(i), Value: fmt.Sprintf("%s %dx%d steps %d %s strength %g %s tile %d/%d/%d", s.Model, s.Width, s.Height, s.Steps, s.Sampler, s.Strength, noise, s.TileSize, s.Overlap, s.Halo)})
+		ps = append(ps, stages.Param{Key: key, Value: v})
 	}
 	if it.Image != "" {
 		ps = append(ps, kv("Upscaled from", filepath.Base(it.Image)))

@@ -332,19 +332,9 @@ func readDiffusers(dir string) (*Manifest, error) {
 	}
 	if m.Space == SpaceLatent && inPipeline {
 		if _, err := os.Stat(up("vae_decoder", "model.onnx")); err == nil {
-			a, err := ReadAutoencoder(filepath.Join(dir, ".."))
-			if err != nil {
+			if err := m.attachAutoencoder(filepath.Join(dir, ".."), "../"); err != nil {
 				return nil, err
 			}
-			if a.LatentChannels != m.Channels {
-				return nil, fmt.Errorf("%s: the decoder takes %d latent channels, the U-Net makes %d", a.Decoder, a.LatentChannels, m.Channels)
-			}
-			m.Autoencoder, m.DecodeFactor = filepath.Join(dir, ".."), a.Factor
-			if _, err := os.Stat(filepath.Join(filepath.Dir(a.Decoder), "model_sync.onnx")); err == nil {
-				m.DecodeSync = true
-				fact("decode", "GroupNorm statistics of the whole image (vae_decoder/model_sync.onnx)", "tools/sync_decoder.py")
-			}
-			fact("decoder", fmt.Sprintf("%s ×%d, %d latent channels, scaling %g", a.Class, a.Factor, a.LatentChannels, a.ScalingFactor), "../vae_decoder/config.json")
 		}
 	}
 	if m.Inputs[RoleContext] != "" && inPipeline {
@@ -366,6 +356,31 @@ func readDiffusers(dir string) (*Manifest, error) {
 		}
 	}
 	return m, nil
+}
+
+// attachAutoencoder describes the latent model's autoencoder in dir (a
+// folder holding vae_decoder/ and perhaps vae_encoder/): its factor, whether
+// it can encode, whether its decoder has a cut-open copy. rel is how the
+// facts name dir.
+func (m *Manifest) attachAutoencoder(dir, rel string) error {
+	a, err := ReadAutoencoder(dir)
+	if err != nil {
+		return err
+	}
+	if a.LatentChannels != m.Channels {
+		return fmt.Errorf("%s: the decoder takes %d latent channels, the U-Net makes %d", a.Decoder, a.LatentChannels, m.Channels)
+	}
+	m.Autoencoder, m.DecodeFactor, m.Encoder = dir, a.Factor, a.Encoder != ""
+	m.LatentScaling, m.LatentShift = a.ScalingFactor, a.ShiftFactor
+	if _, err := os.Stat(filepath.Join(filepath.Dir(a.Decoder), "model_sync.onnx")); err == nil {
+		m.DecodeSync = true
+		m.Facts = append(m.Facts, Fact{"decode", "GroupNorm statistics of the whole image (vae_decoder/model_sync.onnx)", "tools/sync_decoder.py"})
+	}
+	m.Facts = append(m.Facts, Fact{"decoder", fmt.Sprintf("%s ×%d, %d latent channels, scaling %g", a.Class, a.Factor, a.LatentChannels, a.ScalingFactor), rel + "vae_decoder/config.json"})
+	if a.Encoder != "" {
+		m.Facts = append(m.Facts, Fact{"encoder", "vae_encoder/model.onnx: images can be encoded (img2img)", rel + "vae_encoder/"})
+	}
+	return nil
 }
 
 // overlay decodes tessera.yaml over a manifest derived from the diffusers

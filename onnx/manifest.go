@@ -108,13 +108,21 @@ type Manifest struct {
 	TextEncoder string `yaml:"text_encoder" json:"text_encoder,omitempty"`
 	Tokenizer   string `yaml:"tokenizer" json:"tokenizer,omitempty"`
 	// Autoencoder is the folder of a latent model's autoencoder (its
-	// pipeline folder, holding vae_decoder/), "" when it has none;
+	// pipeline folder, or in tessera.yaml a folder relative to it, holding
+	// vae_decoder/ and perhaps vae_encoder/), "" when it has none;
 	// DecodeFactor is its decoder's factor.
 	Autoencoder  string `yaml:"autoencoder" json:"autoencoder,omitempty"`
 	DecodeFactor int    `yaml:"-" json:"decode_factor,omitempty"`
 	// DecodeSync says the decoder has a cut-open copy (model_sync.onnx)
 	// for GroupNorm statistics of the whole image.
 	DecodeSync bool `yaml:"-" json:"decode_sync,omitempty"`
+	// Encoder says the autoencoder has an encoder (vae_encoder/), which an
+	// img2img stage needs.
+	Encoder bool `yaml:"-" json:"encoder,omitempty"`
+	// LatentScaling and LatentShift are the autoencoder's scaling_factor
+	// and shift_factor (see Autoencoder).
+	LatentScaling float64 `yaml:"-" json:"latent_scaling,omitempty"`
+	LatentShift   float64 `yaml:"-" json:"latent_shift,omitempty"`
 	// ContextDim is D of the context input [B, L, D] where known (the
 	// U-Net config's cross_attention_dim); a context file must match it.
 	ContextDim int `yaml:"context_dim" json:"context_dim,omitempty"`

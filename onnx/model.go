@@ -135,6 +135,19 @@ func ReadModelFile(path string) (file string, hdr *ModelHeader, man *Manifest, e
 		}
 		man = derived
 	}
+	if man != nil && man.Autoencoder != "" && man.DecodeFactor == 0 {
+		// Named by tessera.yaml: relative to the model's folder.
+		ae := man.Autoencoder
+		if !filepath.IsAbs(ae) {
+			ae = filepath.Join(dir, ae)
+		}
+		if man.Space != SpaceLatent {
+			return "", nil, nil, fmt.Errorf("load model %q: %s autoencoder: %s, but the model is not latent (space: latent)", path, ManifestFile, man.Autoencoder)
+		}
+		if err := man.attachAutoencoder(ae, ManifestFile+" autoencoder "); err != nil {
+			return "", nil, nil, fmt.Errorf("load model %q: %s autoencoder: %w", path, ManifestFile, err)
+		}
+	}
 	return path, hdr, man, nil
 }
 

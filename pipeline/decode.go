@@ -11,13 +11,14 @@ import (
 	"tessera/stages"
 )
 
-// decoder is an autoencoder's decoder graph with one session, shared by
-// every item: latent_sample [1, C, h, w] → sample [1, 3, h·F, w·F].
-type decoder struct {
-	ae    *onnx.Autoencoder
+// aeSession is one graph of an autoencoder with one session, shared by
+// every item, one Run at a time.
+type aeSession struct {
+	path  string // the graph's model.onnx
 	sess  *onnx.Session
 	input string
 	out   string
+	outCh int // the output's channels (an encoder's latent_parameters: 2C)
 
 	mu    sync.Mutex // one Run at a time
 	runs  atomic.Int64
@@ -25,6 +26,13 @@ type decoder struct {
 	// inject, set by tests, fails a Run of n tiles before it starts (a
 	// device out of memory, which the CPU cannot be made to be).
 	inject func(n int) error
+}
+
+// decoder is an autoencoder's decoder graph: latent_sample [B, C, h, w] →
+// sample [B, 3, h·F, w·F].
+type decoder struct {
+	aeSession
+	ae *onnx.Autoencoder
 	// sync is the decoder cut open at its GroupNorm layers, for statistics
 	// of the whole image (nil: none, noSync once looked for).
 	sync   *syncDecoder
@@ -53,7 +61,7 @@ func (e *Engine) decoderOf(dir string) (*decoder, error) {
 	if len(m.Inputs) != 1 || len(m.Outputs) < 1 || len(m.Inputs[0].Shape) != 4 || len(m.Outputs[0].Shape) != 4 {
 		return nil, ModelUnusable(fmt.Errorf("decoder %s: want one input [B,C,h,w] and an output [B,3,H,W]", ae.Decoder))
 	}
-	d := &decoder{ae: ae, input: m.Inputs[0].Name, out: m.Outputs[0].Name}
+	d := &decoder{ae: ae, aeSession: aeSession{path: ae.Decoder, input: m.Inputs[0].Name, out: m.Outputs[0].Name, outCh: 3}}
 	if d.sess, err = e.env.NewSession(m, onnx.SessionOptions{}); err != nil {
 		return nil, &SessionError{Model: ae.Decoder, Err: err}
 	}
@@ -79,6 +87,10 @@ func (e *Engine) decode(ctx context.Context, dp *DecodePlan, z []float32, c, h, 
 	if err != nil {
 		return nil, Invalidf("decode: %w", err)
 	}
+	scale, shift, err := latentScaling(dp, d.ae, d.ae.Decoder)
+	if err != nil {
+		return nil, err
+	}
 	if dp.Statistics == StatisticsImage {
 		s, err := e.syncDecoderOf(d)
 		if err != nil {
@@ -87,52 +99,25 @@ func (e *Engine) decode(ctx context.Context, dp *DecodePlan, z []float32, c, h, 
 		if s == nil {
 			return nil, ModelUnusable(fmt.Errorf("decoder %s: no model_sync.onnx beside it for statistics of the whole image (tools/sync_decoder.py makes one)", d.ae.Decoder))
 		}
-		return e.decodeSynced(ctx, d, s, g, z, c, h, w)
+		return e.decodeSynced(ctx, d, s, g, z, c, h, w, scale, shift)
 	}
 	f := dp.Factor
 	H, W := h*f, w*f
 	acc := stages.NewAccumulator(3, H, W)
-	per := c * g.TileHeight * g.TileWidth
-	batch := max(1, min(dp.Batch, len(g.Tiles)))
-	if dp.Batch == 0 {
-		batch = min(decodeBatch, len(g.Tiles))
-	}
-	buf := make([]float32, batch*per)
-	for start := 0; start < len(g.Tiles); {
-		if err := ctx.Err(); err != nil {
-			return nil, err
-		}
-		n := min(batch, len(g.Tiles)-start)
-		tiles := g.Tiles[start : start+n]
-		for i, t := range tiles {
-			tile := buf[i*per : (i+1)*per]
-			if err := g.Extract(tile, z, c, t); err != nil {
-				return nil, err
+	err = e.tiledRuns(ctx, &d.aeSession, g.Tiles, dp.Batch, c*g.TileHeight*g.TileWidth,
+		func(dst []float32, t stages.Tile) error {
+			if err := g.Extract(dst, z, c, t); err != nil {
+				return err
 			}
-			for j := range tile {
-				tile[j] = tile[j]/float32(d.ae.ScalingFactor) + float32(d.ae.ShiftFactor)
+			for j := range dst {
+				dst[j] = dst[j]/scale + shift
 			}
-		}
-		out, err := d.run(ctx, buf[:n*per], n, c, g.TileHeight, g.TileWidth)
-		if err != nil && isOutOfMemory(err) && batch > 1 {
-			// A Run of several tiles did not fit: halve and go on.
-			batch /= 2
-			e.logger.Warn("decoder ran out of memory; batch halved", "decoder", d.ae.Decoder, "batch", batch, "err", err)
-			continue
-		}
-		if err != nil {
-			return nil, err
-		}
-		outPer := 3 * g.TileHeight * f * g.TileWidth * f
-		if len(out) != n*outPer {
-			return nil, ModelUnusable(fmt.Errorf("decoder %s: %d values for %d tiles of %dx%d ×%d", d.ae.Decoder, len(out), n, g.TileWidth, g.TileHeight, f))
-		}
-		for i, t := range tiles {
-			if err := acc.Add(scaleTile(t, f), out[i*outPer:(i+1)*outPer]); err != nil {
-				return nil, err
-			}
-		}
-		start += n
+			return nil
+		},
+		[]int64{int64(c), int64(g.TileHeight), int64(g.TileWidth)}, []int64{3, int64(g.TileHeight * f), int64(g.TileWidth * f)},
+		func(t stages.Tile, out []float32) error { return acc.Add(scaleTile(t, f), out) })
+	if err != nil {
+		return nil, err
 	}
 	img := make([]float32, 3*H*W)
 	if err := acc.Result(img); err != nil {
@@ -142,6 +127,64 @@ func (e *Engine) decode(ctx context.Context, dp *DecodePlan, z []float32, c, h, 
 		img[i] = min(max(v, -1), 1)
 	}
 	return img, nil
+}
+
+// latentScaling is how the decoder's latents come from the stage's: the
+// plan's scaling and shift (the autoencoder's when the plan has none),
+// which must still be the autoencoder's.
+func latentScaling(dp *DecodePlan, ae *onnx.Autoencoder, graph string) (scale, shift float32, err error) {
+	if dp.Scaling != 0 && (dp.Scaling != ae.ScalingFactor || dp.Shift != ae.ShiftFactor) {
+		return 0, 0, ModelUnusable(fmt.Errorf("%s: scaling %g shift %g in its config now, %g and %g when the item was queued (submit it again)", graph, ae.ScalingFactor, ae.ShiftFactor, dp.Scaling, dp.Shift))
+	}
+	return float32(ae.ScalingFactor), float32(ae.ShiftFactor), nil
+}
+
+// tiledRuns runs an autoencoder graph over tiles, up to batch at a time (0:
+// decodeBatch), halving the batch while a Run of several tiles runs out of
+// memory: fill writes a tile's input (per values, in×in[1]×in[2] with
+// in[0] channels) into its slot, add takes its output (out's shape per
+// tile).
+func (e *Engine) tiledRuns(ctx context.Context, s *aeSession, tiles []stages.Tile, batch, per int, fill func(dst []float32, t stages.Tile) error, in, out []int64, add func(t stages.Tile, out []float32) error) error {
+	if batch == 0 {
+		batch = decodeBatch
+	}
+	batch = max(1, min(batch, len(tiles)))
+	buf := make([]float32, batch*per)
+	outPer := int(out[0] * out[1] * out[2])
+	for start := 0; start < len(tiles); {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		n := min(batch, len(tiles)-start)
+		for i, t := range tiles[start : start+n] {
+			if err := fill(buf[i*per:(i+1)*per], t); err != nil {
+				return err
+			}
+		}
+		res, err := s.run(ctx, buf[:n*per], append([]int64{int64(n)}, in...), append([]int64{int64(n)}, out...))
+		if err != nil && isOutOfMemory(err) && batch > 1 {
+			// A Run of several tiles did not fit: halve and go on.
+			batch /= 2
+			e.logger.Warn("autoencoder ran out of memory; batch halved", "graph", s.path, "batch", batch, "err", err)
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if len(res) < n*outPer || len(res)%n != 0 {
+			return ModelUnusable(fmt.Errorf("%s: %d values for %d tiles of %v", s.path, len(res), n, out))
+		}
+		// An encoder's latent_parameters hold the mean and then the log
+		// variance: the first outPer values of each tile's are the mean.
+		got := len(res) / n
+		for i, t := range tiles[start : start+n] {
+			if err := add(t, res[i*got:i*got+outPer]); err != nil {
+				return err
+			}
+		}
+		start += n
+	}
+	return nil
 }
 
 // DecodeCanvasBytes is what a decode to W×H pixels holds whatever its
@@ -168,22 +211,24 @@ func scaleTile(t stages.Tile, f int) stages.Tile {
 		Window: stages.Window{Y: up(t.Window.Y), X: up(t.Window.X)}}
 }
 
-func (d *decoder) run(ctx context.Context, z []float32, n, c, h, w int) ([]float32, error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.inject != nil {
-		if err := d.inject(n); err != nil {
+// run runs the graph on x of shape in, its output of shape out but with
+// the graph's own channels (outCh, which may be twice out's: see
+// tiledRuns).
+func (s *aeSession) run(ctx context.Context, x []float32, in, out []int64) ([]float32, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.inject != nil {
+		if err := s.inject(int(in[0])); err != nil {
 			return nil, err
 		}
 	}
 	start := time.Now()
-	f := int64(d.ae.Factor)
-	out, err := d.sess.RunShaped(ctx, map[string]onnx.Tensor{d.input: onnx.FloatTensor(z, int64(n), int64(c), int64(h), int64(w))},
-		map[string][]int64{d.out: {int64(n), 3, int64(h) * f, int64(w) * f}})
-	d.nanos.Add(int64(time.Since(start)))
+	shape := append([]int64{in[0], int64(s.outCh)}, out[2:]...)
+	res, err := s.sess.RunShaped(ctx, map[string]onnx.Tensor{s.input: onnx.FloatTensor(x, in...)}, map[string][]int64{s.out: shape})
+	s.nanos.Add(int64(time.Since(start)))
 	if err != nil {
-		return nil, fmt.Errorf("decoder %s: %w", d.ae.Decoder, err)
+		return nil, fmt.Errorf("%s: %w", s.path, err)
 	}
-	d.runs.Add(1)
-	return out[d.out].Float, nil
+	s.runs.Add(1)
+	return res[s.out].Float, nil
 }

@@ -118,7 +118,7 @@ func (s *syncDecoder) run(ctx context.Context, d *decoder, z []float32, c, h, w 
 // the cost is a Run per layer and tile more than the naive decode.
 // Activations are exact in a tile's core where the halo covers the layers'
 // receptive field; a self-attention block attends within its tile.
-func (e *Engine) decodeSynced(ctx context.Context, d *decoder, s *syncDecoder, g *stages.TileGrid, z []float32, c, h, w int) ([]float32, error) {
+func (e *Engine) decodeSynced(ctx context.Context, d *decoder, s *syncDecoder, g *stages.TileGrid, z []float32, c, h, w int, scale, shift float32) ([]float32, error) {
 	// The windows' sum at every latent position.
 	ones := stages.NewAccumulator(1, h, w)
 	for _, t := range g.Tiles {
@@ -136,7 +136,7 @@ func (e *Engine) decodeSynced(ctx context.Context, d *decoder, s *syncDecoder, g
 			return nil, err
 		}
 		for j := range b {
-			b[j] = b[j]/float32(d.ae.ScalingFactor) + float32(d.ae.ShiftFactor)
+			b[j] = b[j]/scale + shift
 		}
 		out, err := s.run(ctx, d, b, c, t.Height, t.Width, mean, rstd)
 		if err != nil {

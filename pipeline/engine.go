@@ -61,6 +61,7 @@ type Engine struct {
 	runners  map[string]*runner
 	texts    map[string]*textEncoder // by text encoder path
 	decoders map[string]*decoder     // by autoencoder folder
+	encoders map[string]*encoder     // by autoencoder folder
 	closed   bool
 }
 
@@ -71,7 +72,7 @@ func New(env *onnx.Env, resolver models.Resolver, opts Options, logger *slog.Log
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	g, ctx := errgroup.WithContext(ctx)
-	return &Engine{env: env, resolver: resolver, opts: opts, logger: logger, ctx: ctx, cancel: cancel, group: g, runners: map[string]*runner{}, texts: map[string]*textEncoder{}, decoders: map[string]*decoder{}}
+	return &Engine{env: env, resolver: resolver, opts: opts, logger: logger, ctx: ctx, cancel: cancel, group: g, runners: map[string]*runner{}, texts: map[string]*textEncoder{}, decoders: map[string]*decoder{}, encoders: map[string]*encoder{}}
 }
 
 // Close stops the batchers and releases the sessions. It is safe to call
@@ -97,7 +98,15 @@ func (e *Engine) Close() error {
 	for _, d := range e.decoders {
 		d.mu.Lock() // a Run on a caller's goroutine finishes first
 		d.sess.Close()
+		if d.sync != nil {
+			d.sync.sess.Close()
+		}
 		d.mu.Unlock()
+	}
+	for _, x := range e.encoders {
+		x.mu.Lock()
+		x.sess.Close()
+		x.mu.Unlock()
 	}
 	return err
 }
@@ -566,8 +575,8 @@ func (e *Engine) Generate(ctx context.Context, it Item, plan Plan, progress func
 		if err != nil {
 			return nil, err
 		}
-		if r.model.Kind != sp.Kind {
-			return nil, ModelUnusable(fmt.Errorf("%s.model: %s is a %s model now (it was queued as %s; submit it again)", sp.Kind, sp.Model, r.model.Kind, sp.Kind))
+		if want := modelKind(sp.Kind); r.model.Kind != want {
+			return nil, ModelUnusable(fmt.Errorf("%s.model: %s is a %s model now (it was queued as %s; submit it again)", want, sp.Model, r.model.Kind, want))
 		}
 		ctxs, err := e.stageContexts(ctx, it, sp, r, files)
 		if err != nil {
@@ -576,9 +585,15 @@ func (e *Engine) Generate(ctx context.Context, it Item, plan Plan, progress func
 		if ctxs != nil && ctxs.cut != "" {
 			plan.PromptCut = ctxs.cut // recorded in the sidecar with the plan
 		}
-		if sp.Kind == onnx.KindBase {
-			img, err = e.runStage(ctx, it, si, sp, r, nil, ctxs, report)
-		} else {
+		switch sp.Kind {
+		case onnx.KindBase:
+			img, err = e.runStage(ctx, it, si, sp, r, nil, nil, ctxs, report)
+		case KindImg2Img:
+			var init []float32
+			if init, err = e.img2imgStart(ctx, sp, img, c, h, w); err == nil {
+				img, err = e.runStage(ctx, it, si, sp, r, nil, init, ctxs, report)
+			}
+		default:
 			if c != r.lowresCh {
 				return nil, ModelUnusable(fmt.Errorf("sr.model: %s takes a %d-channel low-res image; stage %d gets %d channels", sp.Model, r.lowresCh, si, c))
 			}
@@ -588,7 +603,14 @@ func (e *Engine) Generate(ctx context.Context, it Item, plan Plan, progress func
 				if err := stages.Resample(up, prev, c, h, w, sp.Height, sp.Width, stages.Filter(sp.Filter)); err != nil {
 					return nil, fmt.Errorf("stage %d: upsample: %w", si, err)
 				}
-				img, err = e.runStage(ctx, it, si, sp, r, up, ctxs, report)
+				// A sample of the low-res image's channels starts from it,
+				// noised to the strength; latents beside pixels start from
+				// noise (MakePlan holds their strength to 1).
+				var init []float32
+				if r.channels == r.lowresCh {
+					init = up
+				}
+				img, err = e.runStage(ctx, it, si, sp, r, up, init, ctxs, report)
 				var big *tileTooLarge
 				if !errors.As(err, &big) {
 					break
@@ -648,12 +670,50 @@ func (e *Engine) Generate(ctx context.Context, it Item, plan Plan, progress func
 	return &Result{Image: img, Channels: c, Width: it.Width, Height: it.Height, Plan: plan, Seconds: time.Since(start).Seconds(), Decodes: decodes}, nil
 }
 
+// modelKind is the kind of model a stage of kind k runs: an img2img
+// stage's is a base model.
+func modelKind(k string) string {
+	if k == KindImg2Img {
+		return onnx.KindBase
+	}
+	return k
+}
+
+// img2imgStart is an img2img stage's starting point: the previous image
+// (c×h×w pixels: the input) resized to the stage's canvas in pixels and,
+// for a latent stage, encoded in tiles.
+func (e *Engine) img2imgStart(ctx context.Context, sp StagePlan, img []float32, c, h, w int) ([]float32, error) {
+	if sp.Encode == nil {
+		return nil, Invalidf("img2img: the plan has no encode (it was queued by an older tessera; submit it again)")
+	}
+	f := sp.Encode.Factor
+	if c != 3 {
+		return nil, Invalidf("img2img: the input has %d channels, want 3", c)
+	}
+	H, W := sp.Height*f, sp.Width*f
+	up := img
+	if H != h || W != w {
+		up = make([]float32, 3*H*W)
+		if err := stages.Resample(up, img, 3, h, w, H, W, stages.Filter(sp.Filter)); err != nil {
+			return nil, fmt.Errorf("img2img: resize: %w", err)
+		}
+	}
+	z, err := e.encode(ctx, sp.Encode, up, sp.Height, sp.Width)
+	if err != nil {
+		return nil, fmt.Errorf("encode: %w", err)
+	}
+	return z, nil
+}
+
 // runStage samples one stage. lowres is the previous image upsampled to
-// this stage's size (nil for the base stage). Per step the canvas is cut
+// this stage's size (nil for the base stage), the model's low-res
+// conditioning; init, where the stage does not start from noise, is what
+// it starts from, noised to the stage's strength (the upsampled image of a
+// pixel SR stage, an img2img stage's image or latents). Per step the canvas is cut
 // into tiles, the tiles go to the model's batcher, their predictions are
 // converted to x0 and fused with the windows, and the sampler steps the
 // whole canvas once.
-func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r *runner, lowres []float32, ctxs *itemContexts, report func(stage, step, steps, tiles int)) ([]float32, error) {
+func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r *runner, lowres, init []float32, ctxs *itemContexts, report func(stage, step, steps, tiles int)) ([]float32, error) {
 	c, H, W := r.channels, sp.Height, sp.Width
 	n := c * H * W
 	sched, err := r.schedule(sp.Sampler)
@@ -662,7 +722,7 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 	}
 	sched.Shift = sp.Shift
 	stream := stages.StreamBase
-	if sp.Kind == onnx.KindSR {
+	if sp.Kind != onnx.KindBase {
 		stream = stages.StreamSR
 	}
 	etaNoise := stages.Noise{Seed: it.Seed, Stream: stages.StageStream(stages.StreamEta, si)}
@@ -693,14 +753,28 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 	if err := setup.Wait(); err != nil {
 		return nil, err
 	}
-	// A sample of other channels than its low-res image (latents beside
-	// pixels) cannot start from that image: it starts from noise, as a base
-	// stage does (MakePlan holds its strength to 1).
-	fromNoise := lowres == nil || c != L
+	fromNoise := init == nil
+	if !fromNoise && len(init) != n {
+		return nil, fmt.Errorf("stage %d: starts from %d values, its canvas has %d", si, len(init), n)
+	}
 	if fromNoise {
 		s := float32(sampler.InitNoiseSigma())
 		for i := range x {
 			x[i] *= s
+		}
+	}
+	if init != nil {
+		err := stages.InBands(H, 64, func(y0, y1 int) error {
+			for ch := 0; ch < c; ch++ {
+				lo, hi := ch*H*W+y0*W, ch*H*W+y1*W
+				if err := sampler.AddNoise(x[lo:hi], init[lo:hi], x[lo:hi]); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			return nil, err
 		}
 	}
 	if lowres != nil {
@@ -713,19 +787,12 @@ func (e *Engine) runStage(ctx context.Context, it Item, si int, sp StagePlan, r 
 			}
 			level = math.Min(sp.NoiseLevelModel/float64(len(abar)-1), 1)
 		}
-		// Both are elementwise: each band of rows (in every channel) on its own core.
+		// Elementwise: each band of rows (in every channel) on its own core.
 		err := stages.InBands(H, 64, func(y0, y1 int) error {
-			for ch := 0; ch < max(c, L); ch++ {
+			for ch := 0; ch < L; ch++ {
 				lo, hi := ch*H*W+y0*W, ch*H*W+y1*W
-				if !fromNoise {
-					if err := sampler.AddNoise(x[lo:hi], lowres[lo:hi], x[lo:hi]); err != nil {
-						return err
-					}
-				}
-				if ch < L {
-					if err := stages.NoiseAugment(cond[lo:hi], lowres[lo:hi], cond[lo:hi], abar, level); err != nil {
-						return err
-					}
+				if err := stages.NoiseAugment(cond[lo:hi], lowres[lo:hi], cond[lo:hi], abar, level); err != nil {
+					return err
 				}
 			}
 			return nil

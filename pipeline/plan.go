@@ -95,7 +95,7 @@ func UpscaleSize(w, h int, scale float64) (int, int) {
 
 // StagePlan is one stage of a cascade, fully resolved.
 type StagePlan struct {
-	Kind  string `json:"kind"` // base or sr
+	Kind  string `json:"kind"` // base, sr or img2img
 	Model string `json:"model"`
 	Space string `json:"space,omitempty"` // latent, or pixel when empty
 	// Variance is the model's variance_type (a learned variance is not used
@@ -103,8 +103,11 @@ type StagePlan struct {
 	Variance     string  `json:"variance_type,omitempty"`
 	Thresholding float64 `json:"thresholding_ratio,omitempty"`
 	// Decode, for a latent stage, is how its latents become pixels: the
-	// autoencoder's decoder, run in tiles of the latent canvas.
+	// autoencoder's decoder, run in tiles of the latent canvas; Encode, for
+	// a latent img2img stage, how the input image becomes latents (the
+	// same latent tiles, F times as large in pixels).
 	Decode     *DecodePlan `json:"decode,omitempty"`
+	Encode     *DecodePlan `json:"encode,omitempty"`
 	Width      int         `json:"width"`
 	Height     int         `json:"height"`
 	Steps      int         `json:"steps"`
@@ -125,15 +128,21 @@ type StagePlan struct {
 	Batch           int     `json:"batch"`
 }
 
-// DecodePlan is a latent stage's tiled decode: the autoencoder, its
-// factor, and the latent tiles (size, overlap and halo in latent pixels).
+// DecodePlan is a latent stage's tiled decode (or encode): the
+// autoencoder, its factor and latent scaling, and the latent tiles (size,
+// overlap and halo in latent pixels).
 type DecodePlan struct {
 	Autoencoder string `json:"autoencoder"`
 	Factor      int    `json:"factor"`
-	TileSize    int    `json:"tile_size"`
-	Overlap     int    `json:"overlap"`
-	Halo        int    `json:"halo"`
-	Tiles       int    `json:"tiles"`
+	// Scaling and Shift map the autoencoder's latents to the U-Net's:
+	// z = (latent − Shift) · Scaling (its config's scaling_factor and
+	// shift_factor); the decoder gets z / Scaling + Shift.
+	Scaling  float64 `json:"scaling"`
+	Shift    float64 `json:"shift,omitempty"`
+	TileSize int     `json:"tile_size"`
+	Overlap  int     `json:"overlap"`
+	Halo     int     `json:"halo"`
+	Tiles    int     `json:"tiles"`
 	// Batch is the most tiles per decoder Run; 0: the default (4), halved
 	// while a Run runs out of memory.
 	Batch int `json:"batch,omitempty"`
@@ -142,6 +151,11 @@ type DecodePlan struct {
 	// image's, shared over the tiles: see decodeSynced).
 	Statistics string `json:"statistics"`
 }
+
+// KindImg2Img is the kind of an upscale stage whose model takes no
+// low-res image (a base model): it starts from the input, encoded and
+// noised to the strength (see planImg2Img).
+const KindImg2Img = "img2img"
 
 // Decode statistics.
 const (
@@ -250,7 +264,7 @@ func MakePlan(it Item, describe Describe) (Plan, error) {
 			return err
 		}
 		if m.Kind != onnx.KindSR {
-			return ModelUnusable(fmt.Errorf("sr.model: %s is a %s model, not an SR model", it.SR.Model, m.Kind))
+			return ModelUnusable(fmt.Errorf("sr.model: %s is a %s model, not an SR model (nor a latent model with an encoder, which would upscale as img2img)", it.SR.Model, m.Kind))
 		}
 		if m.Scale < 2 && m.Space != onnx.SpaceLatent {
 			return ModelUnusable(fmt.Errorf("sr.model: %s has scale %d; an SR model upscales by 2 or more", it.SR.Model, m.Scale))
@@ -276,11 +290,20 @@ func MakePlan(it Item, describe Describe) (Plan, error) {
 		if len(bm.NativeSize) != 2 {
 			return p, ModelUnusable(fmt.Errorf("base.model: %s has no native_size", it.Base.Model))
 		}
-		nh, nw := bm.NativeSize[0], bm.NativeSize[1]
+		// A latent base model's native size and size multiple are in
+		// latents: in pixels they are F times as large.
+		bf := 1
+		if bm.Space == onnx.SpaceLatent {
+			if bm.DecodeFactor < 1 {
+				return p, noDecoder("base.model", it.Base.Model)
+			}
+			bf = bm.DecodeFactor
+		}
+		nh, nw, bmult := bm.NativeSize[0]*bf, bm.NativeSize[1]*bf, bm.SizeMultiple*bf
 		if it.Width*it.Height <= nw*nh {
 			// At or below the base model's size: the base stage alone,
 			// whatever SR model the item names (it is not asked for).
-			w, h, k = baseSize(it.Width, it.Height, nw, nh, 2, bm.SizeMultiple) // k = 0
+			w, h, k = baseSize(it.Width, it.Height, nw, nh, 2, bmult) // k = 0
 		} else if it.SR.Model == "" {
 			return p, Invalidf("sr.model: none given, and %dx%d is larger than the base model's native %dx%d (set sr.model or models.default_sr)", it.Width, it.Height, nw, nh)
 		} else {
@@ -289,7 +312,7 @@ func MakePlan(it Item, describe Describe) (Plan, error) {
 			}
 			// Every later canvas is the base times a power of the scale; a base on
 			// both models' size multiples keeps all of them on theirs.
-			mult := lcm(bm.SizeMultiple, srMan.SizeMultiple)
+			mult := lcm(bmult, srMan.SizeMultiple)
 			if srMan.Scale < 2 {
 				// A latent SR model: one stage at the base's size, whose
 				// decoder's factor makes the target; the base is the target
@@ -301,16 +324,38 @@ func MakePlan(it Item, describe Describe) (Plan, error) {
 				w, h, k = baseSize(it.Width, it.Height, nw, nh, srMan.Scale, mult)
 			}
 		}
-		sp, err := planStage(onnx.KindBase, it.Base, bm, w, h)
+		sp, err := planStage(onnx.KindBase, it.Base, bm, w/bf, h/bf)
 		if err != nil {
 			return p, Invalid(err)
 		}
 		sp.Tiles = 1
-		p.Stages = append(p.Stages, sp)
-	} else {
-		if it.InputWidth < 1 || it.InputHeight < 1 {
-			return p, Invalidf("image: input size %dx%d unknown", it.InputWidth, it.InputHeight)
+		if bf > 1 {
+			if sp.Decode, err = decodePlanOf(bm, sp.Height, sp.Width); err != nil {
+				return p, err
+			}
 		}
+		p.Stages = append(p.Stages, sp)
+	} else if it.InputWidth < 1 || it.InputHeight < 1 {
+		return p, Invalidf("image: input size %dx%d unknown", it.InputWidth, it.InputHeight)
+	} else if m, err := model("sr.model", it.SR.Model); err != nil {
+		return p, err
+	} else if m.Kind == onnx.KindBase && m.Space == onnx.SpaceLatent {
+		// A latent model without a low-res input upscales as img2img: the
+		// input resized to the target, encoded, noised to the strength and
+		// denoised in tiles.
+		if err := contextFor("sr.model", it.SR.Model, m); err != nil {
+			return p, err
+		}
+		sp, err := planImg2Img(it, m)
+		if err != nil {
+			return p, err
+		}
+		p.Stages = append(p.Stages, sp)
+		w, h = sp.Width, sp.Height
+		if sp.Decode != nil {
+			w, h = w*sp.Decode.Factor, h*sp.Decode.Factor
+		}
+	} else {
 		if err := needSR(); err != nil {
 			return p, err
 		}
@@ -335,18 +380,14 @@ func MakePlan(it Item, describe Describe) (Plan, error) {
 			return p, Invalidf("sr.tile: %w", err)
 		}
 		sp.TileSize, sp.Tiles = g.TileHeight, len(g.Tiles)
-		if srMan.Space == onnx.SpaceLatent && srMan.DecodeFactor > 0 {
-			d := &DecodePlan{Autoencoder: srMan.Autoencoder, Factor: srMan.DecodeFactor, TileSize: decodeTile, Overlap: decodeOverlap, Halo: decodeHalo, Statistics: StatisticsTile}
-			if srMan.DecodeSync {
-				d.Statistics = StatisticsImage
+		if srMan.Space == onnx.SpaceLatent {
+			if srMan.DecodeFactor < 1 {
+				return p, noDecoder("sr.model", it.SR.Model)
 			}
-			dg, err := decodeGrid(sp.Height, sp.Width, d)
-			if err != nil {
-				return p, Invalidf("decode: %w", err)
+			if sp.Decode, err = decodePlanOf(srMan, sp.Height, sp.Width); err != nil {
+				return p, err
 			}
-			d.TileSize, d.Tiles = dg.TileHeight, len(dg.Tiles)
-			sp.Decode = d
-			w, h = w*d.Factor, h*d.Factor
+			w, h = w*sp.Decode.Factor, h*sp.Decode.Factor
 		}
 		p.Stages = append(p.Stages, sp)
 	}
@@ -367,6 +408,92 @@ func MakePlan(it Item, describe Describe) (Plan, error) {
 		return p, Invalidf("negative_context: %s is [%d, %d], context %s [%d, %d]: a guidance pair shares one shape", n.Path, n.Tokens, n.Dim, c.Path, c.Tokens, c.Dim)
 	}
 	return p, nil
+}
+
+// noDecoder is the error for a latent model that has no decoder.
+func noDecoder(field, ref string) error {
+	return ModelUnusable(fmt.Errorf("%s: %s is a latent model without an autoencoder (no vae_decoder/ in its pipeline folder, no autoencoder: in its %s): its latents cannot become an image", field, ref, onnx.ManifestFile))
+}
+
+// decodePlanOf is the tiled decode of a latent model's h×w canvas, and
+// (encodePlanOf) the tiled encode of an image into it: the same latent
+// tiles, the encoder's pixel tiles F times as large.
+func decodePlanOf(m *onnx.Manifest, h, w int) (*DecodePlan, error) {
+	d := &DecodePlan{Autoencoder: m.Autoencoder, Factor: m.DecodeFactor, Scaling: m.LatentScaling, Shift: m.LatentShift,
+		TileSize: decodeTile, Overlap: decodeOverlap, Halo: decodeHalo, Statistics: StatisticsTile}
+	if m.DecodeSync {
+		d.Statistics = StatisticsImage
+	}
+	dg, err := decodeGrid(h, w, d)
+	if err != nil {
+		return nil, Invalidf("decode: %w", err)
+	}
+	d.TileSize, d.Tiles = dg.TileHeight, len(dg.Tiles)
+	return d, nil
+}
+
+func encodePlanOf(m *onnx.Manifest, h, w int) (*DecodePlan, error) {
+	d, err := decodePlanOf(m, h, w)
+	if err != nil {
+		return nil, err
+	}
+	d.Statistics = StatisticsTile // the encoder is run as it is
+	return d, nil
+}
+
+// DefaultImg2ImgStrength is an img2img stage's strength where neither the
+// job nor the model's manifest gives one: the low end of what tiled
+// img2img upscales are run at (0.2 to 0.4), which keeps the input's
+// composition and colours while the model adds detail.
+const DefaultImg2ImgStrength = 0.3
+
+// planImg2Img is the img2img upscale of an item's image with a latent
+// model that takes no low-res input: the canvas is the target over the
+// decoder's factor (on the model's size multiple), the image is resized
+// to its size in pixels, encoded, noised to the strength, denoised in
+// fused tiles and decoded.
+func planImg2Img(it Item, m *onnx.Manifest) (StagePlan, error) {
+	if m.DecodeFactor < 1 {
+		return StagePlan{}, noDecoder("sr.model", it.SR.Model)
+	}
+	if !m.Encoder {
+		return StagePlan{}, ModelUnusable(fmt.Errorf("sr.model: %s has no vae_encoder/ in its pipeline folder: an img2img upscale needs the encoder to turn the image into latents", it.SR.Model))
+	}
+	f := m.DecodeFactor
+	mult := m.SizeMultiple
+	round := func(v int) int { return max(mult, int(math.Round(float64(v)/float64(f)/float64(mult)))*mult) }
+	w, h := round(it.Width), round(it.Height)
+	if int64(w*f)*int64(h*f) > MaxCanvasPixels {
+		return StagePlan{}, Invalidf("sr stage 1: a %dx%d canvas is over the %d pixels any canvas may have", w*f, h*f, MaxCanvasPixels)
+	}
+	p := it.SR
+	if p.Strength == 0 && m.Defaults.Strength == 0 {
+		p.Strength = DefaultImg2ImgStrength
+	}
+	// Tiles of the size the model was trained at (its sample_size), an
+	// eighth of it overlapping, where the job gives none.
+	if p.Tile.Size == 0 && len(m.NativeSize) == 2 {
+		p.Tile.Size = max(m.NativeSize[0], m.NativeSize[1])
+		if p.Tile.Overlap == 0 {
+			p.Tile.Overlap = max(p.Tile.Size/8, mult)
+		}
+	}
+	sp, err := planStage(KindImg2Img, p, m, w, h)
+	if err != nil {
+		return sp, Invalid(err)
+	}
+	g, err := tileGrid(sp, m)
+	if err != nil {
+		return sp, Invalidf("sr.tile: %w", err)
+	}
+	sp.TileSize, sp.Tiles = g.TileHeight, len(g.Tiles)
+	if sp.Encode, err = encodePlanOf(m, h, w); err != nil {
+		return sp, err
+	}
+	if sp.Decode, err = decodePlanOf(m, h, w); err != nil {
+		return sp, err
+	}
+	return sp, nil
 }
 
 // decodeGrid is the latent tile grid of a decode.
@@ -425,9 +552,14 @@ func planStage(kind string, p StageParams, man *onnx.Manifest, w, h int) (StageP
 	if man != nil {
 		mult = man.SizeMultiple
 	}
-	if kind == onnx.KindSR {
+	if kind == KindImg2Img && p.NoiseLevel != nil {
+		return sp, fmt.Errorf("sr.noise_level: %s takes no low-res image to augment (an img2img stage: give strength)", p.Model)
+	}
+	if kind != onnx.KindBase {
 		sp.Strength = firstFloat(p.Strength, d.Strength, defaultStrength)
-		sp.NoiseLevel = d.NoiseLevel
+		if kind == onnx.KindSR {
+			sp.NoiseLevel = d.NoiseLevel
+		}
 		if p.NoiseLevel != nil {
 			sp.NoiseLevel = *p.NoiseLevel
 		}
@@ -470,7 +602,7 @@ func planStage(kind string, p StageParams, man *onnx.Manifest, w, h int) (StageP
 	if sp.Steps < 1 || sp.Steps > 10000 {
 		return sp, fmt.Errorf("%s.steps: %d not in [1, 10000]", kind, sp.Steps)
 	}
-	if kind == onnx.KindSR {
+	if kind != onnx.KindBase {
 		if _, err := stages.Img2ImgStart(sp.Steps, sp.Strength); err != nil {
 			return sp, fmt.Errorf("%s.strength: %w", kind, err)
 		}

@@ -1,0 +1,328 @@
+package pipeline
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"strings"
+	"testing"
+
+	"tessera/onnx"
+	"tessera/stages"
+)
+
+// aeLayout is a tile layout of a plan's encode or decode, in latents.
+type aeLayout struct{ tile, overlap, halo int }
+
+var aeLayouts = []aeLayout{{64, 8, 8}, {4, 1, 1}, {6, 2, 1}}
+
+// withAELayout is plan with its encodes and decodes retiled to l.
+func withAELayout(t *testing.T, plan Plan, l aeLayout) Plan {
+	t.Helper()
+	plan.Stages = append([]StagePlan(nil), plan.Stages...)
+	for i := range plan.Stages {
+		sp := &plan.Stages[i]
+		for _, dp := range []**DecodePlan{&sp.Decode, &sp.Encode} {
+			if *dp == nil {
+				continue
+			}
+			d := **dp
+			d.TileSize, d.Overlap, d.Halo = l.tile, l.overlap, l.halo
+			g, err := decodeGrid(sp.Height, sp.Width, &d)
+			if err != nil {
+				t.Fatal(err)
+			}
+			d.Tiles = len(g.Tiles)
+			*dp = &d
+		}
+	}
+	return plan
+}
+
+// depthToSpace is the oracle decoder: latents C·16 × h × w → C × 4h × 4w.
+func depthToSpace(z []float32, c, h, w int) []float32 {
+	out := make([]float32, c*16*h*w)
+	W := 4 * w
+	for ch := 0; ch < c; ch++ {
+		for j := 0; j < 16; j++ {
+			dy, dx := j/4, j%4
+			for y := 0; y < h; y++ {
+				for x := 0; x < w; x++ {
+					out[ch*16*h*w+(4*y+dy)*W+4*x+dx] = z[((ch*16+j)*h+y)*w+x]
+				}
+			}
+		}
+	}
+	return out
+}
+
+// spaceToDepth is its inverse, the oracle encoder's mean.
+func spaceToDepth(img []float32, c, H, W int) []float32 {
+	h, w := H/4, W/4
+	out := make([]float32, len(img))
+	for ch := 0; ch < c; ch++ {
+		for j := 0; j < 16; j++ {
+			dy, dx := j/4, j%4
+			for y := 0; y < h; y++ {
+				for x := 0; x < w; x++ {
+					out[((ch*16+j)*h+y)*w+x] = img[ch*H*W+(4*y+dy)*W+4*x+dx]
+				}
+			}
+		}
+	}
+	return out
+}
+
+func worstDiff(got, want []float32) float64 {
+	worst := 0.0
+	for i := range want {
+		worst = max(worst, math.Abs(float64(got[i])-float64(want[i])))
+	}
+	return worst
+}
+
+// TestLatentSROracle runs a latent ×4 SR stage (48 latent channels with the
+// low-res image concatenated, decoded by the depth-to-space oracle) tiled
+// in several U-Net and decoder layouts: the oracle's x0* decodes to the
+// input upscaled ×4 by nearest neighbours, which the image must be within
+// 1e-4.
+func TestLatentSROracle(t *testing.T) {
+	e := familyEngine(t, Options{Lanes: 2})
+	in := writeGradient(t, 16, 12)
+	src, iw, ih, err := LoadImage(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := make([]float32, 3*16*iw*ih)
+	for ch := 0; ch < 3; ch++ {
+		for y := 0; y < 4*ih; y++ {
+			for x := 0; x < 4*iw; x++ {
+				want[(ch*4*ih+y)*4*iw+x] = src[(ch*ih+y/4)*iw+x/4]
+			}
+		}
+	}
+	for _, tl := range []Tiling{{Size: 16, Overlap: 2, Halo: intp(2)}, {Size: 8, Overlap: 2, Halo: intp(2)}} {
+		for _, l := range aeLayouts {
+			t.Run(fmt.Sprintf("unet%d-decode%d", tl.Size, l.tile), func(t *testing.T) {
+				it := Item{Seed: 3, Class: -1, Image: in, Scale: 4, SR: StageParams{Model: "latent-sr-oracle", Steps: 6, Tile: tl}}
+				if err := it.SetInput(); err != nil {
+					t.Fatal(err)
+				}
+				plan, err := e.Plan(it)
+				if err != nil {
+					t.Fatal(err)
+				}
+				sp := plan.Stages[0]
+				if sp.Space != onnx.SpaceLatent || sp.Decode == nil || sp.Decode.Factor != 4 || sp.Width != 16 || sp.Height != 12 || plan.Resample {
+					t.Fatalf("plan %+v", plan)
+				}
+				plan = withAELayout(t, plan, l)
+				if l.tile < 8 && plan.Stages[0].Decode.Tiles < 4 {
+					t.Fatalf("decode not tiled: %+v", plan.Stages[0].Decode)
+				}
+				res, err := e.Generate(context.Background(), it, plan, nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if res.Width != 64 || res.Height != 48 || res.Channels != 3 {
+					t.Fatalf("result %dx%d×%d", res.Width, res.Height, res.Channels)
+				}
+				if d := worstDiff(res.Image, want); d > 1e-4 {
+					t.Errorf("largest error %g against the nearest-neighbour ×4 of the input", d)
+				}
+			})
+		}
+	}
+}
+
+// TestLatentBaseOracle samples latents at the base model's native size
+// and decodes them: x0* = K per latent channel decodes to a 4×4 pattern,
+// K[16c + 4dy + dx] at (dy, dx) of channel c, in every decoder layout.
+func TestLatentBaseOracle(t *testing.T) {
+	e := familyEngine(t, Options{})
+	k := func(i int) float32 { return float32(-0.6 + 1.2*float64((7*i)%48)/47) }
+	for _, l := range aeLayouts {
+		t.Run(fmt.Sprintf("decode%d", l.tile), func(t *testing.T) {
+			it := Item{Seed: 5, Class: -1, Width: 32, Height: 24, Base: StageParams{Model: "latent-base-oracle", Steps: 5}}
+			plan, err := e.Plan(it)
+			if err != nil {
+				t.Fatal(err)
+			}
+			sp := plan.Stages[0]
+			if len(plan.Stages) != 1 || sp.Space != onnx.SpaceLatent || sp.Width != 8 || sp.Height != 6 || sp.Decode == nil || plan.Resample {
+				t.Fatalf("plan %+v", plan)
+			}
+			plan = withAELayout(t, plan, l)
+			res, err := e.Generate(context.Background(), it, plan, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := make([]float32, 3*32*24)
+			for ch := 0; ch < 3; ch++ {
+				for y := 0; y < 24; y++ {
+					for x := 0; x < 32; x++ {
+						want[(ch*24+y)*32+x] = k(16*ch + 4*(y%4) + x%4)
+					}
+				}
+			}
+			if d := worstDiff(res.Image, want); d > 1e-4 {
+				t.Errorf("largest error %g against the decoded constants", d)
+			}
+		})
+	}
+}
+
+// TestImg2ImgOracle upscales an image ×2 as img2img: resized, encoded in
+// tiles (latent_parameters' mean, shifted by 0.1 and scaled by 0.5),
+// noised to the strength, denoised in fused tiles by an oracle whose x0*
+// is x_t/√ᾱ_t, decoded. DDIM then ends on x_start/√ᾱ_start = z0 +
+// √((1−ᾱ)/ᾱ)·noise at the strength's first timestep: the image is the
+// decoded closed form within 1e-4, for every U-Net, encoder and decoder
+// layout, and moves with the strength.
+func TestImg2ImgOracle(t *testing.T) {
+	e := familyEngine(t, Options{Lanes: 2})
+	in := writeGradient(t, 24, 20)
+	src, iw, ih, err := LoadImage(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const W, H = 48, 40 // ×2; latents 12×10
+	resized := make([]float32, 3*W*H)
+	if err := stages.Resample(resized, src, 3, ih, iw, H, W, stages.Filter(defaultFilter)); err != nil {
+		t.Fatal(err)
+	}
+	r, err := e.runner("img2img-oracle")
+	if err != nil {
+		t.Fatal(err)
+	}
+	expect := func(strength float64, seed uint64) []float32 {
+		z0 := spaceToDepth(resized, 3, H, W)
+		for i := range z0 {
+			z0[i] = (z0[i] - 0.1) * 0.5
+		}
+		sched, err := r.schedule("ddim")
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := stages.NewSampler("ddim", sched, stages.SamplerOptions{Steps: 10, Strength: strength})
+		if err != nil {
+			t.Fatal(err)
+		}
+		noise := make([]float32, len(z0))
+		if err := (stages.Noise{Seed: seed, Stream: stages.StageStream(stages.StreamSR, 0)}).Fill(noise, 0, 48, 0, 0, H/4, W/4); err != nil {
+			t.Fatal(err)
+		}
+		xs := make([]float32, len(z0))
+		if err := s.AddNoise(xs, z0, noise); err != nil {
+			t.Fatal(err)
+		}
+		one := []float32{0}
+		if err := s.AddNoise(one, []float32{1}, []float32{0}); err != nil { // √ᾱ at the start
+			t.Fatal(err)
+		}
+		for i := range xs {
+			xs[i] = xs[i]/one[0]/0.5 + 0.1
+		}
+		img := depthToSpace(xs, 3, H/4, W/4)
+		for i, v := range img {
+			img[i] = min(max(v, -1), 1)
+		}
+		return img
+	}
+	want := expect(0.3, 9)
+	if d := worstDiff(want, resized); d < 0.01 {
+		t.Fatalf("the closed form is %g from the resized input: the noise term is too small to tell", d)
+	}
+	for _, tl := range []Tiling{{Size: 12, Overlap: 2}, {Size: 6, Overlap: 2, Halo: intp(0)}} {
+		for _, l := range aeLayouts {
+			t.Run(fmt.Sprintf("unet%d-ae%d", tl.Size, l.tile), func(t *testing.T) {
+				it := Item{Seed: 9, Class: -1, Image: in, Width: W, Height: H, SR: StageParams{Model: "img2img-oracle", Steps: 10, Tile: tl}}
+				if err := it.SetInput(); err != nil {
+					t.Fatal(err)
+				}
+				plan, err := e.Plan(it)
+				if err != nil {
+					t.Fatal(err)
+				}
+				sp := plan.Stages[0]
+				if sp.Kind != KindImg2Img || sp.Strength != DefaultImg2ImgStrength || sp.Encode == nil || sp.Decode == nil ||
+					sp.Encode.Scaling != 0.5 || sp.Encode.Shift != 0.1 || sp.Width != 12 || sp.Height != 10 || plan.Resample {
+					t.Fatalf("plan %+v", sp)
+				}
+				if tl.Size < 12 && sp.Tiles < 4 {
+					t.Fatalf("not tiled: %+v", sp)
+				}
+				plan = withAELayout(t, plan, l)
+				res, err := e.Generate(context.Background(), it, plan, nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if d := worstDiff(res.Image, want); d > 1e-4 {
+					t.Errorf("largest error %g against the closed form", d)
+				}
+			})
+		}
+	}
+	// Another strength starts from another timestep: another image, its own closed form.
+	it := Item{Seed: 9, Class: -1, Image: in, Width: W, Height: H, SR: StageParams{Model: "img2img-oracle", Steps: 10, Strength: 0.6}}
+	res, err := e.Make(context.Background(), it, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := worstDiff(res.Image, expect(0.6, 9)); d > 1e-4 {
+		t.Errorf("strength 0.6: largest error %g against its closed form", d)
+	}
+	if d := worstDiff(res.Image, want); d < 1e-3 {
+		t.Errorf("strength 0.6 gave strength 0.3's image (%g apart)", d)
+	}
+}
+
+// TestLatentPlanRefusals: what the latent stages cannot do is refused when
+// the item is planned, naming the field.
+func TestLatentPlanRefusals(t *testing.T) {
+	e := familyEngine(t, Options{})
+	in := writeGradient(t, 16, 16)
+	up := func(model string, p StageParams) Item {
+		p.Model = model
+		it := Item{Class: -1, Image: in, Scale: 2, SR: p}
+		if err := it.SetInput(); err != nil {
+			t.Fatal(err)
+		}
+		return it
+	}
+	level := 0.1
+	for _, c := range []struct {
+		name  string
+		it    Item
+		class ErrorClass
+		says  string
+	}{
+		{"latent SR without a decoder", up("ldm-sr-oracle", StageParams{}), ClassModel, "without an autoencoder"},
+		{"img2img without an encoder", up("latent-base-oracle", StageParams{}), ClassModel, "no vae_encoder"},
+		{"img2img with a noise level", up("img2img-oracle", StageParams{NoiseLevel: &level}), ClassInvalid, "sr.noise_level"},
+		{"pixel base model as sr.model", up("ddpm-oracle", StageParams{}), ClassModel, "not an SR model"},
+	} {
+		_, err := e.Plan(c.it)
+		if err == nil || Classify(err) != c.class || !strings.Contains(err.Error(), c.says) {
+			t.Errorf("%s: %v (class %v), want %v saying %q", c.name, err, Classify(err), c.class, c.says)
+		}
+	}
+	// A latent base stage followed by a pixel SR stage: the SR stage gets
+	// the decoded pixels.
+	it := Item{Class: -1, Width: 128, Height: 128, Base: StageParams{Model: "latent-base-oracle"}, SR: StageParams{Model: "if2-oracle"}}
+	it.Context = contextFile(t, "pos", [4]float64{0.1, 0, 0, 0}, 1)
+	plan, err := e.Plan(it)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(plan.Stages) != 2 || plan.Stages[0].Decode == nil || plan.Stages[0].Width != 8 || plan.Stages[1].Width != 128 || plan.Stages[1].Space != "" {
+		t.Fatalf("latent base then pixel SR: %+v", plan.Stages)
+	}
+	res, err := e.Generate(context.Background(), it, plan, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Width != 128 || res.Channels != 3 {
+		t.Fatalf("result %dx%d×%d", res.Width, res.Height, res.Channels)
+	}
+}
