@@ -234,6 +234,9 @@ func printInspection(w io.Writer, ins inspection) {
 			fmt.Fprintf(w, ", scale %d", man.Scale)
 		} else if len(man.NativeSize) == 2 {
 			fmt.Fprintf(w, ", native %dx%d", man.NativeSize[1], man.NativeSize[0])
+			if f := man.DecodeFactor; man.Space == onnx.SpaceLatent && f > 0 {
+				fmt.Fprintf(w, " latents (%dx%d pixels)", man.NativeSize[1]*f, man.NativeSize[0]*f)
+			}
 		}
 		if man.ReceptiveField > 0 {
 			fmt.Fprintf(w, ", receptive field %d", man.ReceptiveField)

@@ -376,7 +376,11 @@ func (m *Manifest) attachAutoencoder(dir, rel string) error {
 		m.DecodeSync = true
 		m.Facts = append(m.Facts, Fact{"decode", "GroupNorm statistics of the whole image (vae_decoder/model_sync.onnx)", "tools/sync_decoder.py"})
 	}
-	m.Facts = append(m.Facts, Fact{"decoder", fmt.Sprintf("%s ×%d, %d latent channels, scaling %g", a.Class, a.Factor, a.LatentChannels, a.ScalingFactor), rel + "vae_decoder/config.json"})
+	shift := ""
+	if a.ShiftFactor != 0 {
+		shift = fmt.Sprintf(", shift %g", a.ShiftFactor)
+	}
+	m.Facts = append(m.Facts, Fact{"decoder", fmt.Sprintf("%s ×%d, %d latent channels, scaling %g%s", a.Class, a.Factor, a.LatentChannels, a.ScalingFactor, shift), rel + "vae_decoder/config.json"})
 	if a.Encoder != "" {
 		m.Facts = append(m.Facts, Fact{"encoder", "vae_encoder/model.onnx: images can be encoded (img2img)", rel + "vae_encoder/"})
 	}

@@ -3,6 +3,8 @@ package pipeline
 import (
 	"context"
 	"fmt"
+	"os"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -26,6 +28,12 @@ type aeSession struct {
 	// inject, set by tests, fails a Run of n tiles before it starts (a
 	// device out of memory, which the CPU cannot be made to be).
 	inject func(n int) error
+	// half says the graph computes in float16; fp32, its float32 copy
+	// (model_fp32.onnx beside it), in which a tile whose float16 output
+	// overflowed is run again (nil: none, and such a tile fails the item).
+	half    bool
+	fp32    *aeSession
+	retried atomic.Int64
 }
 
 // decoder is an autoencoder's decoder graph: latent_sample [B, C, h, w] →
@@ -62,8 +70,8 @@ func (e *Engine) decoderOf(dir string) (*decoder, error) {
 		return nil, ModelUnusable(fmt.Errorf("decoder %s: want one input [B,C,h,w] and an output [B,3,H,W]", ae.Decoder))
 	}
 	d := &decoder{ae: ae, aeSession: aeSession{path: ae.Decoder, input: m.Inputs[0].Name, out: m.Outputs[0].Name, outCh: 3}}
-	if d.sess, err = e.env.NewSession(m, onnx.SessionOptions{}); err != nil {
-		return nil, &SessionError{Model: ae.Decoder, Err: err}
+	if err := e.openAESession(&d.aeSession, m); err != nil {
+		return nil, err
 	}
 	e.decoders[dir] = d
 	return d, nil
@@ -178,13 +186,74 @@ func (e *Engine) tiledRuns(ctx context.Context, s *aeSession, tiles []stages.Til
 		// variance: the first outPer values of each tile's are the mean.
 		got := len(res) / n
 		for i, t := range tiles[start : start+n] {
-			if err := add(t, res[i*got:i*got+outPer]); err != nil {
+			o := res[i*got : i*got+outPer]
+			if s.half && !finite(res[i*got:(i+1)*got]) {
+				// The float16 Run overflowed in this tile: run it again in
+				// float32, alone.
+				if s.fp32 == nil {
+					return ModelUnusable(fmt.Errorf("%s: float16 overflow (NaN or infinity) in the tile at latent (%d, %d); tools/fp16_decoder.py --fp32 %s writes the float32 copy Tessera retries such tiles in", s.path, t.Y0, t.X0, filepath.Dir(s.path)))
+				}
+				r32, err := s.fp32.run(ctx, buf[i*per:(i+1)*per], append([]int64{1}, in...), append([]int64{1}, out...))
+				if err != nil {
+					return err
+				}
+				if len(r32) < outPer || !finite(r32) {
+					return ModelUnusable(fmt.Errorf("%s: the tile at latent (%d, %d) is not finite in float32 either", s.fp32.path, t.Y0, t.X0))
+				}
+				if s.retried.Add(1) == 1 {
+					e.logger.Warn("float16 overflow in an autoencoder tile; retried in float32", "graph", s.path, "tile_y", t.Y0, "tile_x", t.X0)
+				}
+				o = r32[:outPer]
+			}
+			if err := add(t, o); err != nil {
 				return err
 			}
 		}
 		start += n
 	}
 	return nil
+}
+
+// openAESession opens an autoencoder graph's session and, for a float16
+// graph, its float32 copy where there is one (model_fp32.onnx beside it).
+func (e *Engine) openAESession(s *aeSession, m *onnx.Model) error {
+	var err error
+	if s.sess, err = e.env.NewSession(m, onnx.SessionOptions{}); err != nil {
+		return &SessionError{Model: s.path, Err: err}
+	}
+	s.half = m.Inputs[0].Type == onnx.Float16 || m.Outputs[0].Type == onnx.Float16
+	if !s.half {
+		return nil
+	}
+	p := filepath.Join(filepath.Dir(s.path), "model_fp32.onnx")
+	if _, err := os.Stat(p); err != nil {
+		e.logger.Info("float16 autoencoder graph without a float32 copy: a tile that overflows fails its item", "graph", s.path, "fix", "tools/fp16_decoder.py --fp32 "+filepath.Dir(s.path))
+		return nil
+	}
+	m32, err := e.env.LoadModel(p)
+	if err != nil {
+		return ModelUnusable(fmt.Errorf("float32 copy of %s: %w", s.path, err))
+	}
+	if len(m32.Inputs) != 1 || m32.Inputs[0].Name != s.input || m32.Inputs[0].Type != onnx.Float32 || len(m32.Outputs) < 1 || m32.Outputs[0].Name != s.out {
+		return ModelUnusable(fmt.Errorf("%s: not a float32 copy of %s (want float32 input %q and output %q)", p, s.path, s.input, s.out))
+	}
+	f := &aeSession{path: p, input: s.input, out: s.out, outCh: s.outCh}
+	if f.sess, err = e.env.NewSession(m32, onnx.SessionOptions{}); err != nil {
+		return &SessionError{Model: p, Err: err}
+	}
+	s.fp32 = f
+	return nil
+}
+
+// finite reports whether every value of v is a number (a float16 Run that
+// overflowed gives infinities, and NaN where they meet).
+func finite(v []float32) bool {
+	for _, x := range v {
+		if x-x != 0 { // NaN and ±Inf
+			return false
+		}
+	}
+	return true
 }
 
 // DecodeCanvasBytes is what a decode to W×H pixels holds whatever its

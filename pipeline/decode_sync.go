@@ -194,6 +194,11 @@ func (e *Engine) decodeSynced(ctx context.Context, d *decoder, s *syncDecoder, g
 		if err != nil {
 			return nil, err
 		}
+		if !finite(out[s.output].Float) {
+			// The synchronised decode has no float32 retry: its statistics
+			// are shared by every tile.
+			return nil, ModelUnusable(fmt.Errorf("decoder %s: the synchronised decode gave NaN or infinity in the tile at latent (%d, %d) (a float16 decoder that overflows: cut its float32 copy open instead, tools/fp16_decoder.py --fp32 then tools/sync_decoder.py)", d.ae.Decoder, t.Y0, t.X0))
+		}
 		if err := acc.Add(scaleTile(t, f), out[s.output].Float); err != nil {
 			return nil, err
 		}

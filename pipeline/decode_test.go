@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"math"
+	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 
 	"tessera/models"
@@ -203,5 +205,74 @@ func TestDecodeSyncedStatistics(t *testing.T) {
 		if ps-pn < c.minGain || ps < c.minDB {
 			t.Errorf("%s: synchronised %.1f dB against naive %.1f dB: want at least %.0f dB and %.0f dB better", c.name, ps, pn, c.minDB, c.minGain)
 		}
+	}
+}
+
+// TestDecodeFloat16RetriesOverflowInFloat32: a float16 decoder (the
+// overflow-f16 fixture: depth-to-space times 1000, whose float16 output
+// overflows to infinity where a latent exceeds 65.5) decodes every tile in
+// float16, and only the tiles whose output is not finite again in its
+// float32 copy. Unretried, an infinity in a tile's halo (window weight 0)
+// would make NaN of the fused image. The image is 1000·depth-to-space,
+// clamped, within float16's precision, and the overflowed corner exact.
+// Without the float32 copy the overflow fails the decode, naming the tile
+// and the tool that writes the copy.
+func TestDecodeFloat16RetriesOverflowInFloat32(t *testing.T) {
+	const c, h, w = 48, 16, 16
+	z := make([]float32, c*h*w)
+	for ch := 0; ch < c; ch++ {
+		for y := 0; y < h; y++ {
+			for x := 0; x < w; x++ {
+				v := float32(0.9e-3 * math.Sin(float64(3*ch+y)*0.37+float64(x)*0.21))
+				if y < 3 && x < 3 {
+					v = 100 // over float16's range once times 1000
+				}
+				z[(ch*h+y)*w+x] = v
+			}
+		}
+	}
+	want := depthToSpace(z, 3, h, w)
+	for i, v := range want {
+		want[i] = min(max(1000*v, -1), 1)
+	}
+	dp := &DecodePlan{Autoencoder: autoencoders("overflow-f16"), Factor: 4, TileSize: 8, Overlap: 2, Halo: 1, Statistics: StatisticsTile}
+	e := newEngine(t, Options{})
+	img, err := e.decode(context.Background(), dp, z, c, h, w)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, _ := e.decoderOf(dp.Autoencoder)
+	g, _ := decodeGrid(h, w, dp)
+	if !d.half || d.fp32 == nil || d.retried.Load() < 1 || d.retried.Load() >= int64(len(g.Tiles)) {
+		t.Fatalf("half %v, float32 copy %v, %d of %d tiles retried: want only the overflowed ones", d.half, d.fp32 != nil, d.retried.Load(), len(g.Tiles))
+	}
+	if diff := worstDiff(img, want); diff > 2e-3 {
+		t.Errorf("largest error %g against 1000·depth-to-space", diff)
+	}
+	// The corner the float16 Run could not make is exact: float32 made it.
+	for ch := 0; ch < 3; ch++ {
+		for y := 0; y < 8; y++ {
+			for x := 0; x < 8; x++ {
+				if i := (ch*4*h+y)*4*w + x; img[i] != want[i] {
+					t.Fatalf("corner pixel (%d, %d, %d): %g, want %g exactly", ch, y, x, img[i], want[i])
+				}
+			}
+		}
+	}
+	// The same decoder without its float32 copy.
+	dir := t.TempDir()
+	os.MkdirAll(filepath.Join(dir, "vae_decoder"), 0o755)
+	for _, f := range []string{"model.onnx", "config.json"} {
+		data, err := os.ReadFile(filepath.Join(dp.Autoencoder, "vae_decoder", f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		os.WriteFile(filepath.Join(dir, "vae_decoder", f), data, 0o644)
+	}
+	alone := *dp
+	alone.Autoencoder = dir
+	_, err = e.decode(context.Background(), &alone, z, c, h, w)
+	if err == nil || Classify(err) != ClassModel || !strings.Contains(err.Error(), "float16 overflow") || !strings.Contains(err.Error(), "tools/fp16_decoder.py --fp32") {
+		t.Errorf("without a float32 copy: %v", err)
 	}
 }

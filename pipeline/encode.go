@@ -47,8 +47,8 @@ func (e *Engine) encoderOf(dir string) (*encoder, error) {
 		return nil, ModelUnusable(fmt.Errorf("encoder %s: output %q has %d channels; the autoencoder's latents have %d (or %d: mean and log variance)", ae.Encoder, out.Name, ch, ae.LatentChannels, 2*ae.LatentChannels))
 	}
 	x := &encoder{ae: ae, aeSession: aeSession{path: ae.Encoder, input: m.Inputs[0].Name, out: out.Name, outCh: ch}}
-	if x.sess, err = e.env.NewSession(m, onnx.SessionOptions{}); err != nil {
-		return nil, &SessionError{Model: ae.Encoder, Err: err}
+	if err := e.openAESession(&x.aeSession, m); err != nil {
+		return nil, err
 	}
 	e.encoders[dir] = x
 	return x, nil

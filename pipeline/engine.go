@@ -101,11 +101,17 @@ func (e *Engine) Close() error {
 		if d.sync != nil {
 			d.sync.sess.Close()
 		}
+		if d.fp32 != nil {
+			d.fp32.sess.Close()
+		}
 		d.mu.Unlock()
 	}
 	for _, x := range e.encoders {
 		x.mu.Lock()
 		x.sess.Close()
+		if x.fp32 != nil {
+			x.fp32.sess.Close()
+		}
 		x.mu.Unlock()
 	}
 	return err

@@ -17,6 +17,7 @@ The modules are the project's own, random weights:
 Run from the repository root:  /usr/bin/python3 tools/make_autoencoder_fixtures.py
 """
 import json
+import sys
 import os
 
 import onnx
@@ -101,6 +102,16 @@ class DepthToSpace(torch.nn.Module):
         return torch.nn.functional.pixel_shuffle(z, 4)
 
 
+class OverflowDepthToSpace(torch.nn.Module):
+    """Depth-to-space times 1000: latents of about 1e-3 decode to [-1, 1], and a latent over
+    65.5 gives a value over float16's 65504, an infinity in the float16 graph's output (ONNX
+    Runtime's CPU kernels widen float16 arithmetic to float32 inside a graph, so this fixture
+    overflows where a CPU can show it: at the output; a GPU overflows inside as well)."""
+
+    def forward(self, z):
+        return torch.nn.functional.pixel_shuffle(z, 4) * 1000.0
+
+
 class SpaceToDepth(torch.nn.Module):
     def forward(self, x):
         return torch.nn.functional.pixel_unshuffle(x, 4)
@@ -127,6 +138,18 @@ def main():
         write_json(os.path.join(OUT, "oracle-f4", part, "config.json"),
                    {"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 48,
                     "block_out_channels": [8, 8, 8], "scaling_factor": 1.0})
+    # A float16 decoder that overflows on large latents, with its float32 copy
+    # (tools/fp16_decoder.py --fp16), for the retry of overflowed tiles.
+    tmp = os.path.join(OUT, "overflow-f16", "fp32")
+    export(OverflowDepthToSpace(), torch.randn(1, 48, 8, 8), os.path.join(tmp, "model.onnx"), "latent_sample", "sample")
+    write_json(os.path.join(tmp, "config.json"),
+               {"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 48,
+                "block_out_channels": [8, 8, 8], "scaling_factor": 1.0})
+    import subprocess
+    import shutil
+    subprocess.check_call([sys.executable, os.path.join(ROOT, "tools", "fp16_decoder.py"), "--fp16", tmp,
+                           os.path.join(OUT, "overflow-f16", "vae_decoder")])
+    shutil.rmtree(tmp)
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     assert torch.equal(DepthToSpace()(SpaceToDepth()(x)), x)
     print("autoencoder fixtures written to", OUT)
