@@ -73,7 +73,8 @@ type Queue struct {
 	// in the queue (--reap-every).
 	ReapEvery time.Duration `mapstructure:"reap_every"`
 	// ItemTimeout and TileTimeout bound one attempt at an item:
-	// ItemTimeout plus TileTimeout for each tile evaluation of its plan.
+	// ItemTimeout plus TileTimeout for each tile evaluation (and each
+	// autoencoder tile Run) of its plan.
 	ItemTimeout time.Duration `mapstructure:"item_timeout"`
 	TileTimeout time.Duration `mapstructure:"tile_timeout"`
 }

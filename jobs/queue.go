@@ -94,7 +94,7 @@ type QueueOptions struct {
 	// PollEvery is how often idle workers look for new items (0 = 250ms).
 	PollEvery time.Duration
 	// ItemTimeout and TileTimeout bound an attempt: ItemTimeout plus
-	// TileTimeout per tile evaluation of the item's plan (0 = 1m and 1s;
+	// TileTimeout per tile evaluation and autoencoder tile Run of the item's plan (0 = 1m and 1s;
 	// config queue.item_timeout and queue.tile_timeout).
 	ItemTimeout time.Duration
 	TileTimeout time.Duration
@@ -778,7 +778,7 @@ func (w *itemWorker) Timeout(job *river.Job[ItemArgs]) time.Duration {
 // attemptTimeout is the time allowed for one attempt at an item of this
 // plan: queue.item_timeout plus queue.tile_timeout per tile evaluation.
 func (q *Queue) attemptTimeout(p pipeline.Plan) time.Duration {
-	return q.opts.ItemTimeout + time.Duration(p.TileSteps())*q.opts.TileTimeout
+	return q.opts.ItemTimeout + time.Duration(p.TileSteps()+p.AutoencoderRuns())*q.opts.TileTimeout
 }
 
 // Work makes one item within its plan's timeout. An item whose output and
@@ -809,7 +809,7 @@ func (w *itemWorker) Work(ctx context.Context, job *river.Job[ItemArgs]) error {
 		return river.JobCancel(fmt.Errorf("%s: %w", c, err))
 	}
 	if ctx.Err() == nil && attempt.Err() != nil {
-		return fmt.Errorf("timed out after %s (queue.item_timeout + queue.tile_timeout × %d tile evaluations): %w", w.q.attemptTimeout(job.Args.Plan), job.Args.Plan.TileSteps(), err)
+		return fmt.Errorf("timed out after %s (queue.item_timeout + queue.tile_timeout × %d tile evaluations and %d autoencoder tile Runs): %w", w.q.attemptTimeout(job.Args.Plan), job.Args.Plan.TileSteps(), job.Args.Plan.AutoencoderRuns(), err)
 	}
 	return err
 }

@@ -373,7 +373,17 @@ func (m *Manifest) attachAutoencoder(dir, rel string) error {
 	m.Autoencoder, m.DecodeFactor, m.Encoder = dir, a.Factor, a.Encoder != ""
 	m.LatentScaling, m.LatentShift = a.ScalingFactor, a.ShiftFactor
 	if _, err := os.Stat(filepath.Join(filepath.Dir(a.Decoder), "model_sync.onnx")); err == nil {
-		m.DecodeSync = true
+		data, err := ReadConfigFile(filepath.Join(filepath.Dir(a.Decoder), "sync.json"))
+		if err != nil {
+			return fmt.Errorf("%s: model_sync.onnx without a readable sync.json: %w", filepath.Dir(a.Decoder), err)
+		}
+		var sj struct {
+			Layers []json.RawMessage `json:"layers"`
+		}
+		if err := json.Unmarshal(data, &sj); err != nil || len(sj.Layers) == 0 || len(sj.Layers) > 1000 {
+			return fmt.Errorf("%s: sync.json: want 1 to 1000 layers (%v)", filepath.Dir(a.Decoder), err)
+		}
+		m.DecodeSync, m.DecodeSyncLayers = true, len(sj.Layers)
 		m.Facts = append(m.Facts, Fact{"decode", "GroupNorm statistics of the whole image (vae_decoder/model_sync.onnx)", "tools/sync_decoder.py"})
 	}
 	shift := ""

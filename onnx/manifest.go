@@ -116,6 +116,8 @@ type Manifest struct {
 	// DecodeSync says the decoder has a cut-open copy (model_sync.onnx)
 	// for GroupNorm statistics of the whole image.
 	DecodeSync bool `yaml:"-" json:"decode_sync,omitempty"`
+	// DecodeSyncLayers is how many GroupNorm layers it has (sync.json).
+	DecodeSyncLayers int `yaml:"-" json:"decode_sync_layers,omitempty"`
 	// Encoder says the autoencoder has an encoder (vae_encoder/), which an
 	// img2img stage needs.
 	Encoder bool `yaml:"-" json:"encoder,omitempty"`

@@ -326,3 +326,36 @@ func TestLatentPlanRefusals(t *testing.T) {
 		t.Fatalf("result %dx%d×%d", res.Width, res.Height, res.Channels)
 	}
 }
+
+// The plan counts the autoencoder's tile Runs, which the item's timeout
+// adds to its tile evaluations: a Run a tile, and for a synchronised
+// decode one more a tile per GroupNorm layer.
+func TestPlanCountsAutoencoderRuns(t *testing.T) {
+	e := familyEngine(t, Options{})
+	in := writeGradient(t, 96, 96)
+	it := Item{Class: -1, Image: in, Scale: 4, SR: StageParams{Model: "x4-like"}}
+	it.Context = contextFile(t, "pos", [4]float64{}, 1)
+	if err := it.SetInput(); err != nil {
+		t.Fatal(err)
+	}
+	p, err := e.Plan(it)
+	if err != nil {
+		t.Fatal(err)
+	}
+	man, _ := e.resolver.Manifest("x4-like")
+	d := p.Stages[0].Decode
+	if man.DecodeSyncLayers < 2 || d.Statistics != StatisticsImage || d.Tiles < 4 || d.Runs != d.Tiles*(1+man.DecodeSyncLayers) || p.AutoencoderRuns() != d.Runs {
+		t.Fatalf("synchronised decode of %d layers: %+v, %d runs in all", man.DecodeSyncLayers, d, p.AutoencoderRuns())
+	}
+	it = Item{Class: -1, Image: in, Width: 384, Height: 384, SR: StageParams{Model: "img2img-oracle"}}
+	if err := it.SetInput(); err != nil {
+		t.Fatal(err)
+	}
+	if p, err = e.Plan(it); err != nil {
+		t.Fatal(err)
+	}
+	sp := p.Stages[0]
+	if sp.Encode.Runs != sp.Encode.Tiles || sp.Decode.Runs != sp.Decode.Tiles || p.AutoencoderRuns() != sp.Encode.Tiles+sp.Decode.Tiles || sp.Encode.Tiles < 4 {
+		t.Fatalf("img2img: encode %+v decode %+v, %d runs", sp.Encode, sp.Decode, p.AutoencoderRuns())
+	}
+}

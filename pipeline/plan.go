@@ -146,6 +146,10 @@ type DecodePlan struct {
 	// Batch is the most tiles per decoder Run; 0: the default (4), halved
 	// while a Run runs out of memory.
 	Batch int `json:"batch,omitempty"`
+	// Runs is how many tile Runs of the graph it costs: a Run a tile, and
+	// with the whole image's statistics one more a tile per GroupNorm
+	// layer. The item's timeout counts them as tile evaluations.
+	Runs int `json:"runs,omitempty"`
 	// Statistics is where the decoder's GroupNorm statistics come from:
 	// "tile" (each tile's own, the naive decode) or "image" (the whole
 	// image's, shared over the tiles: see decodeSynced).
@@ -197,6 +201,20 @@ func (p Plan) TileSteps() int {
 			k *= 2
 		}
 		n += k
+	}
+	return n
+}
+
+// AutoencoderRuns is the number of encoder and decoder tile Runs the plan
+// costs (DecodePlan.Runs).
+func (p Plan) AutoencoderRuns() int {
+	n := 0
+	for _, s := range p.Stages {
+		for _, d := range []*DecodePlan{s.Encode, s.Decode} {
+			if d != nil {
+				n += max(d.Runs, d.Tiles)
+			}
+		}
 	}
 	return n
 }
@@ -428,7 +446,10 @@ func decodePlanOf(m *onnx.Manifest, h, w int) (*DecodePlan, error) {
 	if err != nil {
 		return nil, Invalidf("decode: %w", err)
 	}
-	d.TileSize, d.Tiles = dg.TileHeight, len(dg.Tiles)
+	d.TileSize, d.Tiles, d.Runs = dg.TileHeight, len(dg.Tiles), len(dg.Tiles)
+	if d.Statistics == StatisticsImage {
+		d.Runs *= 1 + max(m.DecodeSyncLayers, 1)
+	}
 	return d, nil
 }
 
@@ -437,7 +458,7 @@ func encodePlanOf(m *onnx.Manifest, h, w int) (*DecodePlan, error) {
 	if err != nil {
 		return nil, err
 	}
-	d.Statistics = StatisticsTile // the encoder is run as it is
+	d.Statistics, d.Runs = StatisticsTile, d.Tiles // the encoder is run as it is
 	return d, nil
 }
 
