@@ -28,12 +28,22 @@ type aeSession struct {
 	// inject, set by tests, fails a Run of n tiles before it starts (a
 	// device out of memory, which the CPU cannot be made to be).
 	inject func(n int) error
-	// half says the graph computes in float16; fp32, its float32 copy
-	// (model_fp32.onnx beside it), in which a tile whose float16 output
-	// overflowed is run again (nil: none, and such a tile fails the item).
+	// half says the graph computes in float16; its float32 copy (loaded
+	// on the first overflow by load32: model_fp32.onnx beside it, or the
+	// graph widened in memory) runs again each tile whose float16 output
+	// overflowed.
 	half    bool
+	load32  func() (*aeSession, error)
+	once32  sync.Once
 	fp32    *aeSession
+	err32   error
 	retried atomic.Int64
+}
+
+// float32Copy is the graph's float32 copy, loaded once.
+func (s *aeSession) float32Copy() (*aeSession, error) {
+	s.once32.Do(func() { s.fp32, s.err32 = s.load32() })
+	return s.fp32, s.err32
 }
 
 // decoder is an autoencoder's decoder graph: latent_sample [B, C, h, w] →
@@ -190,15 +200,16 @@ func (e *Engine) tiledRuns(ctx context.Context, s *aeSession, tiles []stages.Til
 			if s.half && !finite(res[i*got:(i+1)*got]) {
 				// The float16 Run overflowed in this tile: run it again in
 				// float32, alone.
-				if s.fp32 == nil {
-					return ModelUnusable(fmt.Errorf("%s: float16 overflow (NaN or infinity) in the tile at latent (%d, %d); tools/fp16_decoder.py --fp32 %s writes the float32 copy Tessera retries such tiles in", s.path, t.Y0, t.X0, filepath.Dir(s.path)))
+				f32, err := s.float32Copy()
+				if err != nil {
+					return fmt.Errorf("float16 overflow (NaN or infinity) in the tile at latent (%d, %d): %w", t.Y0, t.X0, err)
 				}
-				r32, err := s.fp32.run(ctx, buf[i*per:(i+1)*per], append([]int64{1}, in...), append([]int64{1}, out...))
+				r32, err := f32.run(ctx, buf[i*per:(i+1)*per], append([]int64{1}, in...), append([]int64{1}, out...))
 				if err != nil {
 					return err
 				}
 				if len(r32) < outPer || !finite(r32) {
-					return ModelUnusable(fmt.Errorf("%s: the tile at latent (%d, %d) is not finite in float32 either", s.fp32.path, t.Y0, t.X0))
+					return ModelUnusable(fmt.Errorf("%s: the tile at latent (%d, %d) is not finite in float32 either", f32.path, t.Y0, t.X0))
 				}
 				if s.retried.Add(1) == 1 {
 					e.logger.Warn("float16 overflow in an autoencoder tile; retried in float32", "graph", s.path, "tile_y", t.Y0, "tile_x", t.X0)
@@ -225,23 +236,35 @@ func (e *Engine) openAESession(s *aeSession, m *onnx.Model) error {
 	if !s.half {
 		return nil
 	}
-	p := filepath.Join(filepath.Dir(s.path), "model_fp32.onnx")
-	if _, err := os.Stat(p); err != nil {
-		e.logger.Info("float16 autoencoder graph without a float32 copy: a tile that overflows fails its item", "graph", s.path, "fix", "tools/fp16_decoder.py --fp32 "+filepath.Dir(s.path))
-		return nil
+	s.load32 = func() (*aeSession, error) {
+		p := filepath.Join(filepath.Dir(s.path), "model_fp32.onnx")
+		var m32 *onnx.Model
+		var err error
+		if _, serr := os.Stat(p); serr == nil {
+			m32, err = e.env.LoadModel(p)
+		} else {
+			// No copy beside it: widen the graph itself (exact).
+			var data []byte
+			if data, err = os.ReadFile(s.path); err == nil {
+				if data, err = onnx.WidenFloat16(data); err == nil {
+					p = s.path + " (widened to float32)"
+					m32, err = e.env.LoadModelBytes(p, data, nil)
+				}
+			}
+		}
+		if err != nil {
+			return nil, ModelUnusable(fmt.Errorf("float32 copy of %s: %w (tools/fp16_decoder.py --fp32 %s writes one)", s.path, err, filepath.Dir(s.path)))
+		}
+		if len(m32.Inputs) != 1 || m32.Inputs[0].Name != s.input || m32.Inputs[0].Type != onnx.Float32 || len(m32.Outputs) < 1 || m32.Outputs[0].Name != s.out {
+			return nil, ModelUnusable(fmt.Errorf("%s: not a float32 copy of %s (want float32 input %q and output %q)", p, s.path, s.input, s.out))
+		}
+		f := &aeSession{path: p, input: s.input, out: s.out, outCh: s.outCh}
+		if f.sess, err = e.env.NewSession(m32, onnx.SessionOptions{}); err != nil {
+			return nil, &SessionError{Model: p, Err: err}
+		}
+		e.logger.Info("float32 copy of a float16 autoencoder graph loaded for its overflowing tiles", "graph", p)
+		return f, nil
 	}
-	m32, err := e.env.LoadModel(p)
-	if err != nil {
-		return ModelUnusable(fmt.Errorf("float32 copy of %s: %w", s.path, err))
-	}
-	if len(m32.Inputs) != 1 || m32.Inputs[0].Name != s.input || m32.Inputs[0].Type != onnx.Float32 || len(m32.Outputs) < 1 || m32.Outputs[0].Name != s.out {
-		return ModelUnusable(fmt.Errorf("%s: not a float32 copy of %s (want float32 input %q and output %q)", p, s.path, s.input, s.out))
-	}
-	f := &aeSession{path: p, input: s.input, out: s.out, outCh: s.outCh}
-	if f.sess, err = e.env.NewSession(m32, onnx.SessionOptions{}); err != nil {
-		return &SessionError{Model: p, Err: err}
-	}
-	s.fp32 = f
 	return nil
 }
 

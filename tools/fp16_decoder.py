@@ -5,7 +5,8 @@
       DIR/model.onnx is a float16 decoder (Optimum's --dtype fp16): write DIR/model_fp32.onnx,
       the same graph in float32 (every float16 weight, constant, cast and value widened; exact).
       Tessera decodes with the float16 graph and retries in model_fp32.onnx each tile whose
-      float16 output overflowed (a NaN or an infinity).
+      float16 output overflowed (a NaN or an infinity). Without the file Tessera widens the
+      graph in memory itself; the file is for graphs with external data, which it cannot.
   /usr/bin/python3 tools/fp16_decoder.py --fp16 SRC DST
       SRC/model.onnx is a float32 decoder: write DST/model.onnx in float16 (the scales of Resize
       stay float32, as ONNX requires) with SRC's config.json, and DST/model_fp32.onnx.
