@@ -135,12 +135,25 @@ func ReadModelFile(path string) (file string, hdr *ModelHeader, man *Manifest, e
 		}
 		man = derived
 	}
-	if man != nil && man.Autoencoder != "" && man.DecodeFactor == 0 {
-		// Named by tessera.yaml: relative to the model's folder.
+	if man != nil && man.Autoencoder != "" && (man.DecodeFactor == 0 || derived == nil || man.Autoencoder != derived.Autoencoder) {
+		// Named by tessera.yaml (over the pipeline folder's own, where it
+		// has one): relative to the model's folder.
 		ae := man.Autoencoder
 		if !filepath.IsAbs(ae) {
 			ae = filepath.Join(dir, ae)
 		}
+		if derived != nil && derived.Autoencoder != "" {
+			man.Conflicts = append(man.Conflicts, fmt.Sprintf("autoencoder: %s says %s, the pipeline folder has its own; %s wins", ManifestFile, man.Autoencoder, ManifestFile))
+		}
+		// Forget what the pipeline folder's autoencoder said.
+		man.DecodeFactor, man.DecodeSync, man.DecodeSyncLayers, man.Encoder, man.LatentScaling, man.LatentShift = 0, false, 0, false, 0, 0
+		facts := man.Facts[:0:0]
+		for _, f := range man.Facts {
+			if f.Key != "decoder" && f.Key != "decode" && f.Key != "encoder" {
+				facts = append(facts, f)
+			}
+		}
+		man.Facts = facts
 		if man.Space != SpaceLatent {
 			return "", nil, nil, fmt.Errorf("load model %q: %s autoencoder: %s, but the model is not latent (space: latent)", path, ManifestFile, man.Autoencoder)
 		}

@@ -21,7 +21,8 @@ const (
 // declared float32, every Cast (and dtype attribute) to float16 made one to
 // float32, in the main graph and its subgraphs. It is the float32 copy a
 // float16 autoencoder's overflowing tiles are retried in. Weights kept in
-// external data files and sparse initializers are refused. It walks the
+// external data files, sparse tensors and model-local functions are
+// refused. It walks the
 // protobuf wire format and never panics on arbitrary bytes.
 func WidenFloat16(data []byte) ([]byte, error) {
 	return rewrite(data, 0, kindModel)
@@ -81,8 +82,10 @@ func rewrite(msg []byte, depth, kind int) ([]byte, error) {
 	out := make([]byte, 0, len(msg))
 	err := eachField(msg, func(num protowire.Number, typ protowire.Type, field, val []byte) error {
 		switch {
-		case kind == kindGraph && num == 15:
-			return errors.New("widen: sparse initializers are not supported")
+		case kind == kindGraph && num == 15, kind == kindAttribute && (num == 22 || num == 23):
+			return errors.New("widen: sparse tensors are not supported")
+		case kind == kindModel && num == 25:
+			return errors.New("widen: model-local functions are not supported")
 		case typ == protowire.BytesType && children[kind][num] != 0:
 			sub, err := rewrite(val, depth+1, children[kind][num])
 			if err != nil {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -85,4 +86,44 @@ func FuzzWidenFloat16(f *testing.F) {
 			}
 		}
 	})
+}
+
+// A tessera.yaml autoencoder: key wins over the pipeline folder's own,
+// relative to the model's folder, with everything the folder's said
+// forgotten and the contradiction kept.
+func TestManifestAutoencoderOverridesPipelines(t *testing.T) {
+	root := t.TempDir()
+	copyDir := func(src, dst string) {
+		filepath.WalkDir(src, func(p string, d os.DirEntry, err error) error {
+			if err != nil {
+				return err
+			}
+			rel, _ := filepath.Rel(src, p)
+			if d.IsDir() {
+				return os.MkdirAll(filepath.Join(dst, rel), 0o755)
+			}
+			data, err := os.ReadFile(p)
+			if err != nil {
+				return err
+			}
+			return os.WriteFile(filepath.Join(dst, rel), data, 0o644)
+		})
+	}
+	fam := filepath.Join("..", "testdata", "families")
+	copyDir(filepath.Join(fam, "latent-base-oracle"), filepath.Join(root, "base"))
+	copyDir(filepath.Join(fam, "img2img-oracle", "vae_decoder"), filepath.Join(root, "other", "vae_decoder"))
+	copyDir(filepath.Join(fam, "img2img-oracle", "vae_encoder"), filepath.Join(root, "other", "vae_encoder"))
+	os.WriteFile(filepath.Join(root, "base", "unet", ManifestFile), []byte("autoencoder: ../../other\n"), 0o644)
+	_, _, man, err := ReadModelFile(filepath.Join(root, "base"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if man.Autoencoder != filepath.Join(root, "base", "unet", "..", "..", "other") || !man.Encoder || man.LatentScaling != 0.5 || man.LatentShift != 0.1 || man.DecodeFactor != 4 || len(man.Conflicts) == 0 {
+		t.Fatalf("autoencoder %q encoder %v scaling %g shift %g factor %d conflicts %v", man.Autoencoder, man.Encoder, man.LatentScaling, man.LatentShift, man.DecodeFactor, man.Conflicts)
+	}
+	for _, f := range man.Facts {
+		if f.Key == "decoder" && !strings.Contains(f.From, ManifestFile) {
+			t.Errorf("decoder fact from %q, want %s", f.From, ManifestFile)
+		}
+	}
 }

@@ -2,6 +2,7 @@ package pipeline
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -28,22 +29,53 @@ type aeSession struct {
 	// inject, set by tests, fails a Run of n tiles before it starts (a
 	// device out of memory, which the CPU cannot be made to be).
 	inject func(n int) error
-	// half says the graph computes in float16; its float32 copy (loaded
-	// on the first overflow by load32: model_fp32.onnx beside it, or the
-	// graph widened in memory) runs again each tile whose float16 output
-	// overflowed.
+	// half says the graph takes or gives float16. A tile whose output is
+	// not finite (a float16 overflow, inside the graph or at its output)
+	// is run again in the graph's float32 copy, loaded on the first such
+	// tile by load32 (model_fp32.onnx beside it, or the graph widened in
+	// memory); a permanent failure to load it is kept, a transient one
+	// tried again.
 	half    bool
 	load32  func() (*aeSession, error)
-	once32  sync.Once
+	mu32    sync.Mutex
 	fp32    *aeSession
 	err32   error
+	closed  bool
 	retried atomic.Int64
 }
 
-// float32Copy is the graph's float32 copy, loaded once.
+// float32Copy is the graph's float32 copy.
 func (s *aeSession) float32Copy() (*aeSession, error) {
-	s.once32.Do(func() { s.fp32, s.err32 = s.load32() })
-	return s.fp32, s.err32
+	s.mu32.Lock()
+	defer s.mu32.Unlock()
+	switch {
+	case s.closed:
+		return nil, errors.New("engine closed")
+	case s.fp32 != nil || s.err32 != nil:
+		return s.fp32, s.err32
+	}
+	f, err := s.load32()
+	if err != nil && Classify(err).Permanent() {
+		s.err32 = err
+	}
+	s.fp32 = f
+	return f, err
+}
+
+// close closes the session and its float32 copy, after a Run in progress
+// on either; no copy is loaded after it.
+func (s *aeSession) close() {
+	s.mu.Lock()
+	s.sess.Close()
+	s.mu.Unlock()
+	s.mu32.Lock()
+	defer s.mu32.Unlock()
+	s.closed = true
+	if f := s.fp32; f != nil {
+		f.mu.Lock()
+		f.sess.Close()
+		f.mu.Unlock()
+	}
 }
 
 // decoder is an autoencoder's decoder graph: latent_sample [B, C, h, w] →
@@ -197,12 +229,13 @@ func (e *Engine) tiledRuns(ctx context.Context, s *aeSession, tiles []stages.Til
 		got := len(res) / n
 		for i, t := range tiles[start : start+n] {
 			o := res[i*got : i*got+outPer]
-			if s.half && !finite(res[i*got:(i+1)*got]) {
-				// The float16 Run overflowed in this tile: run it again in
-				// float32, alone.
+			if !finite(res[i*got : (i+1)*got]) {
+				// The Run overflowed in this tile (float16, inside the
+				// graph or at its output): run it again in float32, alone.
+				// A float32 graph's copy is itself, and fails again.
 				f32, err := s.float32Copy()
 				if err != nil {
-					return fmt.Errorf("float16 overflow (NaN or infinity) in the tile at latent (%d, %d): %w", t.Y0, t.X0, err)
+					return fmt.Errorf("%s: NaN or infinity (a float16 overflow?) in the tile at latent (%d, %d): %w", s.path, t.Y0, t.X0, err)
 				}
 				r32, err := f32.run(ctx, buf[i*per:(i+1)*per], append([]int64{1}, in...), append([]int64{1}, out...))
 				if err != nil {
@@ -212,7 +245,7 @@ func (e *Engine) tiledRuns(ctx context.Context, s *aeSession, tiles []stages.Til
 					return ModelUnusable(fmt.Errorf("%s: the tile at latent (%d, %d) is not finite in float32 either", f32.path, t.Y0, t.X0))
 				}
 				if s.retried.Add(1) == 1 {
-					e.logger.Warn("float16 overflow in an autoencoder tile; retried in float32", "graph", s.path, "tile_y", t.Y0, "tile_x", t.X0)
+					e.logger.Warn("NaN or infinity in an autoencoder tile (a float16 overflow); retried in float32", "graph", s.path, "float16_io", s.half, "tile_y", t.Y0, "tile_x", t.X0)
 				}
 				o = r32[:outPer]
 			}
@@ -233,9 +266,6 @@ func (e *Engine) openAESession(s *aeSession, m *onnx.Model) error {
 		return &SessionError{Model: s.path, Err: err}
 	}
 	s.half = m.Inputs[0].Type == onnx.Float16 || m.Outputs[0].Type == onnx.Float16
-	if !s.half {
-		return nil
-	}
 	s.load32 = func() (*aeSession, error) {
 		p := filepath.Join(filepath.Dir(s.path), "model_fp32.onnx")
 		var m32 *onnx.Model
@@ -255,7 +285,7 @@ func (e *Engine) openAESession(s *aeSession, m *onnx.Model) error {
 		if err != nil {
 			return nil, ModelUnusable(fmt.Errorf("float32 copy of %s: %w (tools/fp16_decoder.py --fp32 %s writes one)", s.path, err, filepath.Dir(s.path)))
 		}
-		if len(m32.Inputs) != 1 || m32.Inputs[0].Name != s.input || m32.Inputs[0].Type != onnx.Float32 || len(m32.Outputs) < 1 || m32.Outputs[0].Name != s.out {
+		if len(m32.Inputs) != 1 || m32.Inputs[0].Name != s.input || m32.Inputs[0].Type != onnx.Float32 || len(m32.Outputs) < 1 || m32.Outputs[0].Name != s.out || m32.Outputs[0].Type != onnx.Float32 || len(m32.Outputs[0].Shape) != 4 {
 			return nil, ModelUnusable(fmt.Errorf("%s: not a float32 copy of %s (want float32 input %q and output %q)", p, s.path, s.input, s.out))
 		}
 		f := &aeSession{path: p, input: s.input, out: s.out, outCh: s.outCh}

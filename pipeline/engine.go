@@ -96,23 +96,15 @@ func (e *Engine) Close() error {
 		t.mu.Unlock()
 	}
 	for _, d := range e.decoders {
-		d.mu.Lock() // a Run on a caller's goroutine finishes first
-		d.sess.Close()
+		d.close()
 		if d.sync != nil {
+			d.mu.Lock()
 			d.sync.sess.Close()
+			d.mu.Unlock()
 		}
-		if d.fp32 != nil {
-			d.fp32.sess.Close()
-		}
-		d.mu.Unlock()
 	}
 	for _, x := range e.encoders {
-		x.mu.Lock()
-		x.sess.Close()
-		if x.fp32 != nil {
-			x.fp32.sess.Close()
-		}
-		x.mu.Unlock()
+		x.close()
 	}
 	return err
 }
@@ -381,8 +373,8 @@ func (e *Engine) lanes(m *onnx.Model) int {
 	if rt.Lanes > 0 {
 		return rt.Lanes
 	}
-	if m.Kind != onnx.KindSR {
-		return 1
+	if m.Kind != onnx.KindSR && !(m.Manifest != nil && m.Manifest.Space == onnx.SpaceLatent && m.Manifest.Encoder) {
+		return 1 // a base model's stage is one tile; one that can img2img has many
 	}
 	return min(max(rt.IntraOpThreads(), 1), maxAutoLanes)
 }
@@ -582,7 +574,11 @@ func (e *Engine) Generate(ctx context.Context, it Item, plan Plan, progress func
 			return nil, err
 		}
 		if want := modelKind(sp.Kind); r.model.Kind != want {
-			return nil, ModelUnusable(fmt.Errorf("%s.model: %s is a %s model now (it was queued as %s; submit it again)", want, sp.Model, r.model.Kind, want))
+			field := want
+			if sp.Kind == KindImg2Img {
+				field = "sr" // an img2img stage's model is the job's sr.model
+			}
+			return nil, ModelUnusable(fmt.Errorf("%s.model: %s is a %s model now (it was queued for a %s stage, which needs a %s model; submit it again)", field, sp.Model, r.model.Kind, sp.Kind, want))
 		}
 		ctxs, err := e.stageContexts(ctx, it, sp, r, files)
 		if err != nil {
@@ -594,27 +590,32 @@ func (e *Engine) Generate(ctx context.Context, it Item, plan Plan, progress func
 		switch sp.Kind {
 		case onnx.KindBase:
 			img, err = e.runStage(ctx, it, si, sp, r, nil, nil, ctxs, report)
-		case KindImg2Img:
-			var init []float32
-			if init, err = e.img2imgStart(ctx, sp, img, c, h, w); err == nil {
-				img, err = e.runStage(ctx, it, si, sp, r, nil, init, ctxs, report)
-			}
 		default:
-			if c != r.lowresCh {
+			// An SR stage upsamples the previous image as its low-res
+			// conditioning; an img2img stage starts from the input
+			// encoded (once: the tiling does not change it).
+			var start []float32
+			if sp.Kind == KindImg2Img {
+				if start, err = e.img2imgStart(ctx, sp, img, c, h, w); err != nil {
+					return nil, fmt.Errorf("stage %d (img2img): %w", si, err)
+				}
+			} else if c != r.lowresCh {
 				return nil, ModelUnusable(fmt.Errorf("sr.model: %s takes a %d-channel low-res image; stage %d gets %d channels", sp.Model, r.lowresCh, si, c))
 			}
 			prev, stageStart := img, done
 			for {
-				up := make([]float32, c*sp.Height*sp.Width)
-				if err := stages.Resample(up, prev, c, h, w, sp.Height, sp.Width, stages.Filter(sp.Filter)); err != nil {
-					return nil, fmt.Errorf("stage %d: upsample: %w", si, err)
-				}
-				// A sample of the low-res image's channels starts from it,
-				// noised to the strength; latents beside pixels start from
-				// noise (MakePlan holds their strength to 1).
-				var init []float32
-				if r.channels == r.lowresCh {
-					init = up
+				up, init := []float32(nil), start
+				if sp.Kind != KindImg2Img {
+					up = make([]float32, c*sp.Height*sp.Width)
+					if err := stages.Resample(up, prev, c, h, w, sp.Height, sp.Width, stages.Filter(sp.Filter)); err != nil {
+						return nil, fmt.Errorf("stage %d: upsample: %w", si, err)
+					}
+					// A sample of the low-res image's channels starts from
+					// it, noised to the strength; latents beside pixels start
+					// from noise (MakePlan holds their strength to 1).
+					if r.channels == r.lowresCh {
+						init = up
+					}
 				}
 				img, err = e.runStage(ctx, it, si, sp, r, up, init, ctxs, report)
 				var big *tileTooLarge

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math"
 	"strings"
+	"sync/atomic"
 	"testing"
 
 	"tessera/onnx"
@@ -262,6 +263,32 @@ func TestImg2ImgOracle(t *testing.T) {
 				}
 			})
 		}
+	}
+	// A tile that does not fit in memory even alone is halved, as in an SR
+	// stage, and the image is the same (the encode is made once).
+	eh := familyEngine(t, Options{Lanes: 1})
+	rh, err := eh.runner("img2img-oracle")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var failures atomic.Int64
+	rh.inject = func(h, w, rows int) error {
+		if h > 8 {
+			failures.Add(1)
+			return fmt.Errorf("Failed to allocate memory for requested buffer of size %d", rows*h*w*4)
+		}
+		return nil
+	}
+	hit := Item{Seed: 9, Class: -1, Image: in, Width: W, Height: H, SR: StageParams{Model: "img2img-oracle", Steps: 10, Tile: Tiling{Size: 12, Overlap: 2}}}
+	hres, err := eh.Make(context.Background(), hit, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if failures.Load() == 0 || hres.Plan.Stages[0].TileSize > 8 {
+		t.Fatalf("%d injected failures, tile %d", failures.Load(), hres.Plan.Stages[0].TileSize)
+	}
+	if d := worstDiff(hres.Image, want); d > 1e-4 {
+		t.Errorf("halved tiles: largest error %g against the closed form", d)
 	}
 	// Another strength starts from another timestep: another image, its own closed form.
 	it := Item{Seed: 9, Class: -1, Image: in, Width: W, Height: H, SR: StageParams{Model: "img2img-oracle", Steps: 10, Strength: 0.6}}

@@ -3,7 +3,8 @@
 
   /usr/bin/python3 tools/fp16_decoder.py --fp32 DIR
       DIR/model.onnx is a float16 decoder (Optimum's --dtype fp16): write DIR/model_fp32.onnx,
-      the same graph in float32 (every float16 weight, constant, cast and value widened; exact).
+      the same graph in float32 (the main graph's float16 weights, constants, values and Cast
+      nodes widened; exact; no subgraphs).
       Tessera decodes with the float16 graph and retries in model_fp32.onnx each tile whose
       float16 output overflowed (a NaN or an infinity). Without the file Tessera widens the
       graph in memory itself; the file is for graphs with external data, which it cannot.
