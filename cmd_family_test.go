@@ -217,12 +217,22 @@ output: "{job}/{index}.png"
 items:
   - {image: in.png, context: %s, sr: {model: x4-like, steps: 3, guidance: 2, tile: {size: 16, overlap: 4}}}
   - {image: in.png, sr: {model: ldm-sr-like, steps: 3}}
-`, ctx)), 0o644)
+  - {image: in.png, scale: 4, context: %s, sr: {model: sd-like, steps: 4, strength: 0.5, guidance: 2, tile: {size: 16, overlap: 4}}}
+`, ctx, ctx)), 0o644)
 	r := e.tessera(t, "run", "-q", job)
-	if r.code != 0 || !strings.Contains(r.stdout, "2 images made") {
+	if r.code != 0 || !strings.Contains(r.stdout, "3 images made") {
 		t.Fatalf("run: %+v", r)
 	}
 	e.checkOutputs(t, job)
+	// The img2img upscale with the KL-like autoencoder: encoded, denoised
+	// in 4 tiles of the 24² latent canvas, decoded to 96².
+	data, _ := os.ReadFile(filepath.Join(e.out, "latent", "2.png"))
+	if _, meta, err := stages.ReadPNGMetadata(data); err != nil || !strings.Contains(string(meta), `"kind":"img2img"`) || !strings.Contains(string(meta), `"encode":{"autoencoder":`) || !strings.Contains(string(meta), `"tiles":4`) {
+		t.Errorf("img2img item: %v %s", err, meta)
+	}
+	if c, err := png.DecodeConfig(bytes.NewReader(data)); err != nil || c.Width != 96 {
+		t.Errorf("img2img item: %v %dx%d", err, c.Width, c.Height)
+	}
 	for i := 0; i < 2; i++ {
 		data, _ := os.ReadFile(filepath.Join(e.out, "latent", fmt.Sprintf("%d.png", i)))
 		_, meta, err := stages.ReadPNGMetadata(data)

@@ -8,11 +8,15 @@ The modules are the project's own, random weights:
 
   kl-like     AutoencoderKL-like, 4 latent channels, factor 4 (block_out_channels of three
               blocks), GroupNorm (32 channels in 8 groups), resnet blocks, nearest upsampling,
-              a mid-block self-attention over the whole latent; scaling_factor 0.08333
+              a mid-block self-attention over the whole latent; scaling_factor 0.08333; and
+              its encoder (stride-2 downsampling, the same blocks, latent_parameters = mean
+              and log variance, 8 channels)
   vq-like     VQModel-like decoder (LDM-SR's VQ-f4): 3 latent channels, factor 4, GroupNorm
   oracle-f4   a fixed linear depth-to-space decoder and space-to-depth encoder (48 latent
               channels = 3 x 4 x 4, factor 4): decode(encode(x)) = x exactly, and a tile's
               decode is that of the whole canvas (no normalisation, receptive field 0)
+  overflow-f16 a float16 depth-to-space decoder times 1000 with its float32 copy
+              (model_fp32.onnx), whose output overflows float16 for latents over 65.5
 
 Run from the repository root:  /usr/bin/python3 tools/make_autoencoder_fixtures.py
 """
@@ -97,6 +101,30 @@ class Decoder(torch.nn.Module):
         return self.out(torch.nn.functional.silu(self.norm(h)))
 
 
+class Encoder(torch.nn.Module):
+    """AutoencoderKL-like encoder: resnet blocks, two stride-2 downsamplings, a mid-block
+    attention, GroupNorm, and latent_parameters = mean and log variance (2C channels, as newer
+    Optimum exports it)."""
+
+    def __init__(self, latent, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        c = 32
+        self.inp = torch.nn.Conv2d(3, c, 3, padding=1)
+        self.r1, self.r2, self.mid = Resnet(c), Resnet(c), Resnet(c)
+        self.d1 = torch.nn.Conv2d(c, c, 3, stride=2, padding=1)
+        self.d2 = torch.nn.Conv2d(c, c, 3, stride=2, padding=1)
+        self.attn = Attention(c)
+        self.norm = torch.nn.GroupNorm(8, c)
+        self.out = torch.nn.Conv2d(c, 2 * latent, 3, padding=1)
+
+    def forward(self, x):
+        h = self.d1(self.r1(self.inp(x)))
+        h = self.mid(self.d2(self.r2(h)))
+        h = self.attn(h)
+        return self.out(torch.nn.functional.silu(self.norm(h)))
+
+
 class DepthToSpace(torch.nn.Module):
     def forward(self, z):
         return torch.nn.functional.pixel_shuffle(z, 4)
@@ -121,6 +149,12 @@ def main():
     z4 = torch.randn(1, 4, 8, 8)
     export(Decoder(4, True, 31), z4, os.path.join(OUT, "kl-like", "vae_decoder", "model.onnx"), "latent_sample", "sample")
     write_json(os.path.join(OUT, "kl-like", "vae_decoder", "config.json"),
+               {"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+                "block_out_channels": [32, 32, 32], "norm_num_groups": 8, "scaling_factor": 0.08333,
+                "sample_size": 256})
+    export(Encoder(4, 33), torch.randn(1, 3, 32, 32), os.path.join(OUT, "kl-like", "vae_encoder", "model.onnx"),
+           "sample", "latent_parameters")
+    write_json(os.path.join(OUT, "kl-like", "vae_encoder", "config.json"),
                {"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
                 "block_out_channels": [32, 32, 32], "norm_num_groups": 8, "scaling_factor": 0.08333,
                 "sample_size": 256})

@@ -22,6 +22,12 @@ x0* that is a closed form of what they take:
 
 The schedulers are DDIM with set_alpha_to_one, so that DDIM lands on x0* exactly.
 
+  sd-like             a Stable Diffusion-like pipeline folder for the img2img upscale end to end:
+                      a random-weight U-Net (tools/make_family_fixtures.py's FamilyNet: sample
+                      [B,4,H,W], timestep, encoder_hidden_states [B,L,32] -> 4 channels), SD 1.5's
+                      DDIM betas, and the KL-like autoencoder (tools/make_autoencoder_fixtures.py,
+                      run first) as vae_decoder/ and vae_encoder/.
+
 Run from the repository root, after tools/make_autoencoder_fixtures.py:
   /usr/bin/python3 tools/make_latent_fixtures.py
 """
@@ -142,6 +148,22 @@ def main():
                  fam.unet_config("UNet2DModel", LATENT, LATENT, 16, [8, 16]), SCHED, Img2ImgOracle(),
                  (x48, t), ["sample", "timestep"], index_extra={"vae": ["diffusers", "AutoencoderKL"]})
     autoencoder(os.path.join(OUT, "img2img-oracle"), kl, ParamsEncoder(), "latent_parameters")
+
+    sd = {"_class_name": "DDIMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+          "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
+          "prediction_type": "epsilon", "set_alpha_to_one": False, "steps_offset": 1,
+          "trained_betas": None}
+    x4 = torch.randn(2, 4, 8, 8, generator=g)
+    ctx = torch.randn(2, 7, fam.D_CTX, generator=g)
+    fam.pipeline("sd-like", "StableDiffusionPipeline",
+                 fam.unet_config("UNet2DConditionModel", 4, 4, 16, [8, 16], cross_attention_dim=fam.D_CTX), sd,
+                 fam.FamilyNet(4, 4, 25, context=fam.D_CTX), (x4, t, ctx), ["sample", "timestep", "encoder_hidden_states"],
+                 index_extra={"vae": ["diffusers", "AutoencoderKL"]})
+    import shutil
+    for part in ("vae_decoder", "vae_encoder"):
+        dst = os.path.join(OUT, "sd-like", part)
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(os.path.join(fam.ROOT, "testdata", "autoencoders", "kl-like", part), dst)
 
     # Closed-form checks.
     with torch.no_grad():
