@@ -372,19 +372,22 @@ func (m *Manifest) attachAutoencoder(dir, rel string) error {
 	}
 	m.Autoencoder, m.DecodeFactor, m.Encoder = dir, a.Factor, a.Encoder != ""
 	m.LatentScaling, m.LatentShift = a.ScalingFactor, a.ShiftFactor
-	if _, err := os.Stat(filepath.Join(filepath.Dir(a.Decoder), "model_sync.onnx")); err == nil {
-		data, err := ReadConfigFile(filepath.Join(filepath.Dir(a.Decoder), "sync.json"))
-		if err != nil {
-			return fmt.Errorf("%s: model_sync.onnx without a readable sync.json: %w", filepath.Dir(a.Decoder), err)
+	n, err := syncLayers(filepath.Dir(a.Decoder))
+	if err != nil {
+		return err
+	}
+	if n > 0 {
+		m.DecodeSync, m.DecodeSyncLayers = true, n
+		m.Facts = append(m.Facts, Fact{"decode", fmt.Sprintf("GroupNorm statistics of the whole image (vae_decoder/model_sync.onnx, %d layers)", n), "tools/sync_decoder.py"})
+	}
+	if a.Encoder != "" {
+		if n, err = syncLayers(filepath.Dir(a.Encoder)); err != nil {
+			return err
 		}
-		var sj struct {
-			Layers []json.RawMessage `json:"layers"`
+		if n > 0 {
+			m.EncodeSync, m.EncodeSyncLayers = true, n
+			m.Facts = append(m.Facts, Fact{"encode", fmt.Sprintf("GroupNorm statistics of the whole image (vae_encoder/model_sync.onnx, %d layers)", n), "tools/sync_decoder.py"})
 		}
-		if err := json.Unmarshal(data, &sj); err != nil || len(sj.Layers) == 0 || len(sj.Layers) > 1000 {
-			return fmt.Errorf("%s: sync.json: want 1 to 1000 layers (%v)", filepath.Dir(a.Decoder), err)
-		}
-		m.DecodeSync, m.DecodeSyncLayers = true, len(sj.Layers)
-		m.Facts = append(m.Facts, Fact{"decode", "GroupNorm statistics of the whole image (vae_decoder/model_sync.onnx)", "tools/sync_decoder.py"})
 	}
 	shift := ""
 	if a.ShiftFactor != 0 {
@@ -395,6 +398,25 @@ func (m *Manifest) attachAutoencoder(dir, rel string) error {
 		m.Facts = append(m.Facts, Fact{"encoder", "vae_encoder/model.onnx: images can be encoded (img2img)", rel + "vae_encoder/"})
 	}
 	return nil
+}
+
+// syncLayers is how many GroupNorm layers the cut-open copy of the graph
+// in dir has (model_sync.onnx and its sync.json), 0 when it has none.
+func syncLayers(dir string) (int, error) {
+	if _, err := os.Stat(filepath.Join(dir, "model_sync.onnx")); err != nil {
+		return 0, nil
+	}
+	data, err := ReadConfigFile(filepath.Join(dir, "sync.json"))
+	if err != nil {
+		return 0, fmt.Errorf("%s: model_sync.onnx without a readable sync.json: %w", dir, err)
+	}
+	var sj struct {
+		Layers []json.RawMessage `json:"layers"`
+	}
+	if err := json.Unmarshal(data, &sj); err != nil || len(sj.Layers) == 0 || len(sj.Layers) > 1000 {
+		return 0, fmt.Errorf("%s: sync.json: want 1 to 1000 layers (%v)", dir, err)
+	}
+	return len(sj.Layers), nil
 }
 
 // overlay decodes tessera.yaml over a manifest derived from the diffusers

@@ -118,6 +118,9 @@ type Manifest struct {
 	DecodeSync bool `yaml:"-" json:"decode_sync,omitempty"`
 	// DecodeSyncLayers is how many GroupNorm layers it has (sync.json).
 	DecodeSyncLayers int `yaml:"-" json:"decode_sync_layers,omitempty"`
+	// EncodeSync and EncodeSyncLayers are the same for the encoder.
+	EncodeSync       bool `yaml:"-" json:"encode_sync,omitempty"`
+	EncodeSyncLayers int  `yaml:"-" json:"encode_sync_layers,omitempty"`
 	// Encoder says the autoencoder has an encoder (vae_encoder/), which an
 	// img2img stage needs.
 	Encoder bool `yaml:"-" json:"encoder,omitempty"`

@@ -147,9 +147,10 @@ func ReadModelFile(path string) (file string, hdr *ModelHeader, man *Manifest, e
 		}
 		// Forget what the pipeline folder's autoencoder said.
 		man.DecodeFactor, man.DecodeSync, man.DecodeSyncLayers, man.Encoder, man.LatentScaling, man.LatentShift = 0, false, 0, false, 0, 0
+		man.EncodeSync, man.EncodeSyncLayers = false, 0
 		facts := man.Facts[:0:0]
 		for _, f := range man.Facts {
-			if f.Key != "decoder" && f.Key != "decode" && f.Key != "encoder" {
+			if f.Key != "decoder" && f.Key != "decode" && f.Key != "encoder" && f.Key != "encode" {
 				facts = append(facts, f)
 			}
 		}

@@ -42,6 +42,10 @@ type aeSession struct {
 	err32   error
 	closed  bool
 	retried atomic.Int64
+	// sync is the graph cut open at its GroupNorm layers, for statistics
+	// of the whole image (nil: none, noSync once looked for).
+	sync   *syncDecoder
+	noSync bool
 }
 
 // float32Copy is the graph's float32 copy.
@@ -62,11 +66,14 @@ func (s *aeSession) float32Copy() (*aeSession, error) {
 	return f, err
 }
 
-// close closes the session and its float32 copy, after a Run in progress
-// on either; no copy is loaded after it.
+// close closes the session, its cut-open copy and its float32 copy, after
+// a Run in progress on any; no float32 copy is loaded after it.
 func (s *aeSession) close() {
 	s.mu.Lock()
 	s.sess.Close()
+	if s.sync != nil {
+		s.sync.sess.Close()
+	}
 	s.mu.Unlock()
 	s.mu32.Lock()
 	defer s.mu32.Unlock()
@@ -83,10 +90,6 @@ func (s *aeSession) close() {
 type decoder struct {
 	aeSession
 	ae *onnx.Autoencoder
-	// sync is the decoder cut open at its GroupNorm layers, for statistics
-	// of the whole image (nil: none, noSync once looked for).
-	sync   *syncDecoder
-	noSync bool
 }
 
 // decoderOf returns the decoder of an autoencoder folder, loading it on

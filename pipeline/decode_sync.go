@@ -12,7 +12,7 @@ import (
 	"tessera/stages"
 )
 
-// syncLayer is one GroupNorm layer of a decoder cut open by
+// syncLayer is one GroupNorm layer of a decoder or an encoder cut open by
 // tools/sync_decoder.py: its statistics come in as graph inputs (Mean,
 // Rstd, [1, G, 1]) and the activation it normalises goes out (Activation,
 // [1, Channels, h·Scale, w·Scale] for a latent tile of h×w).
@@ -26,8 +26,9 @@ type syncLayer struct {
 	Activation string  `json:"activation"`
 }
 
-// syncDecoder is a decoder whose GroupNorm layers take the statistics of
-// the whole image (model_sync.onnx and sync.json beside model.onnx).
+// syncDecoder is an autoencoder graph (a decoder or an encoder) whose
+// GroupNorm layers take the statistics of the whole image
+// (model_sync.onnx and sync.json beside model.onnx).
 type syncDecoder struct {
 	sess   *onnx.Session
 	layers []syncLayer
@@ -35,18 +36,18 @@ type syncDecoder struct {
 	output string
 }
 
-// syncDecoderOf loads the cut-open decoder beside d's, or returns nil when
+// syncOf loads the cut-open copy of the graph a, or returns nil when
 // there is none.
-func (e *Engine) syncDecoderOf(d *decoder) (*syncDecoder, error) {
+func (e *Engine) syncOf(a *aeSession) (*syncDecoder, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	if d.sync != nil || d.noSync {
-		return d.sync, nil
+	if a.sync != nil || a.noSync {
+		return a.sync, nil
 	}
-	dir := filepath.Dir(d.ae.Decoder)
+	dir := filepath.Dir(a.path)
 	data, err := onnx.ReadConfigFile(filepath.Join(dir, "sync.json"))
 	if os.IsNotExist(err) {
-		d.noSync = true
+		a.noSync = true
 		return nil, nil
 	}
 	if err != nil {
@@ -73,17 +74,19 @@ func (e *Engine) syncDecoderOf(d *decoder) (*syncDecoder, error) {
 	if s.sess, err = e.env.NewSession(m, onnx.SessionOptions{}); err != nil {
 		return nil, &SessionError{Model: dir, Err: err}
 	}
-	d.sync = s
+	a.sync = s
 	return s, nil
 }
 
-// run decodes one latent tile (C×h×w, scaled) with the statistics known
-// so far (mean, rstd per layer; layers from len(mean) on get 0 and 1) and
-// returns every output.
-func (s *syncDecoder) run(ctx context.Context, d *decoder, z []float32, c, h, w int, mean, rstd [][]float32) (map[string]onnx.Tensor, error) {
-	in := map[string]onnx.Tensor{s.input: onnx.FloatTensor(z, 1, int64(c), int64(h), int64(w))}
-	f := int64(d.ae.Factor)
-	shapes := map[string][]int64{s.output: {1, 3, int64(h) * f, int64(w) * f}}
+// syncDecoderOf is syncOf for a decoder.
+func (e *Engine) syncDecoderOf(d *decoder) (*syncDecoder, error) { return e.syncOf(&d.aeSession) }
+
+// run runs one tile (x of shape in, for a latent tile of h×w) with the
+// statistics known so far (mean, rstd per layer; layers from len(mean) on
+// get 0 and 1), its output of shape out, and returns every output.
+func (s *syncDecoder) run(ctx context.Context, a *aeSession, x []float32, in, out []int64, h, w int, mean, rstd [][]float32) (map[string]onnx.Tensor, error) {
+	inputs := map[string]onnx.Tensor{s.input: onnx.FloatTensor(x, in...)}
+	shapes := map[string][]int64{s.output: out}
 	for k, l := range s.layers {
 		m, r := make([]float32, l.Groups), make([]float32, l.Groups)
 		if k < len(mean) {
@@ -94,69 +97,100 @@ func (s *syncDecoder) run(ctx context.Context, d *decoder, z []float32, c, h, w 
 				r[i] = 1
 			}
 		}
-		in[l.Mean] = onnx.FloatTensor(m, 1, int64(l.Groups), 1)
-		in[l.Rstd] = onnx.FloatTensor(r, 1, int64(l.Groups), 1)
+		inputs[l.Mean] = onnx.FloatTensor(m, 1, int64(l.Groups), 1)
+		inputs[l.Rstd] = onnx.FloatTensor(r, 1, int64(l.Groups), 1)
 		shapes[l.Activation] = []int64{1, int64(l.Channels), int64(h * l.Scale), int64(w * l.Scale)}
 	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	out, err := s.sess.RunShaped(ctx, in, shapes)
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	res, err := s.sess.RunShaped(ctx, inputs, shapes)
 	if err == nil {
-		d.runs.Add(1)
+		a.runs.Add(1)
 	}
-	return out, err
+	return res, err
 }
 
-// decodeSynced is decode with the statistics of the whole image: for each
+// decodeSynced is decode with the statistics of the whole image (see
+// syncedTiles).
+func (e *Engine) decodeSynced(ctx context.Context, d *decoder, s *syncDecoder, g *stages.TileGrid, z []float32, c, h, w int, scale, shift float32) ([]float32, error) {
+	f := d.ae.Factor
+	acc := stages.NewAccumulator(3, h*f, w*f)
+	err := e.syncedTiles(ctx, s, &d.aeSession, g, h, w, c*g.TileHeight*g.TileWidth,
+		func(dst []float32, t stages.Tile) ([]int64, error) {
+			if err := g.Extract(dst, z, c, t); err != nil {
+				return nil, err
+			}
+			for j := range dst {
+				dst[j] = dst[j]/scale + shift
+			}
+			return []int64{1, int64(c), int64(t.Height), int64(t.Width)}, nil
+		},
+		func(t stages.Tile) []int64 { return []int64{1, 3, int64(t.Height * f), int64(t.Width * f)} },
+		func(t stages.Tile, out []float32) error { return acc.Add(scaleTile(t, f), out) })
+	if err != nil {
+		return nil, err
+	}
+	img := make([]float32, 3*h*f*w*f)
+	if err := acc.Result(img); err != nil {
+		return nil, err
+	}
+	for i, v := range img {
+		img[i] = min(max(v, -1), 1)
+	}
+	return img, nil
+}
+
+// syncedTiles runs a cut-open autoencoder graph over the tiles of g (an
+// h×w latent grid) with the statistics of the whole image: for each
 // GroupNorm layer in turn, every tile is run with the statistics of the
 // layers before it and the layer's input gathered over the tiles, each
 // canvas position weighed by its tile's window over the windows' sum (so
 // that it counts once: the windows are a partition of unity); the layer's
 // mean and variance are then those of the whole image (sums and sums of
 // squares in float64, the between-tile term kept). A last pass with every
-// layer's statistics makes the tiles. Memory stays bounded by the tile;
-// the cost is a Run per layer and tile more than the naive decode.
-// Activations are exact in a tile's core where the halo covers the layers'
-// receptive field; a self-attention block attends within its tile.
-func (e *Engine) decodeSynced(ctx context.Context, d *decoder, s *syncDecoder, g *stages.TileGrid, z []float32, c, h, w int, scale, shift float32) ([]float32, error) {
+// layer's statistics gives the tiles' outputs to add. fill writes a tile's
+// input (at most per values) and returns its shape; out is a tile's output
+// shape. Memory stays bounded by the tile; the cost is a Run per layer and
+// tile more than the naive pass. Activations are exact in a tile's core
+// where the halo covers the layers' receptive field; a self-attention
+// block attends within its tile.
+func (e *Engine) syncedTiles(ctx context.Context, s *syncDecoder, a *aeSession, g *stages.TileGrid, h, w, per int, fill func(dst []float32, t stages.Tile) ([]int64, error), out func(t stages.Tile) []int64, add func(t stages.Tile, out []float32) error) error {
 	// The windows' sum at every latent position.
 	ones := stages.NewAccumulator(1, h, w)
 	for _, t := range g.Tiles {
 		if err := ones.Add(t, make1(t.Height*t.Width)); err != nil {
-			return nil, err
+			return err
 		}
 	}
 	total := ones.Weights()
-	// Each pass cuts its tile out of z again, into one buffer: memory
-	// beyond the canvases stays one tile's, whatever the image.
-	buf := make([]float32, c*g.TileHeight*g.TileWidth)
+	// Each pass cuts its tile out of the canvas again, into one buffer:
+	// memory beyond the canvases stays one tile's, whatever the image.
+	buf := make([]float32, per)
 	runTile := func(t stages.Tile, mean, rstd [][]float32) (map[string]onnx.Tensor, error) {
-		b := buf[:c*t.Height*t.Width]
-		if err := g.Extract(b, z, c, t); err != nil {
+		in, err := fill(buf, t)
+		if err != nil {
 			return nil, err
 		}
-		for j := range b {
-			b[j] = b[j]/scale + shift
-		}
-		out, err := s.run(ctx, d, b, c, t.Height, t.Width, mean, rstd)
+		n := int(in[0] * in[1] * in[2] * in[3])
+		res, err := s.run(ctx, a, buf[:n], in, out(t), t.Height, t.Width, mean, rstd)
 		if err != nil {
-			return nil, fmt.Errorf("decoder %s: %w", d.ae.Decoder, err)
+			return nil, fmt.Errorf("%s: %w", a.path, err)
 		}
-		return out, nil
+		return res, nil
 	}
 	var mean, rstd [][]float32
 	for k, l := range s.layers {
 		sum, sq, cnt := make([]float64, l.Groups), make([]float64, l.Groups), make([]float64, l.Groups)
 		per := l.Channels / l.Groups
 		for _, t := range g.Tiles {
-			out, err := runTile(t, mean, rstd)
+			res, err := runTile(t, mean, rstd)
 			if err != nil {
-				return nil, err
+				return err
 			}
-			act := out[l.Activation].Float
+			act := res[l.Activation].Float
 			ah, aw := t.Height*l.Scale, t.Width*l.Scale
 			if len(act) != l.Channels*ah*aw {
-				return nil, ModelUnusable(fmt.Errorf("decoder %s: layer %d's activation has %d values, want %d", d.ae.Decoder, k, len(act), l.Channels*ah*aw))
+				return ModelUnusable(fmt.Errorf("%s: layer %d's activation has %d values, want %d", a.path, k, len(act), l.Channels*ah*aw))
 			}
 			for y := 0; y < ah; y++ {
 				ly, Y := y/l.Scale, t.Y0+y/l.Scale
@@ -187,30 +221,22 @@ func (e *Engine) decodeSynced(ctx context.Context, d *decoder, s *syncDecoder, g
 		}
 		mean, rstd = append(mean, m), append(rstd, r)
 	}
-	f := d.ae.Factor
-	acc := stages.NewAccumulator(3, h*f, w*f)
 	for _, t := range g.Tiles {
-		out, err := runTile(t, mean, rstd)
+		res, err := runTile(t, mean, rstd)
 		if err != nil {
-			return nil, err
+			return err
 		}
-		if !finite(out[s.output].Float) {
-			// The synchronised decode has no float32 retry: its statistics
+		o := res[s.output].Float
+		if !finite(o) {
+			// The synchronised pass has no float32 retry: its statistics
 			// are shared by every tile.
-			return nil, ModelUnusable(fmt.Errorf("decoder %s: the synchronised decode gave NaN or infinity in the tile at latent (%d, %d) (a float16 decoder that overflows: cut its float32 copy open instead, tools/fp16_decoder.py --fp32 then tools/sync_decoder.py)", d.ae.Decoder, t.Y0, t.X0))
+			return ModelUnusable(fmt.Errorf("%s: the synchronised pass gave NaN or infinity in the tile at latent (%d, %d) (a float16 graph that overflows: cut its float32 copy open instead, tools/fp16_decoder.py --fp32 then tools/sync_decoder.py)", a.path, t.Y0, t.X0))
 		}
-		if err := acc.Add(scaleTile(t, f), out[s.output].Float); err != nil {
-			return nil, err
+		if err := add(t, o); err != nil {
+			return err
 		}
 	}
-	img := make([]float32, 3*h*f*w*f)
-	if err := acc.Result(img); err != nil {
-		return nil, err
-	}
-	for i, v := range img {
-		img[i] = min(max(v, -1), 1)
-	}
-	return img, nil
+	return nil
 }
 
 func make1(n int) []float32 {

@@ -67,7 +67,8 @@ type encoder struct {
 // memory is bounded by the tile. An encoder that gives a distribution is
 // read at its mean (diffusers' sample_mode "argmax"), so that the latents
 // are a function of the image alone. Normalisation inside the encoder is
-// per tile.
+// per tile, or (Statistics "image", a cut-open encoder) that of the whole
+// image, as in decodeSynced.
 func (e *Engine) encode(ctx context.Context, dp *DecodePlan, img []float32, h, w int) ([]float32, error) {
 	x, err := e.encoderOf(dp.Autoencoder)
 	if err != nil {
@@ -89,15 +90,33 @@ func (e *Engine) encode(ctx context.Context, dp *DecodePlan, img []float32, h, w
 	pix := &stages.TileGrid{Height: h * f, Width: w * f, Pad: g.Pad}
 	acc := stages.NewAccumulator(c, h, w)
 	th, tw := g.TileHeight, g.TileWidth
-	err = e.tiledRuns(ctx, &x.aeSession, g.Tiles, dp.Batch, 3*th*f*tw*f,
-		func(dst []float32, t stages.Tile) error { return pix.Extract(dst, img, 3, scaleTile(t, f)) },
-		[]int64{3, int64(th * f), int64(tw * f)}, []int64{int64(c), int64(th), int64(tw)},
-		func(t stages.Tile, out []float32) error {
-			for j, v := range out {
-				out[j] = (v - shift) * scale
-			}
-			return acc.Add(t, out)
-		})
+	add := func(t stages.Tile, out []float32) error {
+		out = out[:c*t.Height*t.Width] // latent_parameters: the mean
+		for j, v := range out {
+			out[j] = (v - shift) * scale
+		}
+		return acc.Add(t, out)
+	}
+	if dp.Statistics == StatisticsImage {
+		s, err := e.syncOf(&x.aeSession)
+		if err != nil {
+			return nil, err
+		}
+		if s == nil {
+			return nil, ModelUnusable(fmt.Errorf("encoder %s: no model_sync.onnx beside it for statistics of the whole image (tools/sync_decoder.py makes one)", x.ae.Encoder))
+		}
+		err = e.syncedTiles(ctx, s, &x.aeSession, g, h, w, 3*th*f*tw*f,
+			func(dst []float32, t stages.Tile) ([]int64, error) {
+				st := scaleTile(t, f)
+				return []int64{1, 3, int64(st.Height), int64(st.Width)}, pix.Extract(dst[:3*st.Height*st.Width], img, 3, st)
+			},
+			func(t stages.Tile) []int64 { return []int64{1, int64(x.outCh), int64(t.Height), int64(t.Width)} },
+			add)
+	} else {
+		err = e.tiledRuns(ctx, &x.aeSession, g.Tiles, dp.Batch, 3*th*f*tw*f,
+			func(dst []float32, t stages.Tile) error { return pix.Extract(dst, img, 3, scaleTile(t, f)) },
+			[]int64{3, int64(th * f), int64(tw * f)}, []int64{int64(c), int64(th), int64(tw)}, add)
+	}
 	if err != nil {
 		return nil, err
 	}

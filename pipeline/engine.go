@@ -97,11 +97,6 @@ func (e *Engine) Close() error {
 	}
 	for _, d := range e.decoders {
 		d.close()
-		if d.sync != nil {
-			d.mu.Lock()
-			d.sync.sess.Close()
-			d.mu.Unlock()
-		}
 	}
 	for _, x := range e.encoders {
 		x.close()

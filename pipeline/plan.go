@@ -458,7 +458,10 @@ func encodePlanOf(m *onnx.Manifest, h, w int) (*DecodePlan, error) {
 	if err != nil {
 		return nil, err
 	}
-	d.Statistics, d.Runs = StatisticsTile, d.Tiles // the encoder is run as it is
+	d.Statistics, d.Runs = StatisticsTile, d.Tiles
+	if m.EncodeSync {
+		d.Statistics, d.Runs = StatisticsImage, d.Tiles*(1+m.EncodeSyncLayers)
+	}
 	return d, nil
 }
 

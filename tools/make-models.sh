@@ -41,8 +41,10 @@ if [ "$what" = all ] || [ "$what" = fixtures ]; then
   $PY tools/make_fixtures.py
   $PY tools/make_tokenizer_fixtures.py      # needs python3-sentencepiece
   $PY tools/make_autoencoder_fixtures.py
-  $PY tools/sync_decoder.py testdata/autoencoders/kl-like/vae_decoder testdata/autoencoders/vq-like/vae_decoder
+  $PY tools/sync_decoder.py testdata/autoencoders/kl-like/vae_decoder testdata/autoencoders/vq-like/vae_decoder \
+    testdata/autoencoders/kl-like/vae_encoder
   $PY tools/make_family_fixtures.py         # copies the decoders into the latent pipelines
+  $PY tools/make_latent_fixtures.py         # the latent oracles and sd-like (the KL-like autoencoder)
 fi
 
 if [ "$what" = all ] || [ "$what" = demos ]; then

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Cut an exported decoder's GroupNorm layers open, so that Tessera can give every tile the
-statistics of the whole image (testdata/autoencoders/*/vae_decoder/model_sync.onnx).
+"""Cut an exported decoder's (or encoder's) GroupNorm layers open, so that Tessera can give
+every tile the statistics of the whole image (testdata/autoencoders/*/vae_decoder/model_sync.onnx;
+a folder named vae_encoder is an encoder, its input pixels F times the latent).
 
 torch exports GroupNorm as Reshape([B, G, -1]) -> InstanceNormalization -> Reshape -> Mul -> Add.
 For the k-th InstanceNormalization this script
@@ -10,7 +11,7 @@ For the k-th InstanceNormalization this script
 and writes model_sync.onnx beside the model with sync.json: per layer its groups, epsilon, the
 activation's channels and its scale relative to the latent (from shape inference at 8x8).
 
-  /usr/bin/python3 tools/sync_decoder.py path/to/vae_decoder
+  /usr/bin/python3 tools/sync_decoder.py path/to/vae_decoder [path/to/vae_encoder ...]
 """
 import copy
 import json
@@ -32,11 +33,16 @@ def main(folder):
     for init in g.initializer:
         consts[init.name] = numpy_helper.to_array(init)
     producer = {o: n for n in g.node for o in n.output}
-    # shapes at a fixed 8x8 latent
+    # shapes at a fixed 8x8 latent: a decoder's input, or an encoder's 8F x 8F pixels (F from
+    # its config's block_out_channels), so that a layer's scale is relative to the latent
+    factor = 1
+    if os.path.basename(os.path.normpath(folder)) == "vae_encoder":
+        with open(os.path.join(folder, "config.json")) as f:
+            factor = 2 ** (len(json.load(f)["block_out_channels"]) - 1)
     fixed = copy.deepcopy(m)
     inp = fixed.graph.input[0].type.tensor_type.shape.dim
     latent = inp[1].dim_value
-    for i, v in enumerate([1, latent, 8, 8]):
+    for i, v in enumerate([1, latent, 8 * factor, 8 * factor]):
         inp[i].ClearField("dim_param")
         inp[i].dim_value = v
     inferred = shape_inference.infer_shapes(fixed, data_prop=True)
