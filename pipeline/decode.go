@@ -42,6 +42,8 @@ type aeSession struct {
 	err32   error
 	closed  bool
 	retried atomic.Int64
+	// batcher gathers tile Runs from every item (tiledRuns).
+	batcher aeBatcher
 	// sync is the graph cut open at its GroupNorm layers, for statistics
 	// of the whole image (nil: none, noSync once looked for).
 	sync   *syncDecoder
@@ -193,17 +195,23 @@ func latentScaling(dp *DecodePlan, ae *onnx.Autoencoder, graph string) (scale, s
 }
 
 // tiledRuns runs an autoencoder graph over tiles, up to batch at a time (0:
-// decodeBatch), halving the batch while a Run of several tiles runs out of
-// memory: fill writes a tile's input (per values, in×in[1]×in[2] with
-// in[0] channels) into its slot, add takes its output (out's shape per
+// decodeBatch) and batched with the tiles of other items using the graph
+// at the same time (aeBatcher), the batch halved while a Run of several
+// tiles runs out of memory: fill writes a tile's input (per values,
+// in[0]×in[1]×in[2]) into its slot, add takes its output (out's shape per
 // tile).
 func (e *Engine) tiledRuns(ctx context.Context, s *aeSession, tiles []stages.Tile, batch, per int, fill func(dst []float32, t stages.Tile) error, in, out []int64, add func(t stages.Tile, out []float32) error) error {
 	if batch == 0 {
 		batch = decodeBatch
 	}
+	want := max(batch, 1) // a Run's tiles, other items' included
 	batch = max(1, min(batch, len(tiles)))
 	buf := make([]float32, batch*per)
 	outPer := int(out[0] * out[1] * out[2])
+	var in3, out3 [3]int64
+	copy(in3[:], in)
+	copy(out3[:], out)
+	reqs := make([]*aeRequest, batch)
 	for start := 0; start < len(tiles); {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -213,26 +221,21 @@ func (e *Engine) tiledRuns(ctx context.Context, s *aeSession, tiles []stages.Til
 			if err := fill(buf[i*per:(i+1)*per], t); err != nil {
 				return err
 			}
+			reqs[i] = &aeRequest{in: buf[i*per : (i+1)*per], in3: in3, out3: out3, limited: want}
 		}
-		res, err := s.run(ctx, buf[:n*per], append([]int64{int64(n)}, in...), append([]int64{int64(n)}, out...))
-		if err != nil && isOutOfMemory(err) && batch > 1 {
-			// A Run of several tiles did not fit: halve and go on.
-			batch /= 2
-			e.logger.Warn("autoencoder ran out of memory; batch halved", "graph", s.path, "batch", batch, "err", err)
-			continue
-		}
-		if err != nil {
+		// Batched with the tiles of other items decoding at the same time.
+		if err := e.runTiles(ctx, s, reqs[:n]); err != nil {
 			return err
 		}
-		if len(res) < n*outPer || len(res)%n != 0 {
-			return ModelUnusable(fmt.Errorf("%s: %d values for %d tiles of %v", s.path, len(res), n, out))
-		}
-		// An encoder's latent_parameters hold the mean and then the log
-		// variance: the first outPer values of each tile's are the mean.
-		got := len(res) / n
 		for i, t := range tiles[start : start+n] {
-			o := res[i*got : i*got+outPer]
-			if !finite(res[i*got : (i+1)*got]) {
+			res := reqs[i].res
+			if len(res) < outPer {
+				return ModelUnusable(fmt.Errorf("%s: %d values for a tile of %v", s.path, len(res), out))
+			}
+			// An encoder's latent_parameters hold the mean and then the log
+			// variance: the first outPer values of each tile's are the mean.
+			o := res[:outPer]
+			if !finite(res) {
 				// The Run overflowed in this tile (float16, inside the
 				// graph or at its output): run it again in float32, alone.
 				// A float32 graph's copy is itself, and fails again.
@@ -240,7 +243,7 @@ func (e *Engine) tiledRuns(ctx context.Context, s *aeSession, tiles []stages.Til
 				if err != nil {
 					return fmt.Errorf("%s: NaN or infinity (a float16 overflow?) in the tile at latent (%d, %d): %w", s.path, t.Y0, t.X0, err)
 				}
-				r32, err := f32.run(ctx, buf[i*per:(i+1)*per], append([]int64{1}, in...), append([]int64{1}, out...))
+				r32, err := f32.run(ctx, reqs[i].in, append([]int64{1}, in...), append([]int64{1}, out...))
 				if err != nil {
 					return err
 				}

@@ -8,7 +8,9 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	"tessera/models"
 	"tessera/stages"
@@ -282,5 +284,77 @@ func TestDecodeFloat16RetriesOverflowInFloat32(t *testing.T) {
 	}
 	if !slices.Equal(img2, img) {
 		t.Errorf("the widened graph's image differs from the float32 copy's (%g)", worstDiff(img2, img))
+	}
+}
+
+// TestDecodeBatchesAcrossItems: tiles of items decoding at the same time
+// share Runs. While one item's Run is held, two items of two tiles each
+// queue theirs; the held Run's caller then runs all four in one Run, and
+// each image is the one it decodes to alone.
+func TestDecodeBatchesAcrossItems(t *testing.T) {
+	e := New(testEnv, models.Resolver{}, Options{}, nil)
+	defer e.Close()
+	const c, h, w = 48, 8, 12 // two tiles of 8 (overlap 2, halo 1)
+	dp := &DecodePlan{Autoencoder: autoencoders("oracle-f4"), Factor: 4, TileSize: 8, Overlap: 2, Halo: 1, Batch: 4}
+	if g, _ := decodeGrid(h, w, dp); len(g.Tiles) != 2 {
+		t.Fatalf("%d tiles, want 2", len(g.Tiles))
+	}
+	zs := make([][]float32, 3)
+	for i := range zs {
+		zs[i] = make([]float32, c*h*w)
+		(stages.Noise{Seed: uint64(10 + i)}).Fill(zs[i], 0, c, 0, 0, h, w)
+	}
+	d, err := e.decoderOf(dp.Autoencoder)
+	if err != nil {
+		t.Fatal(err)
+	}
+	release := make(chan struct{})
+	var mu sync.Mutex
+	var seen []int
+	d.inject = func(n int) error {
+		mu.Lock()
+		first := len(seen) == 0
+		seen = append(seen, n)
+		mu.Unlock()
+		if first {
+			<-release
+		}
+		return nil
+	}
+	imgs := make([][]float32, 3)
+	errs := make([]error, 3)
+	var wg sync.WaitGroup
+	decode := func(i int) {
+		defer wg.Done()
+		imgs[i], errs[i] = e.decode(context.Background(), dp, zs[i], c, h, w)
+	}
+	wg.Add(1)
+	go decode(0)
+	for d.runs.Load() == 0 && func() bool { mu.Lock(); defer mu.Unlock(); return len(seen) == 0 }() {
+		time.Sleep(time.Millisecond) // item 0's Run is held
+	}
+	wg.Add(2)
+	go decode(1)
+	go decode(2)
+	for func() bool { d.batcher.mu.Lock(); defer d.batcher.mu.Unlock(); return len(d.batcher.pending) < 4 }() {
+		time.Sleep(time.Millisecond)
+	}
+	close(release)
+	wg.Wait()
+	d.inject = nil
+	for i := range zs {
+		if errs[i] != nil {
+			t.Fatal(errs[i])
+		}
+		alone, err := e.decode(context.Background(), dp, zs[i], c, h, w)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(imgs[i], alone) {
+			t.Errorf("item %d: its image differs from its decode alone by %g", i, maxAbsDiff(imgs[i], alone))
+		}
+	}
+	if !slices.Equal(seen, []int{2, 4}) {
+		t.Errorf("Runs of %v tiles, want [2 4]: item 0's two, then the other items' four in one", seen)
 	}
 }
