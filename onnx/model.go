@@ -135,13 +135,17 @@ func ReadModelFile(path string) (file string, hdr *ModelHeader, man *Manifest, e
 		}
 		man = derived
 	}
-	if man != nil && man.Autoencoder != "" && (man.DecodeFactor == 0 || derived == nil || man.Autoencoder != derived.Autoencoder) {
-		// Named by tessera.yaml (over the pipeline folder's own, where it
-		// has one): relative to the model's folder.
-		ae := man.Autoencoder
-		if !filepath.IsAbs(ae) {
-			ae = filepath.Join(dir, ae)
+	aeOf := func(p string) string { // tessera.yaml's is relative to the model's folder
+		if !filepath.IsAbs(p) {
+			return filepath.Join(dir, p)
 		}
+		return filepath.Clean(p)
+	}
+	if man != nil && man.Autoencoder != "" && (man.DecodeFactor == 0 || derived == nil ||
+		man.Autoencoder != derived.Autoencoder && aeOf(man.Autoencoder) != filepath.Clean(derived.Autoencoder)) {
+		// Named by tessera.yaml, over the pipeline folder's own where it
+		// has one.
+		ae := aeOf(man.Autoencoder)
 		if derived != nil && derived.Autoencoder != "" {
 			man.Conflicts = append(man.Conflicts, fmt.Sprintf("autoencoder: %s says %s, the pipeline folder has its own; %s wins", ManifestFile, man.Autoencoder, ManifestFile))
 		}

@@ -193,3 +193,52 @@ func eachField(msg []byte, fn func(num protowire.Number, typ protowire.Type, fie
 	}
 	return nil
 }
+
+// HasFloat16 reports whether the ONNX model in data holds anything in
+// float16 (a weight, a value, a cast): a graph with float32 inputs and
+// outputs may compute in float16 inside. Bytes that do not parse hold
+// none.
+func HasFloat16(data []byte) bool {
+	found, _ := scanFloat16(data, 0, kindModel)
+	return found
+}
+
+func scanFloat16(msg []byte, depth, kind int) (found bool, err error) {
+	if depth > maxWidenDepth {
+		return false, errors.New("nested too deep")
+	}
+	dtypeAttr := false
+	if kind == kindAttribute {
+		eachField(msg, func(num protowire.Number, typ protowire.Type, field, val []byte) error {
+			if num == 1 && typ == protowire.BytesType {
+				dtypeAttr = string(val) == "to" || string(val) == "dtype"
+			}
+			return nil
+		})
+	}
+	err = eachField(msg, func(num protowire.Number, typ protowire.Type, field, val []byte) error {
+		switch {
+		case found:
+		case typ == protowire.BytesType && children[kind][num] != 0:
+			f, err := scanFloat16(val, depth+1, children[kind][num])
+			found = found || f
+			return err
+		case typ == protowire.VarintType && (kind == kindTypeTensor && num == 1 || dtypeAttr && num == 3 || kind == kindTensor && num == 2):
+			v, _ := protowire.ConsumeVarint(val)
+			found = v == onnxFloat16
+		}
+		return nil
+	})
+	return found, err
+}
+
+// HasFloat16File is HasFloat16 of the model file at path, read through a
+// memory map (a decoder's weights are not copied onto the heap).
+func HasFloat16File(path string) bool {
+	data, unmap, err := mapFile(path)
+	if err != nil {
+		return false
+	}
+	defer unmap()
+	return HasFloat16(data)
+}

@@ -126,4 +126,27 @@ func TestManifestAutoencoderOverridesPipelines(t *testing.T) {
 			t.Errorf("decoder fact from %q, want %s", f.From, ManifestFile)
 		}
 	}
+	// Naming the folder's own autoencoder contradicts nothing.
+	os.WriteFile(filepath.Join(root, "base", "unet", ManifestFile), []byte("autoencoder: ..\n"), 0o644)
+	if _, _, man, err = ReadModelFile(filepath.Join(root, "base")); err != nil || len(man.Conflicts) != 0 || man.DecodeFactor != 4 || man.Encoder {
+		t.Errorf("the folder's own: %v, conflicts %v, factor %d, encoder %v", err, man.Conflicts, man.DecodeFactor, man.Encoder)
+	}
+}
+
+func TestHasFloat16(t *testing.T) {
+	ae := filepath.Join("..", "testdata", "autoencoders")
+	for path, want := range map[string]bool{
+		filepath.Join(ae, "overflow-f16", "vae_decoder", "model.onnx"):      true,
+		filepath.Join(ae, "overflow-f16", "vae_decoder", "model_fp32.onnx"): false,
+		filepath.Join(ae, "kl-like", "vae_decoder", "model.onnx"):           false,
+	} {
+		if got := HasFloat16File(path); got != want {
+			t.Errorf("%s: %v, want %v", path, got, want)
+		}
+	}
+	half, _ := os.ReadFile(filepath.Join(ae, "overflow-f16", "vae_decoder", "model.onnx"))
+	wide, err := WidenFloat16(half)
+	if err != nil || HasFloat16(wide) {
+		t.Errorf("widened: float16 left (%v)", err)
+	}
 }

@@ -36,6 +36,7 @@ type aeSession struct {
 	// memory); a permanent failure to load it is kept, a transient one
 	// tried again.
 	half    bool
+	mixed   bool // float32 inputs and outputs, float16 inside
 	load32  func() (*aeSession, error)
 	mu32    sync.Mutex
 	fp32    *aeSession
@@ -236,9 +237,11 @@ func (e *Engine) tiledRuns(ctx context.Context, s *aeSession, tiles []stages.Til
 			// variance: the first outPer values of each tile's are the mean.
 			o := res[:outPer]
 			if !finite(res) {
+				if !s.half && !s.mixed {
+					return ModelUnusable(fmt.Errorf("%s: NaN or infinity in the tile at latent (%d, %d) of a float32 graph", s.path, t.Y0, t.X0))
+				}
 				// The Run overflowed in this tile (float16, inside the
 				// graph or at its output): run it again in float32, alone.
-				// A float32 graph's copy is itself, and fails again.
 				f32, err := s.float32Copy()
 				if err != nil {
 					return fmt.Errorf("%s: NaN or infinity (a float16 overflow?) in the tile at latent (%d, %d): %w", s.path, t.Y0, t.X0, err)
@@ -272,6 +275,7 @@ func (e *Engine) openAESession(s *aeSession, m *onnx.Model) error {
 		return &SessionError{Model: s.path, Err: err}
 	}
 	s.half = m.Inputs[0].Type == onnx.Float16 || m.Outputs[0].Type == onnx.Float16
+	s.mixed = !s.half && onnx.HasFloat16File(s.path)
 	s.load32 = func() (*aeSession, error) {
 		p := filepath.Join(filepath.Dir(s.path), "model_fp32.onnx")
 		var m32 *onnx.Model

@@ -3,6 +3,7 @@ package pipeline
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math"
 	"os"
@@ -41,6 +42,9 @@ type syncDecoder struct {
 func (e *Engine) syncOf(a *aeSession) (*syncDecoder, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	if e.closed {
+		return nil, errors.New("engine closed")
+	}
 	if a.sync != nil || a.noSync {
 		return a.sync, nil
 	}

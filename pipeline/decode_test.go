@@ -358,3 +358,27 @@ func TestDecodeBatchesAcrossItems(t *testing.T) {
 		t.Errorf("Runs of %v tiles, want [2 4]: item 0's two, then the other items' four in one", seen)
 	}
 }
+
+// A panic in an autoencoder Run fails the tiles of that Run with the
+// panic, and the graph's batcher goes on: the next decode works.
+func TestDecodePanicDoesNotWedgeTheBatcher(t *testing.T) {
+	e := New(testEnv, models.Resolver{}, Options{}, nil)
+	defer e.Close()
+	const c, h, w = 48, 8, 12
+	z := make([]float32, c*h*w)
+	dp := &DecodePlan{Autoencoder: autoencoders("oracle-f4"), Factor: 4, TileSize: 8, Overlap: 2, Halo: 1}
+	d, err := e.decoderOf(dp.Autoencoder)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.inject = func(n int) error { panic("injected") }
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := e.decode(ctx, dp, z, c, h, w); err == nil || !strings.Contains(err.Error(), "panic") {
+		t.Fatalf("decode with a panicking Run: %v", err)
+	}
+	d.inject = nil
+	if _, err := e.decode(ctx, dp, z, c, h, w); err != nil {
+		t.Fatalf("the decode after the panic: %v", err)
+	}
+}
