@@ -106,16 +106,9 @@ func (e *Engine) decoderOf(dir string) (*decoder, error) {
 	if d, ok := e.decoders[dir]; ok {
 		return d, nil
 	}
-	ae, err := onnx.ReadAutoencoder(dir)
+	ae, m, err := e.loadAEGraph(dir, "decoder", func(ae *onnx.Autoencoder) string { return ae.Decoder })
 	if err != nil {
-		return nil, ModelUnusable(fmt.Errorf("autoencoder: %w", err))
-	}
-	m, err := e.env.LoadModel(ae.Decoder)
-	if err != nil {
-		return nil, ModelUnusable(fmt.Errorf("autoencoder decoder: %w", err))
-	}
-	if len(m.Inputs) != 1 || len(m.Outputs) < 1 || len(m.Inputs[0].Shape) != 4 || len(m.Outputs[0].Shape) != 4 {
-		return nil, ModelUnusable(fmt.Errorf("decoder %s: want one input [B,C,h,w] and an output [B,3,H,W]", ae.Decoder))
+		return nil, err
 	}
 	d := &decoder{ae: ae, aeSession: aeSession{path: ae.Decoder, input: m.Inputs[0].Name, out: m.Outputs[0].Name, outCh: 3}}
 	if err := e.openAESession(&d.aeSession, m); err != nil {
@@ -123,6 +116,28 @@ func (e *Engine) decoderOf(dir string) (*decoder, error) {
 	}
 	e.decoders[dir] = d
 	return d, nil
+}
+
+// loadAEGraph describes the autoencoder in dir and loads one of its graphs
+// (which picks its path; "" when it has none), which must have one input
+// and an output, both [B, C, h, w].
+func (e *Engine) loadAEGraph(dir, which string, pick func(*onnx.Autoencoder) string) (*onnx.Autoencoder, *onnx.Model, error) {
+	ae, err := onnx.ReadAutoencoder(dir)
+	if err != nil {
+		return nil, nil, ModelUnusable(fmt.Errorf("autoencoder: %w", err))
+	}
+	path := pick(ae)
+	if path == "" {
+		return nil, nil, ModelUnusable(fmt.Errorf("autoencoder %s: no vae_%s/model.onnx", dir, which))
+	}
+	m, err := e.env.LoadModel(path)
+	if err != nil {
+		return nil, nil, ModelUnusable(fmt.Errorf("autoencoder %s: %w", which, err))
+	}
+	if len(m.Inputs) != 1 || len(m.Outputs) < 1 || len(m.Inputs[0].Shape) != 4 || len(m.Outputs[0].Shape) != 4 {
+		return nil, nil, ModelUnusable(fmt.Errorf("%s %s: want one input and an output, both [B,C,h,w]", which, path))
+	}
+	return ae, m, nil
 }
 
 // decode turns a latent canvas (C×h×w, as the stage samples it, scaled by

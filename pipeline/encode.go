@@ -21,19 +21,9 @@ func (e *Engine) encoderOf(dir string) (*encoder, error) {
 	if x, ok := e.encoders[dir]; ok {
 		return x, nil
 	}
-	ae, err := onnx.ReadAutoencoder(dir)
+	ae, m, err := e.loadAEGraph(dir, "encoder", func(ae *onnx.Autoencoder) string { return ae.Encoder })
 	if err != nil {
-		return nil, ModelUnusable(fmt.Errorf("autoencoder: %w", err))
-	}
-	if ae.Encoder == "" {
-		return nil, ModelUnusable(fmt.Errorf("autoencoder %s: no vae_encoder/model.onnx", dir))
-	}
-	m, err := e.env.LoadModel(ae.Encoder)
-	if err != nil {
-		return nil, ModelUnusable(fmt.Errorf("autoencoder encoder: %w", err))
-	}
-	if len(m.Inputs) != 1 || len(m.Outputs) < 1 || len(m.Inputs[0].Shape) != 4 || len(m.Outputs[0].Shape) != 4 {
-		return nil, ModelUnusable(fmt.Errorf("encoder %s: want one input [B,3,H,W] and an output [B,C,h,w]", ae.Encoder))
+		return nil, err
 	}
 	out := m.Outputs[0]
 	ch := int(out.Shape[1])

@@ -40,6 +40,19 @@ func withAELayout(t *testing.T, plan Plan, l aeLayout) Plan {
 	return plan
 }
 
+// planned is the item with its input's size read, and its plan.
+func planned(t *testing.T, e *Engine, it Item) (Item, Plan) {
+	t.Helper()
+	if err := it.SetInput(); err != nil {
+		t.Fatal(err)
+	}
+	plan, err := e.Plan(it)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return it, plan
+}
+
 // depthToSpace is the oracle decoder: latents C·16 × h × w → C × 4h × 4w.
 func depthToSpace(z []float32, c, h, w int) []float32 {
 	out := make([]float32, c*16*h*w)
@@ -106,13 +119,7 @@ func TestLatentSROracle(t *testing.T) {
 		for _, l := range aeLayouts {
 			t.Run(fmt.Sprintf("unet%d-decode%d", tl.Size, l.tile), func(t *testing.T) {
 				it := Item{Seed: 3, Class: -1, Image: in, Scale: 4, SR: StageParams{Model: "latent-sr-oracle", Steps: 6, Tile: tl}}
-				if err := it.SetInput(); err != nil {
-					t.Fatal(err)
-				}
-				plan, err := e.Plan(it)
-				if err != nil {
-					t.Fatal(err)
-				}
+				it, plan := planned(t, e, it)
 				sp := plan.Stages[0]
 				if sp.Space != onnx.SpaceLatent || sp.Decode == nil || sp.Decode.Factor != 4 || sp.Width != 16 || sp.Height != 12 || plan.Resample {
 					t.Fatalf("plan %+v", plan)
@@ -238,13 +245,7 @@ func TestImg2ImgOracle(t *testing.T) {
 		for _, l := range aeLayouts {
 			t.Run(fmt.Sprintf("unet%d-ae%d", tl.Size, l.tile), func(t *testing.T) {
 				it := Item{Seed: 9, Class: -1, Image: in, Width: W, Height: H, SR: StageParams{Model: "img2img-oracle", Steps: 10, Tile: tl}}
-				if err := it.SetInput(); err != nil {
-					t.Fatal(err)
-				}
-				plan, err := e.Plan(it)
-				if err != nil {
-					t.Fatal(err)
-				}
+				it, plan := planned(t, e, it)
 				sp := plan.Stages[0]
 				if sp.Kind != KindImg2Img || sp.Strength != DefaultImg2ImgStrength || sp.Encode == nil || sp.Decode == nil ||
 					sp.Encode.Scaling != 0.5 || sp.Encode.Shift != 0.1 || sp.Width != 12 || sp.Height != 10 || plan.Resample {
@@ -362,25 +363,14 @@ func TestPlanCountsAutoencoderRuns(t *testing.T) {
 	in := writeGradient(t, 96, 96)
 	it := Item{Class: -1, Image: in, Scale: 4, SR: StageParams{Model: "x4-like"}}
 	it.Context = contextFile(t, "pos", [4]float64{}, 1)
-	if err := it.SetInput(); err != nil {
-		t.Fatal(err)
-	}
-	p, err := e.Plan(it)
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, p := planned(t, e, it)
 	man, _ := e.resolver.Manifest("x4-like")
 	d := p.Stages[0].Decode
 	if man.DecodeSyncLayers < 2 || d.Statistics != StatisticsImage || d.Tiles < 4 || d.Runs != d.Tiles*(1+man.DecodeSyncLayers) || p.AutoencoderRuns() != d.Runs {
 		t.Fatalf("synchronised decode of %d layers: %+v, %d runs in all", man.DecodeSyncLayers, d, p.AutoencoderRuns())
 	}
 	it = Item{Class: -1, Image: in, Width: 384, Height: 384, SR: StageParams{Model: "img2img-oracle"}}
-	if err := it.SetInput(); err != nil {
-		t.Fatal(err)
-	}
-	if p, err = e.Plan(it); err != nil {
-		t.Fatal(err)
-	}
+	_, p = planned(t, e, it)
 	sp := p.Stages[0]
 	if sp.Encode.Runs != sp.Encode.Tiles || sp.Decode.Runs != sp.Decode.Tiles || p.AutoencoderRuns() != sp.Encode.Tiles+sp.Decode.Tiles || sp.Encode.Tiles < 4 {
 		t.Fatalf("img2img: encode %+v decode %+v, %d runs", sp.Encode, sp.Decode, p.AutoencoderRuns())
@@ -434,5 +424,27 @@ func TestEncodeTilingDrift(t *testing.T) {
 			t.Errorf("relative errors naive %v, synchronised %v: want drifts below 1 that shrink with the tile, the synchronised smaller", naive, synced)
 			break
 		}
+	}
+}
+
+// A base stage refuses the SR stage's keys, naming them, rather than
+// ignoring them.
+func TestBaseStageRefusesSRKeys(t *testing.T) {
+	e := familyEngine(t, Options{})
+	level := 0.2
+	for field, p := range map[string]StageParams{
+		"base.strength":    {Strength: 0.5},
+		"base.noise_level": {NoiseLevel: &level},
+		"base.filter":      {Filter: "lanczos"},
+		"base.tile":        {Tile: Tiling{Size: 16}},
+	} {
+		p.Model = "ddpm-oracle"
+		_, err := e.Plan(Item{Class: -1, Width: 32, Height: 32, Base: p})
+		if Classify(err) != ClassInvalid || err == nil || !strings.Contains(err.Error(), field) {
+			t.Errorf("%s: %v", field, err)
+		}
+	}
+	if _, err := e.Plan(Item{Class: -1, Width: 32, Height: 32, Base: StageParams{Model: "ddpm-oracle", Steps: 3, Guidance: 1}}); err != nil {
+		t.Errorf("a plain base stage: %v", err)
 	}
 }

@@ -273,13 +273,16 @@ func MakePlan(it Item, describe Describe) (Plan, error) {
 		return nil
 	}
 	var srMan *onnx.Manifest
-	needSR := func() error {
+	// needSR checks the SR model (m, when the caller has described it).
+	needSR := func(m *onnx.Manifest) error {
 		if srMan != nil {
 			return nil
 		}
-		m, err := model("sr.model", it.SR.Model)
-		if err != nil {
-			return err
+		if m == nil {
+			var err error
+			if m, err = model("sr.model", it.SR.Model); err != nil {
+				return err
+			}
 		}
 		if m.Kind != onnx.KindSR {
 			return ModelUnusable(fmt.Errorf("sr.model: %s is a %s model, not an SR model (nor a latent model with an encoder, which would upscale as img2img)", it.SR.Model, m.Kind))
@@ -325,7 +328,7 @@ func MakePlan(it Item, describe Describe) (Plan, error) {
 		} else if it.SR.Model == "" {
 			return p, Invalidf("sr.model: none given, and %dx%d is larger than the base model's native %dx%d (set sr.model or models.default_sr)", it.Width, it.Height, nw, nh)
 		} else {
-			if err := needSR(); err != nil {
+			if err := needSR(nil); err != nil {
 				return p, err
 			}
 			// Every later canvas is the base times a power of the scale; a base on
@@ -374,7 +377,7 @@ func MakePlan(it Item, describe Describe) (Plan, error) {
 			w, h = w*sp.Decode.Factor, h*sp.Decode.Factor
 		}
 	} else {
-		if err := needSR(); err != nil {
+		if err := needSR(m); err != nil {
 			return p, err
 		}
 		w, h = it.InputWidth, it.InputHeight
@@ -606,7 +609,19 @@ func planStage(kind string, p StageParams, man *onnx.Manifest, w, h int) (StageP
 			sp.Halo = sp.Overlap / 4
 		}
 	} else {
-		// The base canvas is one tile: the model sees the whole image.
+		// The base canvas is one tile: the model sees the whole image. It
+		// starts from noise, with no image to resample or augment: the SR
+		// stage's keys mean nothing here.
+		switch {
+		case p.Strength != 0:
+			return sp, fmt.Errorf("base.strength: a base stage starts from noise (strength is for sr)")
+		case p.NoiseLevel != nil:
+			return sp, fmt.Errorf("base.noise_level: a base stage has no low-res image to augment (noise_level is for sr)")
+		case p.Filter != "":
+			return sp, fmt.Errorf("base.filter: a base stage resamples nothing (filter is for sr)")
+		case p.Tile != (Tiling{}):
+			return sp, fmt.Errorf("base.tile: a base stage is one tile, the whole canvas (tile is for sr)")
+		}
 		sp.TileSize = max(w, h)
 	}
 	if sp.Strength < 0 || sp.Strength > 1 {
