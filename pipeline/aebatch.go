@@ -189,9 +189,12 @@ func (e *Engine) runBatch(s *aeSession) (ran bool) {
 		defer stop()
 	}
 	per := int(first.in3[0] * first.in3[1] * first.in3[2])
-	x := make([]float32, 0, len(batch)*per)
-	for _, r := range batch {
-		x = append(x, r.in...)
+	x := contiguous(batch, per)
+	if x == nil { // tiles of several callers: gathered into one buffer
+		x = make([]float32, 0, len(batch)*per)
+		for _, r := range batch {
+			x = append(x, r.in...)
+		}
 	}
 	k := int64(len(batch))
 	res, err := s.run(runCtx, x, []int64{k, first.in3[0], first.in3[1], first.in3[2]}, []int64{k, first.out3[0], first.out3[1], first.out3[2]})
@@ -230,4 +233,21 @@ func (e *Engine) runBatch(s *aeSession) (ran bool) {
 		close(r.done)
 	}
 	return true
+}
+
+// contiguous is the batch's inputs as one slice when they already lie one
+// after another in one caller's buffer (a batch of one item's tiles, the
+// usual case), else nil.
+func contiguous(batch []*aeRequest, per int) []float32 {
+	in := batch[0].in
+	if per == 0 || cap(in) < len(batch)*per {
+		return nil
+	}
+	x := in[:len(batch)*per]
+	for i, r := range batch {
+		if len(r.in) != per || &r.in[0] != &x[i*per] {
+			return nil
+		}
+	}
+	return x
 }
